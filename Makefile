@@ -1,0 +1,30 @@
+# Everything a new user runs. Each target installs what it needs first.
+SHELL := /bin/bash
+# uv from PATH if present, else from the Python that is on the machine.
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+
+.PHONY: setup server test lint demo bench clean
+
+setup:
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --locked
+
+# A llama-server binary: $$LLAMA_SERVER_BIN, PATH, or a cached build (~10 min, once).
+server: setup
+	$(UV) run python -m harness.binary
+
+lint: setup
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+test: lint server
+	$(UV) run pytest
+
+demo: server
+	$(UV) run python -m demo
+
+bench: server
+	$(UV) run python -m benchmarks.batch_throughput
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache

@@ -1,0 +1,20 @@
+"""The llama.cpp provider library: health checks, model detection, pydantic-ai models."""
+
+from src.core.models.base_provider import ProviderHealthStatus, ServerState
+from src.core.models.llamacpp_provider import (
+    LlamaCppProvider,
+    create_llamacpp_model,
+    create_llamacpp_model_async,
+    detect_llamacpp_model,
+    llamacpp_health_check,
+)
+
+__all__ = [
+    "LlamaCppProvider",
+    "ProviderHealthStatus",
+    "ServerState",
+    "create_llamacpp_model",
+    "create_llamacpp_model_async",
+    "detect_llamacpp_model",
+    "llamacpp_health_check",
+]

@@ -1,0 +1,330 @@
+"""`LlamaCppClient`: every llama-server endpoint this project uses, typed, over one HTTP pool.
+
+    async with LlamaCppClient("http://localhost:8080/v1", api_key="...") as client:
+        props = await client.get_props()
+        print(props["total_slots"])
+
+Faults surface as the errors in `src.core.utils.exceptions`: `ServerUnreachableError` (no answer),
+`ServerLoadingError` (503 while the model loads), `UnauthorizedError` (401), `NotSupportedError`
+(501, an endpoint switched off by a server flag), `ServerHTTPError` (any other status), and
+`UnexpectedResponseError` (an answer llama-server would not send). In router mode, monitoring
+calls that name a model send `autoload=false`, so that looking never loads a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from src.core.utils.config import get_settings
+from src.core.utils.exceptions import (
+    NotSupportedError,
+    ServerHTTPError,
+    ServerLoadingError,
+    ServerNotReadyError,
+    ServerUnreachableError,
+    UnauthorizedError,
+    UnexpectedResponseError,
+)
+from src.core.utils.server_url import parse_server_url
+
+_UNSET: Any = object()
+
+KEY_HINT = "set LLAMACPP_API_KEY (or the block's api_key) to the key llama-server was started with"
+
+
+class LlamaCppClient:
+    """An async client for one llama-server. Use it with `async with`, or call `aclose()`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: float = 30,
+        api_key: str | SecretStr | None = _UNSET,
+        *,
+        max_connections: int | None = None,
+    ) -> None:
+        """`base_url` may be the server root or its `/v1` URL; both default to the settings.
+
+        `api_key` defaults to `LLAMACPP_API_KEY`; pass `None` to send no key.
+        """
+        settings = get_settings().llamacpp
+        self._server_url = parse_server_url(base_url if base_url is not None else settings.base_url)
+        if api_key is _UNSET:
+            api_key = settings.api_key
+        key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+        self._sends_key = bool(key)
+        self.base_url = self._server_url.root
+        self.timeout = timeout
+        limits = httpx.Limits(max_connections=max_connections) if max_connections else None
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            **({"limits": limits} if limits else {}),
+        )
+
+    @property
+    def openai_base_url(self) -> str:
+        return self._server_url.openai_base
+
+    def __repr__(self) -> str:
+        return f"LlamaCppClient(base_url={self.base_url!r}, api_key={'***' if self._sends_key else None})"
+
+    async def __aenter__(self) -> LlamaCppClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def health_check(self) -> dict[str, Any]:
+        """`GET /health`: `{"status": "ok"}` when the model is loaded. Liveness only."""
+        return await self._get_json("/health")
+
+    async def get_props(self, model: str | None = None) -> dict[str, Any]:
+        """`GET /props`: `total_slots`, `is_sleeping`, `build_info`, per-slot `n_ctx`, ...
+
+        Does not wake a sleeping server. In router mode without `model` it describes the router
+        (`role == "router"`); with `model` it describes that model without loading it.
+        """
+        return await self._get_json("/props", params=_model_params(model))
+
+    async def get_slots(self, model: str | None = None) -> list[dict[str, Any]]:
+        """`GET /slots`: one entry per slot (`id`, `n_ctx`, `is_processing`, ...).
+
+        Note: this is queued behind inference, wakes a sleeping server and resets its idle timer.
+        Raises `NotSupportedError` when the server runs with `--no-slots`.
+        """
+        return await self._get_json(
+            "/slots",
+            params=_model_params(model),
+            not_supported="slots are disabled on this server (started with --no-slots)",
+        )
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """`GET /v1/models` `data`: `id`, `aliases`, `meta`; in router mode also `status`."""
+        body = await self._get_json("/v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise self._unexpected("/v1/models", 200, "no 'data' list in the answer")
+        return data
+
+    async def get_metrics(self, model: str | None = None) -> dict[str, float]:
+        """`GET /metrics` parsed: `{"requests_processing": 0.0, "prompt_tokens_total": 12.0, ...}`.
+
+        Names lose their `llamacpp:` prefix. Raises `NotSupportedError` unless the server runs
+        with `--metrics`.
+        """
+        response = await self._request(
+            "GET",
+            "/metrics",
+            params=_model_params(model),
+            not_supported="metrics are disabled on this server (start llama-server with --metrics)",
+        )
+        try:
+            families = list(text_string_to_metric_families(response.text))
+        except ValueError as exc:
+            raise self._unexpected(
+                "/metrics", response.status_code, f"not Prometheus text ({exc})"
+            ) from None
+        return {
+            sample.name.removeprefix("llamacpp:"): float(sample.value)
+            for family in families
+            for sample in family.samples
+        }
+
+    async def is_running(self) -> bool:
+        """True when a server answers `/health` at all (ready, loading, or asking for a key)."""
+        try:
+            await self.health_check()
+        except (ServerLoadingError, UnauthorizedError):
+            return True
+        except (ServerUnreachableError, ServerHTTPError):
+            return False
+        return True
+
+    async def is_model_loaded(self, model: str | None = None) -> bool:
+        """True when `/health` is 200 and the server lists `model` (any model if None) as usable.
+
+        In router mode a model counts only when its status is `loaded`.
+        """
+        try:
+            await self.health_check()
+            models = await self.list_models()
+        except (ServerUnreachableError, ServerHTTPError):
+            return False
+        for entry in models:
+            names = {entry.get("id"), *(entry.get("aliases") or [])}
+            if model is not None and model not in names:
+                continue
+            status = router_model_status(entry)
+            if status is None or status == "loaded":
+                return True
+        return False
+
+    async def wait_until_ready(self, timeout: float = 60, poll_interval: float = 0.5) -> dict:
+        """Poll until the server is ready; returns its `/health` body.
+
+        Waits through connection refused, 503 "Loading model" and 502/504 from a proxy. Raises
+        `ServerNotReadyError` at the deadline, saying what the server was last doing, and
+        `UnauthorizedError` at once when the key is wrong.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self._probe_ready()
+            except ServerLoadingError:
+                last_state = "loading"
+                reason = "it was still loading the model"
+            except ServerUnreachableError as exc:
+                last_state = "unreachable"
+                reason = f"it was unreachable ({exc})"
+            except ServerHTTPError as exc:
+                if not exc.transient:
+                    raise
+                last_state = "error"
+                reason = f"it answered HTTP {exc.status_code}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerNotReadyError(
+                    f"llama-server at {self.base_url} was not ready after {timeout:g} s: {reason}. "
+                    "Check that it is running and raise the readiness timeout if the model is large.",
+                    last_state=last_state,
+                    details={"url": self.base_url, "timeout": timeout},
+                )
+            await asyncio.sleep(min(poll_interval, remaining))
+
+    # -- router mode ---------------------------------------------------------------------
+
+    async def load_model(self, model: str) -> dict[str, Any]:
+        """Router mode: `POST /models/load`; the model starts loading in its own process."""
+        return await self._post_json("/models/load", {"model": model})
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Router mode: `POST /models/unload`."""
+        return await self._post_json("/models/unload", {"model": model})
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _probe_ready(self) -> dict:
+        try:
+            return await self.health_check()
+        except UnauthorizedError:
+            # With --api-prefix and --api-key, /health answers 401 (upstream bug): the server is
+            # up; ask an authenticated endpoint whether the model is loaded.
+            await self.list_models()
+            return {"status": "ok"}
+
+    async def _get_json(self, path: str, *, params=None, not_supported: str | None = None) -> Any:
+        response = await self._request("GET", path, params=params, not_supported=not_supported)
+        return self._json(path, response)
+
+    async def _post_json(self, path: str, payload: dict[str, Any]) -> Any:
+        response = await self._request("POST", path, json=payload)
+        return self._json(path, response)
+
+    def _json(self, path: str, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            content_type = response.headers.get("content-type", "unknown")
+            raise self._unexpected(
+                path, response.status_code, f"not JSON (content-type {content_type})"
+            ) from None
+
+    async def _request(
+        self, method: str, path: str, *, params=None, json=None, not_supported: str | None = None
+    ) -> httpx.Response:
+        url = self._server_url.endpoint(path)
+        try:
+            response = await self._http.request(method, url, params=params, json=json)
+        except httpx.TimeoutException:
+            raise ServerUnreachableError(
+                f"llama-server at {self.base_url} did not answer {path} within {self.timeout:g} s",
+                details={"url": url, "timeout": self.timeout},
+            ) from None
+        except httpx.RequestError as exc:
+            raise ServerUnreachableError(
+                f"cannot reach llama-server at {self.base_url} ({type(exc).__name__}); "
+                "is it running, and is base_url right?",
+                details={"url": url},
+            ) from None
+        if response.is_success:
+            return response
+        raise self._status_error(path, url, response, not_supported)
+
+    def _status_error(
+        self, path: str, url: str, response: httpx.Response, not_supported: str | None
+    ) -> ServerHTTPError:
+        status = response.status_code
+        server_message = _server_error_message(response)
+        kwargs = {"status_code": status, "url": url, "server_message": server_message}
+        if status == 503 and server_message and "loading" in server_message.lower():
+            return ServerLoadingError(
+                f"llama-server at {self.base_url} is still loading the model (HTTP 503)", **kwargs
+            )
+        if status == 401:
+            if self._sends_key:
+                problem = "rejected the API key (HTTP 401)"
+            else:
+                problem = "requires an API key (HTTP 401)"
+            return UnauthorizedError(
+                f"llama-server at {self.base_url} {problem}: {KEY_HINT}", **kwargs
+            )
+        if status == 501:
+            what = not_supported or f"{path} is not supported by this server"
+            return NotSupportedError(f"{what} (HTTP 501, {url})", **kwargs)
+        if server_message is None and "json" not in response.headers.get("content-type", ""):
+            content_type = response.headers.get("content-type", "unknown")
+            return UnexpectedResponseError(
+                f"{url} answered HTTP {status} with {content_type}, not llama-server JSON; "
+                "is base_url pointing at llama-server (or a proxy that forwards to it)?",
+                **kwargs,
+            )
+        detail = f": {server_message}" if server_message else ""
+        return ServerHTTPError(f"{url} answered HTTP {status}{detail}", **kwargs)
+
+    def _unexpected(self, path: str, status: int, why: str) -> UnexpectedResponseError:
+        url = self._server_url.endpoint(path)
+        return UnexpectedResponseError(
+            f"{url} answered HTTP {status} but the body is {why}; "
+            "is base_url pointing at llama-server (or a proxy that forwards to it)?",
+            status_code=status,
+            url=url,
+        )
+
+
+def router_model_status(entry: dict[str, Any]) -> str | None:
+    """A router-mode model's `status.value` (`loaded`, `unloaded`, ...); None outside router mode."""
+    status = entry.get("status")
+    if isinstance(status, dict):
+        return status.get("value")
+    return status if isinstance(status, str) else None
+
+
+def _model_params(model: str | None) -> dict[str, str] | None:
+    # Router mode loads an unloaded model on any request naming it, unless autoload=false.
+    return {"model": model, "autoload": "false"} if model else None
+
+
+def _server_error_message(response: httpx.Response) -> str | None:
+    """llama-server errors look like `{"error": {"message": ..., "type": ..., "code": ...}}`."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return error.get("message")
+    if isinstance(error, str):
+        return error
+    return None

@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import respx
+
+from src.core.utils.exceptions import (
+    NotSupportedError,
+    ServerHTTPError,
+    ServerLoadingError,
+    ServerNotReadyError,
+    ServerUnreachableError,
+    UnauthorizedError,
+    UnexpectedResponseError,
+)
+from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from tests.unit.fakes import LOADING, MODELS, PROPS, ROOT, UNAUTHORIZED
+
+METRICS_TEXT = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 120
+# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 48
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# HELP llamacpp:requests_deferred Number of requests deferred.
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 0
+"""
+
+
+def client(**kwargs) -> LlamaCppClient:
+    return LlamaCppClient(f"{ROOT}/v1/", timeout=2, **kwargs)
+
+
+def test_base_url_is_the_server_root():
+    c = client(api_key=None)
+    assert c.base_url == ROOT
+    assert c.openai_base_url == f"{ROOT}/v1"
+
+
+def test_settings_are_the_default(monkeypatch):
+    monkeypatch.setenv("LLAMACPP_BASE_URL", "http://from-env:9/v1")
+    from src.core.utils.config import get_settings
+
+    get_settings.cache_clear()
+    assert LlamaCppClient().base_url == "http://from-env:9"
+
+
+@respx.mock
+async def test_one_http_client_is_reused_and_closed():
+    respx.get(f"{ROOT}/props").respond(200, json=PROPS)
+    async with client(api_key=None) as c:
+        http = c._http
+        await c.get_props()
+        await c.get_props()
+        assert c._http is http
+    assert http.is_closed
+
+
+@respx.mock
+async def test_key_is_sent_as_bearer_and_hidden_from_repr():
+    route = respx.get(f"{ROOT}/props").respond(200, json=PROPS)
+    async with client(api_key="sk-abc") as c:
+        await c.get_props()
+        assert "sk-abc" not in repr(c)
+    assert route.calls.last.request.headers["authorization"] == "Bearer sk-abc"
+
+
+@respx.mock
+async def test_no_key_sends_no_authorization_header():
+    route = respx.get(f"{ROOT}/props").respond(200, json=PROPS)
+    async with client(api_key=None) as c:
+        await c.get_props()
+    assert "authorization" not in route.calls.last.request.headers
+
+
+@respx.mock
+async def test_slots_and_slots_disabled():
+    respx.get(f"{ROOT}/slots").mock(
+        side_effect=[
+            httpx.Response(200, json=[{"id": 0, "n_ctx": 1024, "is_processing": False}]),
+            httpx.Response(
+                501,
+                json={
+                    "error": {
+                        "message": "This server does not support slots endpoint.",
+                        "type": "not_supported_error",
+                        "code": 501,
+                    }
+                },
+            ),
+        ]
+    )
+    async with client(api_key=None) as c:
+        assert (await c.get_slots())[0]["n_ctx"] == 1024
+        with pytest.raises(NotSupportedError, match="--no-slots") as info:
+            await c.get_slots()
+    assert info.value.status_code == 501
+    assert not info.value.transient
+
+
+@respx.mock
+async def test_metrics_are_parsed():
+    respx.get(f"{ROOT}/metrics").respond(200, text=METRICS_TEXT)
+    async with client(api_key=None) as c:
+        metrics = await c.get_metrics()
+    assert metrics["prompt_tokens_total"] == 120
+    assert metrics["tokens_predicted_total"] == 48
+    assert metrics["requests_processing"] == 2
+    assert metrics["requests_deferred"] == 0
+
+
+@respx.mock
+async def test_metrics_disabled():
+    respx.get(f"{ROOT}/metrics").respond(
+        501, json={"error": {"message": "This server does not support metrics endpoint."}}
+    )
+    async with client(api_key=None) as c:
+        with pytest.raises(NotSupportedError, match="--metrics"):
+            await c.get_metrics()
+
+
+@respx.mock
+async def test_list_models_and_model_loaded():
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/v1/models").respond(200, json=MODELS)
+    async with client(api_key=None) as c:
+        assert [m["id"] for m in await c.list_models()] == ["qwen3-0.6b-q8_0.gguf"]
+        assert await c.is_model_loaded()
+        assert await c.is_model_loaded("qwen3-0.6b-q8_0.gguf")
+        assert not await c.is_model_loaded("other")
+
+
+@respx.mock
+async def test_is_running():
+    respx.get(f"{ROOT}/health").mock(
+        side_effect=[
+            httpx.Response(200, json={"status": "ok"}),
+            LOADING,
+            httpx.ConnectError("refused"),
+        ]
+    )
+    async with client(api_key=None) as c:
+        assert await c.is_running()
+        assert await c.is_running()
+        assert not await c.is_running()
+
+
+@respx.mock
+async def test_errors_are_typed():
+    respx.get(f"{ROOT}/health").mock(
+        side_effect=[
+            LOADING,
+            UNAUTHORIZED,
+            httpx.Response(500, json={"error": {"message": "boom"}}),
+            httpx.Response(200, text="<html/>", headers={"content-type": "text/html"}),
+            httpx.ConnectError("refused"),
+        ]
+    )
+    async with client(api_key=None) as c:
+        with pytest.raises(ServerLoadingError) as loading:
+            await c.health_check()
+        assert loading.value.transient
+        with pytest.raises(UnauthorizedError, match="requires an API key"):
+            await c.health_check()
+        with pytest.raises(ServerHTTPError, match="boom") as boom:
+            await c.health_check()
+        assert boom.value.details["status_code"] == 500
+        with pytest.raises(UnexpectedResponseError, match="not JSON"):
+            await c.health_check()
+        with pytest.raises(ServerUnreachableError):
+            await c.health_check()
+
+
+@respx.mock
+async def test_wait_until_ready_waits_through_refused_and_loading():
+    route = respx.get(f"{ROOT}/health").mock(
+        side_effect=[
+            httpx.ConnectError("refused"),
+            LOADING,
+            LOADING,
+            httpx.Response(200, json={"status": "ok"}),
+        ]
+    )
+    async with client(api_key=None) as c:
+        assert await c.wait_until_ready(timeout=5, poll_interval=0.01) == {"status": "ok"}
+    assert route.call_count == 4
+
+
+@respx.mock
+async def test_wait_until_ready_gives_up_at_deadline_saying_why():
+    respx.get(f"{ROOT}/health").mock(return_value=LOADING)
+    started = time.monotonic()
+    async with client(api_key=None) as c:
+        with pytest.raises(ServerNotReadyError, match="still loading the model") as info:
+            await c.wait_until_ready(timeout=0.3, poll_interval=0.05)
+    assert info.value.last_state == "loading"
+    assert time.monotonic() - started < 2
+
+
+@respx.mock
+async def test_wait_until_ready_fails_fast_on_wrong_key():
+    respx.get(f"{ROOT}/health").mock(return_value=UNAUTHORIZED)
+    respx.get(f"{ROOT}/v1/models").mock(return_value=UNAUTHORIZED)
+    async with client(api_key="wrong") as c:
+        with pytest.raises(UnauthorizedError, match="rejected the API key"):
+            await c.wait_until_ready(timeout=30)
+
+
+@respx.mock
+async def test_router_monitoring_never_autoloads():
+    props = respx.get(f"{ROOT}/props").respond(200, json=PROPS)
+    slots = respx.get(f"{ROOT}/slots").respond(200, json=[])
+    metrics = respx.get(f"{ROOT}/metrics").respond(200, text=METRICS_TEXT)
+    async with client(api_key=None) as c:
+        await c.get_props(model="m1")
+        await c.get_slots(model="m1")
+        await c.get_metrics(model="m1")
+    for route in (props, slots, metrics):
+        params = route.calls.last.request.url.params
+        assert params["model"] == "m1" and params["autoload"] == "false"
+
+
+@respx.mock
+async def test_router_load_and_unload():
+    load = respx.post(f"{ROOT}/models/load").respond(200, json={"success": True})
+    unload = respx.post(f"{ROOT}/models/unload").respond(
+        400, json={"error": {"message": "model is not running"}}
+    )
+    async with client(api_key=None) as c:
+        assert (await c.load_model("m1")) == {"success": True}
+        with pytest.raises(ServerHTTPError, match="not running"):
+            await c.unload_model("m1")
+    assert load.calls.last.request.content == b'{"model":"m1"}'
+    assert unload.called

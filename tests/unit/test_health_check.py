@@ -1,0 +1,182 @@
+"""Every state of design.md's health table, from mocked llama-server answers."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import respx
+
+from src.core.models import ServerState, llamacpp_health_check
+from src.core.utils.config import LlamaCppSettings
+from tests.unit.fakes import LOADING, PROPS, ROOT, UNAUTHORIZED, ready_server
+
+
+def settings(**overrides) -> LlamaCppSettings:
+    return LlamaCppSettings(base_url=f"{ROOT}/v1", timeout=2, **overrides)
+
+
+@respx.mock
+async def test_ready_reports_model_and_props():
+    ready_server(respx)
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.READY
+    assert status.connected and status.model_detected
+    assert status.model_id == "qwen3-0.6b-q8_0.gguf"
+    assert status.base_url == f"{ROOT}/v1"
+    assert status.provider_type == "llamacpp"
+    assert status.error is None
+    assert status.metadata["status"] == "ok"
+    assert status.metadata["total_slots"] == 4
+    assert status.metadata["n_ctx"] == 4096
+    assert status.metadata["build_info"] == "b1-0c1e570"
+    assert status.metadata["is_sleeping"] is False
+
+
+@respx.mock
+async def test_health_check_never_calls_slots():
+    ready_server(respx)
+    slots = respx.get(f"{ROOT}/slots").respond(200, json=[])
+    await llamacpp_health_check(settings())
+    assert not slots.called
+
+
+@respx.mock
+async def test_loading():
+    respx.get(f"{ROOT}/health").mock(return_value=LOADING)
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.LOADING
+    assert status.connected and not status.model_detected
+    assert "loading the model" in status.error
+
+
+@respx.mock
+async def test_sleeping_is_reported_from_props_without_waking():
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").respond(
+        200, json={**PROPS, "is_sleeping": True, "model_alias": "qwen3"}
+    )
+    models = respx.get(f"{ROOT}/v1/models").respond(200, json={"data": []})
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.SLEEPING
+    assert status.model_id == "qwen3"
+    assert status.is_ready
+    assert not models.called
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+@respx.mock
+async def test_unauthorized_says_to_set_the_key(with_key):
+    key = "sk-wrong-key-123"
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").mock(return_value=UNAUTHORIZED)
+    status = await llamacpp_health_check(settings(api_key=key if with_key else None))
+    assert status.state == ServerState.UNAUTHORIZED
+    assert status.connected
+    assert "LLAMACPP_API_KEY" in status.error
+    assert ("rejected" in status.error) is with_key
+    assert key not in status.model_dump_json()
+
+
+@respx.mock
+async def test_health_401_from_api_prefix_bug_still_ready_with_key():
+    respx.get(f"{ROOT}/health").mock(return_value=UNAUTHORIZED)
+    respx.get(f"{ROOT}/props").respond(200, json=PROPS)
+    respx.get(f"{ROOT}/v1/models").respond(200, json={"data": [{"id": "m"}]})
+    status = await llamacpp_health_check(settings(api_key="k"))
+    assert status.state == ServerState.READY
+    assert status.model_id == "m"
+
+
+@respx.mock
+async def test_unreachable():
+    respx.get(f"{ROOT}/health").mock(side_effect=httpx.ConnectError("refused"))
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.UNREACHABLE
+    assert not status.connected
+    assert "cannot reach" in status.error
+
+
+@respx.mock
+async def test_timeout_is_unreachable():
+    respx.get(f"{ROOT}/health").mock(side_effect=httpx.ReadTimeout("slow"))
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.UNREACHABLE
+    assert "did not answer" in status.error
+
+
+@respx.mock
+async def test_html_page_is_error_naming_url_and_status():
+    respx.get(f"{ROOT}/health").respond(
+        200, text="<html>Welcome to nginx</html>", headers={"content-type": "text/html"}
+    )
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.ERROR
+    assert status.connected
+    assert f"{ROOT}/health" in status.error and "200" in status.error
+
+
+@respx.mock
+async def test_proxy_502_html_is_error():
+    respx.get(f"{ROOT}/health").respond(
+        502, text="<html>Bad Gateway</html>", headers={"content-type": "text/html"}
+    )
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.ERROR
+    assert "502" in status.error
+    assert status.metadata["http_status"] == 502
+
+
+@respx.mock
+async def test_server_500_is_error():
+    respx.get(f"{ROOT}/health").respond(
+        500, json={"error": {"message": "boom", "type": "server_error", "code": 500}}
+    )
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.ERROR
+    assert "boom" in status.error
+
+
+@respx.mock
+async def test_no_model_listed_is_error():
+    ready_server(respx, models={"object": "list", "data": []})
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.ERROR
+    assert not status.model_detected
+    assert "lists no model" in status.error
+
+
+@respx.mock
+async def test_props_missing_behind_proxy_is_not_fatal():
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").respond(404, json={"error": {"message": "File Not Found"}})
+    respx.get(f"{ROOT}/v1/models").respond(200, json={"data": [{"id": "m"}]})
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.READY
+    assert "404" in status.metadata["props_error"]
+
+
+@respx.mock
+async def test_router_mode_reports_loaded_model():
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").respond(200, json={"role": "router", "model_path": "none"})
+    respx.get(f"{ROOT}/v1/models").respond(
+        200,
+        json={
+            "data": [
+                {"id": "a", "status": {"value": "unloaded"}},
+                {"id": "b", "status": {"value": "loaded"}},
+            ]
+        },
+    )
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.READY
+    assert status.model_id == "b"
+    assert status.metadata["router_models"] == {"a": "unloaded", "b": "loaded"}
+
+
+async def test_invalid_url_is_reported_not_raised():
+    s = LlamaCppSettings.model_construct(base_url="nonsense", timeout=1, api_key=None, model_name=None)
+    status = await llamacpp_health_check(s)
+    assert status.state == ServerState.ERROR
+    assert not status.connected
+    assert "http://localhost:8080" in status.error

@@ -1,0 +1,82 @@
+import pytest
+
+from src.core.utils.config import LlamaCppSettings
+from src.core.utils.exceptions import ModelError
+from src.core.utils.server_url import parse_server_url
+
+
+@pytest.mark.parametrize(
+    ("given", "root"),
+    [
+        ("http://localhost:8080", "http://localhost:8080"),
+        ("http://localhost:8080/", "http://localhost:8080"),
+        ("http://localhost:8080/v1", "http://localhost:8080"),
+        ("http://localhost:8080/v1/", "http://localhost:8080"),
+        ("http://localhost:8080/v1//", "http://localhost:8080"),
+        ("  https://gw.example.com/llama/v1  ", "https://gw.example.com/llama"),
+        ("https://gw.example.com/llama/", "https://gw.example.com/llama"),
+        # "v1" inside a host or a longer segment is not the API suffix.
+        ("http://v1.example.com", "http://v1.example.com"),
+        ("http://v1.example.com/v1", "http://v1.example.com"),
+        ("http://host/proxy/v10", "http://host/proxy/v10"),
+        ("http://host/v1/proxy", "http://host/v1/proxy"),
+        ("http://host/api/v1beta", "http://host/api/v1beta"),
+        ("http://[::1]:8080/v1", "http://[::1]:8080"),
+    ],
+)
+def test_root_and_openai_base(given, root):
+    url = parse_server_url(given)
+    assert url.root == root
+    assert url.openai_base == root + "/v1"
+    assert url.endpoint("/health") == root + "/health"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "   ", None, "localhost:8080", "ftp://host/v1", "http://", "//host:8080", "http:///v1"],
+)
+def test_bad_urls_say_what_a_valid_one_looks_like(bad):
+    with pytest.raises(ModelError, match="http://localhost:8080"):
+        parse_server_url(bad)
+
+
+def test_credentials_in_url_are_refused_without_echoing_them():
+    with pytest.raises(ModelError) as info:
+        parse_server_url("http://user:hunter2@host:8080/v1")
+    assert "hunter2" not in str(info.value)
+    assert "LLAMACPP_API_KEY" in str(info.value)
+
+
+def test_query_is_refused():
+    with pytest.raises(ModelError, match="query"):
+        parse_server_url("http://host:8080/v1?x=1")
+
+
+def test_settings_validate_the_url_and_read_env(monkeypatch):
+    monkeypatch.setenv("LLAMACPP_BASE_URL", "http://gpu-1:9000/v1")
+    monkeypatch.setenv("LLAMACPP_API_KEY", "k")
+    monkeypatch.setenv("LLAMACPP_TIMEOUT", "5")
+    settings = LlamaCppSettings()
+    assert settings.server_url.root == "http://gpu-1:9000"
+    assert settings.api_key.get_secret_value() == "k"
+    assert settings.timeout == 5
+    with pytest.raises(ValueError, match="not a valid llama.cpp server URL"):
+        LlamaCppSettings(base_url="gpu-1:9000")
+
+
+def test_settings_read_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("LLAMACPP_BASE_URL=http://from-dotenv:1234\nLLAMACPP_MODEL_NAME=\n")
+    settings = LlamaCppSettings()
+    assert settings.base_url == "http://from-dotenv:1234"
+    assert settings.model_name is None
+
+
+def test_get_settings_is_cached_and_resettable(monkeypatch):
+    from src.core.utils.config import get_settings
+
+    first = get_settings()
+    assert get_settings() is first
+    monkeypatch.setenv("LLAMACPP_BASE_URL", "http://other:1")
+    assert get_settings().llamacpp.base_url != "http://other:1"
+    get_settings.cache_clear()
+    assert get_settings().llamacpp.base_url == "http://other:1"

@@ -99,6 +99,8 @@ def write_model(spec: ModelSpec, path: Path, alias: str | None = None) -> None:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    # No "▁" before text after a special token: the grammar sampler replays the generation prompt.
+    writer.add_add_space_prefix(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
     n_vocab = len(tokens)

@@ -116,20 +116,27 @@ class LlamaServer:
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._signal_group(signal.SIGKILL)
                 self.process.wait()
         _RUNNING.discard(self)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no graceful shutdown."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
             self.process.wait()
         _RUNNING.discard(self)
+
+    def _signal_group(self, signum: int) -> None:
+        # The server leads its own process group; router mode's model processes are in it too.
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
 
     def restart(self, wait: str | None = "ready", timeout: float = 120) -> LlamaServer:
         self.stop()

@@ -76,7 +76,7 @@ class LlamaServer:
         """Start the process; `wait` is "ready" (/health 200), "listening" (port open) or None."""
         if self.process and self.process.poll() is None:
             raise LlamaServerStartError(f"server on port {self.port} is already running")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child process owns it from here
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
@@ -97,10 +97,15 @@ class LlamaServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return
             time.sleep(0.02)
-        raise LlamaServerStartError(f"llama-server did not listen within {timeout} s\n{self.log_tail()}")
+        raise LlamaServerStartError(
+            f"llama-server did not listen within {timeout} s\n{self.log_tail()}"
+        )
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -11,7 +11,12 @@ SECRET_KEY = "sk-test-very-secret-8c1f3e"
 
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch, tmp_path):
-    for name in ("LLAMACPP_BASE_URL", "LLAMACPP_API_KEY", "LLAMACPP_TIMEOUT", "LLAMACPP_MODEL_NAME"):
+    for name in (
+        "LLAMACPP_BASE_URL",
+        "LLAMACPP_API_KEY",
+        "LLAMACPP_TIMEOUT",
+        "LLAMACPP_MODEL_NAME",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no developer .env leaks in
     get_settings.cache_clear()

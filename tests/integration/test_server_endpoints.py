@@ -54,7 +54,7 @@ async def test_metrics_counters_grow_after_a_completion(server):
         before = await client.get_metrics()
         for name in ("requests_processing", "requests_deferred", "prompt_tokens_total"):
             assert name in before
-        response = httpx.post(
+        response = await client._http.post(
             f"{server.openai_base}/chat/completions",
             json={"messages": [{"role": "user", "content": "count"}], "max_tokens": 8},
             timeout=30,

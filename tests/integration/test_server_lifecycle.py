@@ -25,7 +25,10 @@ pytestmark = pytest.mark.integration
 async def test_loading_then_ready(llama_server_bin, tmp_path):
     # --load-mode none reads the 1.3 GB file instead of mapping it: seconds of 503 "Loading model".
     server = LlamaServer(
-        ensure_model("slow-load"), ["-lm", "none", "-np", "1"], binary=llama_server_bin, log_dir=tmp_path
+        ensure_model("slow-load"),
+        ["-lm", "none", "-np", "1"],
+        binary=llama_server_bin,
+        log_dir=tmp_path,
     )
     server.start(wait="listening")
     try:
@@ -60,7 +63,8 @@ async def test_sleeping_is_reported_and_not_woken(llama_server_bin, tiny_model, 
         assert status.is_ready
         for _ in range(3):
             await llamacpp_health_check(settings)
-        props = httpx.get(f"{server.url}/props").json()
+        async with httpx.AsyncClient() as http:
+            props = (await http.get(f"{server.url}/props")).json()
         assert props["is_sleeping"] is True, "the health check woke the server"
 
 

@@ -175,7 +175,9 @@ async def test_router_mode_reports_loaded_model():
 
 
 async def test_invalid_url_is_reported_not_raised():
-    s = LlamaCppSettings.model_construct(base_url="nonsense", timeout=1, api_key=None, model_name=None)
+    s = LlamaCppSettings.model_construct(
+        base_url="nonsense", timeout=1, api_key=None, model_name=None
+    )
     status = await llamacpp_health_check(s)
     assert status.state == ServerState.ERROR
     assert not status.connected

@@ -65,7 +65,9 @@ def test_settings_validate_the_url_and_read_env(monkeypatch):
 
 
 def test_settings_read_dotenv(tmp_path):
-    (tmp_path / ".env").write_text("LLAMACPP_BASE_URL=http://from-dotenv:1234\nLLAMACPP_MODEL_NAME=\n")
+    (tmp_path / ".env").write_text(
+        "LLAMACPP_BASE_URL=http://from-dotenv:1234\nLLAMACPP_MODEL_NAME=\n"
+    )
     settings = LlamaCppSettings()
     assert settings.base_url == "http://from-dotenv:1234"
     assert settings.model_name is None

@@ -81,6 +81,8 @@ def ensure_llama_server(log=print) -> Path:
         # Another process may have finished the build while we waited for the lock.
         if cached_binary().is_file():
             return cached_binary()
+        for stale in cache.glob("build-*"):  # left by a build that was killed outright
+            shutil.rmtree(stale, ignore_errors=True)
         _build(cache, log)
     return cached_binary()
 
@@ -112,8 +114,12 @@ def _build(cache: Path, log) -> None:
         source = _fetch_source(work, log)
         build_dir = work / "build"
         jobs = str(os.cpu_count() or 2)
-        _run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS], log)
-        _run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs], log)
+        build_log = cache / "build.log"
+        build_log.unlink(missing_ok=True)
+        log(f"[llama-server] compiling; full output in {build_log}")
+        _run(["cmake", "-S", str(source), "-B", str(build_dir), *CMAKE_FLAGS], log, build_log)
+        build = ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs]
+        _run(build, log, build_log)
         built = build_dir / "bin" / "llama-server"
         if not built.is_file():
             raise ServerBinaryError(f"the build finished but {built} is missing")
@@ -167,14 +173,38 @@ def _sdist_url() -> str:
     raise ServerBinaryError(f"{SDIST_FILE} is not listed at {index}/{SDIST_PACKAGE}/")
 
 
-def _run(cmd: list[str], log) -> None:
-    tool = cmd[0]
-    if shutil.which(tool) is None:
-        raise ServerBinaryError(f"{tool} is not installed; install cmake and a C++ compiler (g++)")
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if result.returncode != 0:
-        tail = "\n".join(result.stdout.splitlines()[-30:])
-        raise ServerBinaryError(f"{' '.join(cmd[:4])} ... failed ({result.returncode}):\n{tail}")
+def _run(cmd: list[str], log, build_log: Path | None = None) -> None:
+    """Run a build step, its output going to `build_log`; a heartbeat line every 30 s."""
+    if shutil.which(cmd[0]) is None:
+        raise ServerBinaryError(
+            f"{cmd[0]} is not installed; install cmake and a C++ compiler (g++)"
+        )
+    build_log = build_log or Path(os.devnull)
+    with open(build_log, "ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        started = time.monotonic()
+        while True:
+            try:
+                process.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                log(
+                    f"[llama-server] still building ({time.monotonic() - started:.0f} s) {_last_progress(build_log)}"
+                )
+            except BaseException:
+                process.kill()
+                raise
+    if process.returncode != 0:
+        tail = "\n".join(build_log.read_text(errors="replace").splitlines()[-30:])
+        raise ServerBinaryError(f"{' '.join(cmd[:4])} ... failed ({process.returncode}):\n{tail}")
+
+
+def _last_progress(build_log: Path) -> str:
+    try:
+        lines = build_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line.startswith("[")), "")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from src.core.utils.config import get_settings
 
 SECRET_KEY = "sk-test-very-secret-8c1f3e"
 
+pytest_plugins = ["tests.servers"]
+
 
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch, tmp_path):

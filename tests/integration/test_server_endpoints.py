@@ -11,7 +11,7 @@ from src.core.models import ServerState, detect_llamacpp_model, llamacpp_health_
 from src.core.utils.exceptions import ModelError, NotSupportedError, UnauthorizedError
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 from tests.conftest import SECRET_KEY
-from tests.integration.conftest import settings_for
+from tests.servers import settings_for
 
 pytestmark = pytest.mark.integration
 

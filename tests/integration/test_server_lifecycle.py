@@ -17,7 +17,7 @@ from src.core.models import ServerState, create_llamacpp_model_async, llamacpp_h
 from src.core.utils.config import LlamaCppSettings
 from src.core.utils.exceptions import ModelError, ServerNotReadyError
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient
-from tests.integration.conftest import settings_for
+from tests.servers import settings_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from src.core.utils.exceptions import ModelError
@@ -18,12 +18,8 @@ from src.core.utils.server_url import ServerURL, parse_server_url
 DEFAULT_BASE_URL = "http://localhost:8080/v1"
 
 
-class LlamaCppSettings(BaseSettings):
-    """How to reach one llama-server."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="LLAMACPP_", env_file=".env", extra="ignore", protected_namespaces=()
-    )
+class LlamaCppConnection(BaseModel):
+    """How to reach one llama-server: the field list shared by the settings and the Prefect block."""
 
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
@@ -64,6 +60,14 @@ class LlamaCppSettings(BaseSettings):
     def api_key_value(self) -> str | None:
         """The key in clear text: only for building an HTTP client's headers."""
         return self.api_key.get_secret_value() if self.api_key else None
+
+
+class LlamaCppSettings(LlamaCppConnection, BaseSettings):
+    """`LlamaCppConnection` read from `LLAMACPP_*` environment variables and `.env`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLAMACPP_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
 
 
 class Settings(BaseSettings):

@@ -1,4 +1,4 @@
-"""Real llama-server processes for the integration tests.
+"""Real llama-server processes for the integration and flow tests (a pytest plugin).
 
 The binary comes from `harness.binary` (LLAMA_SERVER_BIN, PATH, or the cached build): if none can
 be had the session fails, it never skips. Servers are session- or module-scoped and always stopped.
@@ -15,8 +15,6 @@ from harness.models import ensure_model
 from harness.server import LlamaServer
 from src.core.utils.config import LlamaCppSettings
 from tests.conftest import SECRET_KEY
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")

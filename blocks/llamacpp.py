@@ -1,0 +1,65 @@
+"""The `llama.cpp Server` block: where a team keeps one server's connection settings.
+
+Register it once so it shows in the Prefect UI:
+
+    prefect block register -f blocks/llamacpp.py
+"""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic_ai.models.openai import OpenAIChatModel
+
+from src.core.models.llamacpp_provider import create_llamacpp_model, create_llamacpp_model_async
+from src.core.utils.config import LlamaCppConnection, LlamaCppSettings
+from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+
+DEFAULT_BLOCK_NAME = "llamacpp"
+
+
+class LlamaCppServer(Block, LlamaCppConnection):
+    """Connection settings for one llama.cpp `llama-server` (base URL, API key, timeout, model).
+
+    Example:
+        Load a saved server and ask it what it serves:
+        ```python
+        from blocks.llamacpp import LlamaCppServer
+
+        server = LlamaCppServer.load("BLOCK_NAME")
+        async with server.get_client() as client:
+            props = await client.get_props()
+        ```
+    """
+
+    _block_type_name = "llama.cpp Server"
+    _block_type_slug = "llamacpp-server"
+    _description = (
+        "Connection settings for a self-hosted llama.cpp server: base URL, API key, timeout "
+        "and model name."
+    )
+    _documentation_url = "https://github.com/ggml-org/llama.cpp/tree/master/tools/server"
+    _code_example = """
+```python
+from blocks.llamacpp import LlamaCppServer
+
+server = LlamaCppServer.load("BLOCK_NAME")
+model = server.create_model()
+```
+"""
+
+    def settings(self) -> LlamaCppSettings:
+        """The stored fields as `LlamaCppSettings` (what the provider library takes)."""
+        values = {name: getattr(self, name) for name in LlamaCppConnection.model_fields}
+        return LlamaCppSettings(**values)
+
+    def get_client(self, **kwargs) -> LlamaCppClient:
+        """A `LlamaCppClient` for this server; use it with `async with`."""
+        return LlamaCppClient(self.base_url, timeout=self.timeout, api_key=self.api_key, **kwargs)
+
+    def create_model(self, model_name: str | None = None) -> OpenAIChatModel:
+        """A pydantic-ai model for this server, built without contacting it."""
+        return create_llamacpp_model(model_name, self.settings())
+
+    async def create_model_async(self, model_name: str | None = None, **kwargs) -> OpenAIChatModel:
+        """A pydantic-ai model after checking the server is ready; raises `ModelError` if not."""
+        return await create_llamacpp_model_async(model_name, self.settings(), **kwargs)

@@ -1,0 +1,140 @@
+"""One Prefect task per question to a llama-server, retried only on transient faults.
+
+Transient: connection refused, timeout, 502/503/504 (including 503 "Loading model"). Never
+retried: 401 (wrong key), 404, 501 (endpoint switched off), bad input. Nothing is cached: two
+health checks in one flow run must ask the server twice.
+
+Every task takes `server`: a `LlamaCppServer` block, the name of a saved one, or None for the
+`LLAMACPP_*` environment settings. Never a raw key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from blocks.llamacpp import LlamaCppServer
+from src.core.models.base_provider import ProviderHealthStatus
+from src.core.models.llamacpp_provider import check_server_health
+from src.core.utils.config import LlamaCppConnection, LlamaCppSettings
+from src.core.utils.exceptions import LlamaCppError
+
+ServerRef = LlamaCppServer | str | None
+
+
+class BlockNotFoundError(LlamaCppError):
+    """No saved `llama.cpp Server` block has the given name."""
+
+
+async def resolve_server(server: ServerRef) -> LlamaCppServer:
+    """The block for `server`: itself, a saved block loaded by name, or one built from env."""
+    if isinstance(server, LlamaCppServer):
+        return server
+    if server is None:
+        settings = LlamaCppSettings()
+        return LlamaCppServer(
+            **{name: getattr(settings, name) for name in LlamaCppConnection.model_fields}
+        )
+    try:
+        return await LlamaCppServer.aload(server)
+    except ValueError as exc:
+        raise BlockNotFoundError(
+            f"No llama.cpp Server block named {server!r}. Create one in the Prefect UI "
+            "(Blocks -> llama.cpp Server) or in Python with "
+            f"LlamaCppServer(base_url=...).save({server!r}); register the type first with "
+            "`prefect block register -f blocks/llamacpp.py`."
+        ) from exc
+
+
+async def retry_on_transient(task, task_run, state) -> bool:
+    """Retry condition: only faults that waiting can fix."""
+    try:
+        await state.aresult()
+    except LlamaCppError as exc:
+        return exc.transient
+    except Exception:
+        return False
+    return False
+
+
+RETRY_OPTIONS: dict[str, Any] = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),  # 2, 4, 8 s
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_on_transient,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(
+    name="llama.cpp health check",
+    description="Report the server's state (ready, loading, sleeping, unauthorized, unreachable, "
+    "error), its model and /props summary. Never fails for a server fault; it reports it.",
+    cache_policy=NO_CACHE,
+)
+async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        return await check_server_health(client, model_name=block.model_name)
+
+
+@task(
+    name="llama.cpp detect model",
+    description="The id of the model the server serves (first of /v1/models), or None.",
+    **RETRY_OPTIONS,
+)
+async def detect_model(server: ServerRef = None) -> str | None:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        models = await client.list_models()
+    return models[0].get("id") if models else None
+
+
+@task(
+    name="llama.cpp props",
+    description="GET /props: total_slots, is_sleeping, build_info, per-slot n_ctx. Does not wake "
+    "a sleeping server.",
+    **RETRY_OPTIONS,
+)
+async def get_props(server: ServerRef = None, model: str | None = None) -> dict[str, Any]:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        return await client.get_props(model=model)
+
+
+@task(
+    name="llama.cpp slots",
+    description="GET /slots: one entry per slot. Wakes a sleeping server and resets its idle "
+    "timer; fails with a clear message when the server runs with --no-slots.",
+    **RETRY_OPTIONS,
+)
+async def get_slots(server: ServerRef = None, model: str | None = None) -> list[dict[str, Any]]:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        return await client.get_slots(model=model)
+
+
+@task(
+    name="llama.cpp metrics",
+    description="GET /metrics parsed into numbers (needs llama-server --metrics).",
+    **RETRY_OPTIONS,
+)
+async def get_metrics(server: ServerRef = None, model: str | None = None) -> dict[str, float]:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        return await client.get_metrics(model=model)
+
+
+@task(
+    name="llama.cpp wait until ready",
+    description="Poll the server through 'connection refused' and 503 'Loading model' until it "
+    "is ready; fail at the deadline saying what it was doing, or at once on a wrong key.",
+    cache_policy=NO_CACHE,  # the deadline is the retry policy
+)
+async def wait_until_ready(server: ServerRef = None, timeout: float = 300) -> dict[str, Any]:
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        return await client.wait_until_ready(timeout=timeout)

@@ -11,7 +11,9 @@ import os
 from pathlib import PurePath
 from typing import Any
 
+from openai import AsyncOpenAI
 from pydantic import SecretStr
+from pydantic_ai.exceptions import UserError
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.profiles import ModelProfile, merge_profile
 from pydantic_ai.profiles.deepseek import deepseek_model_profile
@@ -85,7 +87,7 @@ class LlamaCppProvider(OpenAICompatibleProvider):
     `base_url` may be the server root or its `/v1` URL; it falls back to `LLAMACPP_BASE_URL`, then
     to http://localhost:8080/v1. `api_key` falls back to `LLAMACPP_API_KEY`; without one a
     placeholder is sent, which a server started without `--api-key` ignores. Pass `http_client`
-    to size the connection pool yourself (batch work should).
+    to size the connection pool yourself (batch work should), or a ready `openai_client`.
     """
 
     def __init__(
@@ -93,7 +95,17 @@ class LlamaCppProvider(OpenAICompatibleProvider):
         base_url: str | None = None,
         api_key: str | None = None,
         http_client: Any | None = None,
+        openai_client: AsyncOpenAI | None = None,
     ) -> None:
+        if openai_client is not None:
+            if base_url or api_key or http_client:
+                raise UserError(
+                    "Pass either openai_client or base_url/api_key/http_client, not both"
+                )
+            super().__init__(
+                "llamacpp", openai_client=openai_client, profile=llamacpp_model_profile
+            )
+            return
         url = base_url or os.getenv("LLAMACPP_BASE_URL") or DEFAULT_BASE_URL
         key = api_key or os.getenv("LLAMACPP_API_KEY") or PLACEHOLDER_API_KEY
         super().__init__(

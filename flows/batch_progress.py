@@ -1,0 +1,73 @@
+"""Batch progress: a Prefect progress artifact (updated at most every 2 s) and, when a person is
+watching a terminal, a progress bar."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+UPDATE_EVERY_S = 2.0
+
+
+class BatchProgress:
+    def __init__(self, total_lines: int, done: int, artifact_id, bar: Progress | None) -> None:
+        self.total = max(total_lines, 1)
+        self.finished = done
+        self.failed = 0
+        self._artifact_id = artifact_id
+        self._bar = bar
+        self._bar_task = bar.add_task("batch", total=self.total, completed=done) if bar else None
+        self._last_update = time.monotonic()
+        self._update: asyncio.Task | None = None
+
+    @classmethod
+    async def start(cls, total_lines: int, done: int = 0) -> BatchProgress:
+        artifact_id = await acreate_progress_artifact(
+            progress=_percent(done, total_lines),
+            key="llamacpp-batch-progress",
+            description="Share of input lines finished (succeeded, failed, or done earlier).",
+        )
+        bar = None
+        if sys.stderr.isatty():
+            bar = Progress(
+                TextColumn("[bold]llama.cpp batch"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[failed]} failed"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            bar.start()
+        progress = cls(total_lines, done, artifact_id, bar)
+        if bar:
+            bar.update(progress._bar_task, failed=0)
+        return progress
+
+    def advance(self, failed: bool = False) -> None:
+        self.finished += 1
+        self.failed += failed
+        if self._bar:
+            self._bar.update(self._bar_task, completed=self.finished, failed=self.failed)
+        now = time.monotonic()
+        if now - self._last_update >= UPDATE_EVERY_S and (
+            self._update is None or self._update.done()
+        ):
+            self._last_update = now
+            self._update = asyncio.get_running_loop().create_task(
+                aupdate_progress_artifact(self._artifact_id, _percent(self.finished, self.total))
+            )
+
+    async def finish(self) -> None:
+        if self._update:
+            await asyncio.gather(self._update, return_exceptions=True)
+        await aupdate_progress_artifact(self._artifact_id, _percent(self.finished, self.total))
+        if self._bar:
+            self._bar.stop()
+
+
+def _percent(done: int, total: int) -> float:
+    return round(min(100.0, 100.0 * done / max(total, 1)), 1)

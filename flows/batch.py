@@ -88,10 +88,12 @@ async def llamacpp_batch_flow(
     chunk_size: int = 100,
     max_attempts: int = 3,
     request_timeout: float = 600,
+    extra_body: dict[str, Any] | None = None,
 ) -> BatchSummary:
     """Run every line of `input_path` through the server saved as block `server`.
 
-    `output_schema` (a JSON Schema) makes every answer a validated object. `concurrency`
+    `output_schema` (a JSON Schema) makes every answer a validated object. `extra_body` adds
+    llama-server sampling fields to every request (`{"top_k": 20, "min_p": 0.05}`). `concurrency`
     defaults to the server's `total_slots`. Fails before sending anything when the server is not
     ready within `ready_timeout` seconds or the key is wrong; fails mid-run, with every finished
     result saved, if the server goes away for longer than `ready_timeout`.
@@ -125,6 +127,7 @@ async def llamacpp_batch_flow(
         max_attempts=max_attempts,
         ready_timeout=ready_timeout,
         request_timeout=request_timeout,
+        extra_body=extra_body,
     )
     summary = BatchSummary(
         input_path=str(source),

@@ -1,0 +1,259 @@
+"""`make bench`: the batch flow against a raw client, side by side, on real llama-servers.
+
+Every figure is measured in this one run (the machine is shared and noisy, so only ratios taken
+side by side mean anything). Same requests everywhere, fixed output length (`ignore_eos`).
+
+1. flow / raw throughput (completion tokens/s), raw = httpx keeping `total_slots` in flight;
+2. naive loop (one `Agent.run` after another) / raw;
+3. flow at 4x `total_slots` concurrency / flow at `total_slots`;
+4. peak RSS of a 50,000-line batch minus that of a 5,000-line batch;
+5. Prefect task runs per 1,000 prompts.
+
+    python -m benchmarks.batch_throughput [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+import httpx
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+SLOTS = 4
+# Every request generates exactly max_tokens and processes its whole prompt (no KV reuse
+# between rounds), so every run does the same work.
+EXTRA = {"ignore_eos": True, "cache_prompt": False}
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Request {i}: write a short story about the number {i}." for i in range(count)]
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    with open(path, "w") as out:
+        for i, text in enumerate(texts):
+            out.write(json.dumps({"custom_id": f"r{i}", "prompt": text}) + "\n")
+    return path
+
+
+async def raw_throughput(url: str, texts: list[str], max_tokens: int, concurrency: int) -> float:
+    """Completion tokens/s of plain httpx with `concurrency` requests in flight."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gate = asyncio.Semaphore(concurrency)
+    tokens = 0
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+
+        async def one(text: str) -> None:
+            nonlocal tokens
+            async with gate:
+                response = await http.post(
+                    f"{url}/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": text}],
+                        "max_tokens": max_tokens,
+                        **EXTRA,
+                    },
+                )
+                response.raise_for_status()
+                tokens += response.json()["usage"]["completion_tokens"]
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(text) for text in texts))
+        return tokens / (time.monotonic() - started)
+
+
+async def flow_throughput(block: str, source: Path, max_tokens: int, concurrency=None) -> float:
+    from flows.batch import llamacpp_batch_flow
+
+    target = source.with_suffix(f".out-{time.monotonic_ns()}.jsonl")
+    summary = await llamacpp_batch_flow(
+        str(source),
+        str(target),
+        server=block,
+        max_tokens=max_tokens,
+        concurrency=concurrency,
+        extra_body=EXTRA,
+    )
+    assert summary.failed == 0, summary.failed_by_kind
+    return summary.completion_tokens_per_s
+
+
+async def naive_throughput(url: str, texts: list[str], max_tokens: int) -> float:
+    """One `Agent.run` after another: what a first attempt usually looks like."""
+    from pydantic_ai import Agent
+
+    from src.core.models import create_llamacpp_model
+    from src.core.utils.config import LlamaCppSettings
+
+    agent = Agent(create_llamacpp_model(settings=LlamaCppSettings(base_url=url)))
+    tokens = 0
+    started = time.monotonic()
+    for text in texts:
+        result = await agent.run(
+            text, model_settings={"max_tokens": max_tokens, "extra_body": EXTRA}
+        )
+        tokens += result.usage.output_tokens
+    return tokens / (time.monotonic() - started)
+
+
+async def measure_model(
+    model: str, requests: int, max_tokens: int, rounds: int, extra: bool, work: Path
+):
+    from blocks.llamacpp import LlamaCppServer
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+
+    args = ["-np", str(SLOTS), "-c", str(SLOTS * 1024), "--alias", model]
+    figures: dict[str, float] = {}
+    with LlamaServer(ensure_model(model), args, log_dir=work) as server:
+        block = f"bench-{model}"
+        await LlamaCppServer(base_url=server.url).save(block, overwrite=True)
+        texts = prompts(requests)
+        source = write_jsonl(work / f"{model}.jsonl", texts)
+        await raw_throughput(server.url, texts[: SLOTS * 2], max_tokens, SLOTS)  # warm-up
+        raws, flows, wides = [], [], []
+        for _ in range(rounds):  # interleaved, so drift hits both sides alike
+            raws.append(await raw_throughput(server.url, texts, max_tokens, SLOTS))
+            flows.append(await flow_throughput(block, source, max_tokens))
+            if extra:
+                wides.append(
+                    await flow_throughput(block, source, max_tokens, concurrency=SLOTS * 4)
+                )
+        figures["raw"], figures["flow"] = mean(raws), mean(flows)
+        figures["ratio"] = mean(f / r for f, r in zip(flows, raws, strict=True))
+        if extra:
+            figures["wide"] = mean(wides)
+            figures["wide_ratio"] = mean(w / f for w, f in zip(wides, flows, strict=True))
+            naive_texts = texts[: max(SLOTS * 2, requests // 4)]
+            naive = await naive_throughput(server.url, naive_texts, max_tokens)
+            raw_again = await raw_throughput(server.url, naive_texts, max_tokens, SLOTS)
+            figures["naive"], figures["naive_ratio"] = naive, naive / raw_again
+    return figures
+
+
+def memory_child(lines: int, url: str, work: Path) -> None:
+    """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.batch import llamacpp_batch_flow
+
+    source = write_jsonl(work / f"mem-{lines}.jsonl", prompts(lines))
+    os.environ["LLAMACPP_BASE_URL"] = url
+
+    async def run():
+        state = await llamacpp_batch_flow(
+            str(source),
+            str(work / f"mem-{lines}.out.jsonl"),
+            server="",
+            max_tokens=1,
+            chunk_size=100,
+            return_state=True,
+        )
+        summary = await state.aresult()
+        async with get_client() as client:
+            task_runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+        return summary, len(task_runs)
+
+    summary, task_runs = asyncio.run(run())
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "lines": lines,
+                "peak_rss_mb": peak_mb,
+                "task_runs": task_runs,
+                "succeeded": summary.succeeded,
+            }
+        )
+    )
+
+
+def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+
+    results = {}
+    with LlamaServer(ensure_model("tiny"), ["-np", str(SLOTS)], log_dir=work) as server:
+        for lines in (small, large):
+            env = {**os.environ, "PREFECT_HOME": str(work / f"prefect-{lines}")}
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.batch_throughput",
+                    "--memory-child",
+                    str(lines),
+                    server.url,
+                    str(work),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=3600,
+            )
+            if child.returncode != 0:
+                raise RuntimeError(child.stderr[-3000:])
+            results[lines] = json.loads(child.stdout.strip().splitlines()[-1])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller runs, rougher figures")
+    parser.add_argument("--memory-child", nargs=3, metavar=("LINES", "URL", "DIR"))
+    args = parser.parse_args()
+    if args.memory_child:
+        lines, url, work = args.memory_child
+        memory_child(int(lines), url, Path(work))
+        return
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    small, large = (1_000, 10_000) if args.quick else (5_000, 50_000)
+    with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp, prefect_test_harness(180):
+        work = Path(tmp)
+        tiny = asyncio.run(measure_model("tiny", 256 if args.quick else 512, 32, 2, False, work))
+        bench = asyncio.run(
+            measure_model(
+                "bench", 24 if args.quick else 48, 32 if args.quick else 64, 2, True, work
+            )
+        )
+        memory = measure_memory(small, large, work)
+
+    rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
+    task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small
+    print()
+    print(f"tiny  model: raw {tiny['raw']:8.1f} tok/s, flow {tiny['flow']:8.1f} tok/s")
+    print(
+        f"bench model: raw {bench['raw']:8.1f} tok/s, flow {bench['flow']:8.1f} tok/s, "
+        f"flow at {SLOTS * 4} in flight {bench['wide']:8.1f} tok/s, naive loop {bench['naive']:8.1f} tok/s"
+    )
+    print(f"naive loop/raw throughput ratio: {bench['naive_ratio']:.2f} (bench model)")
+    print(f"flow at 4x total_slots / flow at total_slots: {bench['wide_ratio']:.2f} (bench model)")
+    print(
+        f"peak RSS: {memory[small]['peak_rss_mb']:.0f} MB at {small} lines, "
+        f"{memory[large]['peak_rss_mb']:.0f} MB at {large} lines: growth {rss_growth:.1f} MB"
+    )
+    print(f"Prefect task runs per 1,000 prompts: {task_runs_per_1000:.0f}")
+    print(f"flow/raw throughput ratio: {tiny['ratio']:.2f} (tiny model)")
+    print(f"flow/raw throughput ratio: {bench['ratio']:.2f} (bench model)")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ ready, unless `fail_when_not_ready=False`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 from typing import Any
@@ -157,4 +158,9 @@ def artifact_key(label: str) -> str:
 
 
 if __name__ == "__main__":
-    result = llamacpp_health_flow(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_BLOCK_NAME)
+    final = asyncio.run(
+        llamacpp_health_flow(
+            sys.argv[1] if len(sys.argv) > 1 else DEFAULT_BLOCK_NAME, return_state=True
+        )
+    )
+    sys.exit(0 if final.is_completed() else 1)

@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines, parse_line
+from src.core.batch.ledger import LedgerWriter, read_ledger
+
+
+def test_prompt_line():
+    item = parse_line('{"custom_id": "a", "prompt": "hi", "max_tokens": 5, "temperature": 0}', 1)
+    assert item == BatchItem("a", 1, [{"role": "user", "content": "hi"}], 5, 0.0, None)
+
+
+def test_messages_line_with_text_parts():
+    line = json.dumps(
+        {
+            "custom_id": 7,
+            "messages": [
+                {"role": "system", "content": "s"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ],
+        }
+    )
+    item = parse_line(line, 3)
+    assert item.custom_id == "7"
+    assert item.messages[-1] == {"role": "user", "content": "ab"}
+
+
+def test_openai_batch_line():
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    line = json.dumps(
+        {
+            "custom_id": "req-1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "ignored",
+                "messages": [{"role": "user", "content": "q"}],
+                "max_completion_tokens": 9,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": schema},
+                },
+            },
+        }
+    )
+    item = parse_line(line, 1)
+    assert item.max_tokens == 9 and item.output_schema == schema
+
+
+def test_missing_id_gets_the_line_number():
+    assert parse_line('{"prompt": "x"}', 12).custom_id == "line-12"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "words"),
+    [
+        ("{oops", "invalid_json", "not valid JSON"),
+        ("[1, 2]", "invalid_json", "not a JSON object"),
+        ('{"custom_id": "a"}', "missing_prompt", "no prompt"),
+        ('{"custom_id": "a", "prompt": "  "}', "missing_prompt", "no prompt"),
+        ('{"custom_id": "a", "messages": []}', "invalid_messages", "non-empty list"),
+        (
+            '{"custom_id": "a", "messages": [{"role": "assistant", "content": "x"}]}',
+            "invalid_messages",
+            "last message",
+        ),
+        (
+            '{"custom_id": "a", "messages": [{"role": "robot", "content": "x"}]}',
+            "invalid_messages",
+            "role",
+        ),
+        (
+            '{"custom_id": "a", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            "invalid_messages",
+            "text content",
+        ),
+        (
+            '{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}',
+            "unsupported",
+            "embeddings",
+        ),
+        ('{"custom_id": "a", "prompt": "x", "max_tokens": 0}', "invalid_settings", "max_tokens"),
+        (
+            '{"custom_id": "a", "prompt": "x", "response_format": {"type": "xml"}}',
+            "invalid_settings",
+            "xml",
+        ),
+        ('{"custom_id": ["a"], "prompt": "x"}', "invalid_json", "custom_id"),
+    ],
+)
+def test_bad_lines_name_their_line(text, kind, words):
+    error = parse_line(text, 4)
+    assert isinstance(error, InputError)
+    assert error.kind == kind and error.line == 4
+    assert "line 4" in error.message and words in error.message
+
+
+def test_reader_streams_skips_blanks_and_flags_duplicates(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"custom_id": "a", "prompt": "1"}\n\n{"custom_id": "a", "prompt": "2"}\n{"prompt": "3"}'
+    )
+    entries = list(InputReader(path))
+    assert [type(e).__name__ for e in entries] == ["BatchItem", "InputError", "BatchItem"]
+    assert entries[1].kind == "duplicate_id" and "repeats line 1" in entries[1].message
+    assert entries[2].custom_id == "line-4"
+    assert count_lines(path) == 4
+
+
+def test_ledger_round_trip_and_partial_last_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with LedgerWriter(path) as writer:
+        writer.write({"custom_id": "a", "line": 1, "output": "x", "error": None})
+        writer.write(
+            {
+                "custom_id": "b",
+                "line": 2,
+                "output": None,
+                "error": {"kind": "timeout", "message": "t"},
+            }
+        )
+        writer.write(
+            {
+                "custom_id": "c",
+                "line": 3,
+                "output": None,
+                "error": {"kind": "invalid_json", "message": "j"},
+            }
+        )
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"custom_id": "d", "li')  # a crash mid-write
+    state = read_ledger(path)
+    assert state.succeeded_ids == {"a"}
+    assert state.input_error_lines == {3}
+    assert state.dropped_partial_line
+    assert path.read_bytes() == whole  # the fragment is gone, appends start on a fresh line
+    assert read_ledger(tmp_path / "missing.jsonl").succeeded_ids == set()
+
+
+def test_ledger_lines_are_flushed_as_written(tmp_path):
+    path = tmp_path / "out.jsonl"
+    writer = LedgerWriter(path)
+    writer.write({"custom_id": "a", "error": None})
+    assert json.loads(path.read_text())["custom_id"] == "a"  # visible before close
+    writer.close()

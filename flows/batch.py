@@ -26,12 +26,11 @@ from pydantic import BaseModel, Field
 
 from blocks.llamacpp import DEFAULT_BLOCK_NAME
 from flows.batch_progress import BatchProgress
-from flows.health import load_server_or_env
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines
 from src.core.batch.ledger import LedgerWriter, read_ledger
 from src.core.batch.runner import BatchAbortedError, BatchOptions, BatchRunner
 from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME
-from tasks.llamacpp import check_health, wait_until_ready
+from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 

@@ -20,7 +20,9 @@ class BatchProgress:
         self.failed = 0
         self._artifact_id = artifact_id
         self._bar = bar
-        self._bar_task = bar.add_task("batch", total=self.total, completed=done) if bar else None
+        self._bar_task = (
+            bar.add_task("batch", total=self.total, completed=done, failed=0) if bar else None
+        )
         self._last_update = time.monotonic()
         self._update: asyncio.Task | None = None
 
@@ -42,10 +44,7 @@ class BatchProgress:
                 transient=False,
             )
             bar.start()
-        progress = cls(total_lines, done, artifact_id, bar)
-        if bar:
-            bar.update(progress._bar_task, failed=0)
-        return progress
+        return cls(total_lines, done, artifact_id, bar)
 
     def advance(self, failed: bool = False) -> None:
         self.finished += 1

@@ -22,7 +22,7 @@ from prefect.events import emit_event
 from blocks.llamacpp import DEFAULT_BLOCK_NAME, LlamaCppServer
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.utils.exceptions import LlamaCppError
-from tasks.llamacpp import BlockNotFoundError, check_health, get_metrics, get_slots, resolve_server
+from tasks.llamacpp import check_health, get_metrics, get_slots, load_server_or_env
 
 EVENT_PREFIX = "llamacpp.server"
 # The /metrics samples worth a line in the report.
@@ -38,21 +38,6 @@ REPORTED_METRICS = (
 
 class ServerNotReadyFlowError(LlamaCppError):
     """The health flow found the server in a state other than ready (or sleeping)."""
-
-
-async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:
-    """The saved block named `server`, else the `LLAMACPP_*` settings; and a label for reports."""
-    logger = get_run_logger()
-    if server:
-        try:
-            return await resolve_server(server), server
-        except BlockNotFoundError:
-            logger.warning(
-                "No llama.cpp Server block named %r; using the LLAMACPP_* environment settings.",
-                server,
-            )
-    block = await resolve_server(None)
-    return block, "env"
 
 
 @flow(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -47,6 +47,21 @@ async def resolve_server(server: ServerRef) -> LlamaCppServer:
             f"LlamaCppServer(base_url=...).save({server!r}); register the type first with "
             "`prefect block register -f blocks/llamacpp.py`."
         ) from exc
+
+
+async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:
+    """The saved block named `server`, else the `LLAMACPP_*` settings; and a label for reports."""
+    logger = get_run_logger()
+    if server:
+        try:
+            return await resolve_server(server), server
+        except BlockNotFoundError:
+            logger.warning(
+                "No llama.cpp Server block named %r; using the LLAMACPP_* environment settings.",
+                server,
+            )
+    block = await resolve_server(None)
+    return block, "env"
 
 
 async def retry_on_transient(task, task_run, state) -> bool:

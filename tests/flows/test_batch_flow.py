@@ -364,3 +364,17 @@ async def test_missing_input_file_is_a_clear_error(registered_block_type, tmp_pa
         str(tmp_path / "nope.jsonl"), str(tmp_path / "out.jsonl"), return_state=True
     )
     assert state.is_failed() and "does not exist" in state.message
+
+
+async def test_answer_cut_short_is_a_validation_error_line(server, registered_block_type, tmp_path):
+    name = await save_block("batch-main", server)
+    source = write_input(tmp_path / "in.jsonl", 3)
+    target = tmp_path / "out.jsonl"
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, output_schema=REVIEW_SCHEMA, max_tokens=3
+    )
+    assert summary.failed_by_kind == {"validation": 3}
+    for record in read_output(target):
+        assert record["error"]["kind"] == "validation"
+        assert "cut off at max_tokens" in record["error"]["message"]
+        assert record["usage"]["completion_tokens"] == 3

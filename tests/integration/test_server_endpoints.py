@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import httpx
@@ -158,3 +159,44 @@ async def _wait_for_router_status(client, model, wanted, timeout=30.0):
             return value
         await asyncio.sleep(0.1)
     return value
+
+
+async def test_key_also_accepted_as_x_api_key_header(key_server):
+    # Facts the client relies on, from llama.cpp's own server tests: both headers work.
+    async with httpx.AsyncClient() as http:
+        bearer = await http.get(
+            f"{key_server.url}/v1/models", headers={"Authorization": f"Bearer {SECRET_KEY}"}
+        )
+        x_api_key = await http.get(f"{key_server.url}/v1/models", headers={"X-Api-Key": SECRET_KEY})
+        wrong = await http.get(f"{key_server.url}/v1/models", headers={"X-Api-Key": "nope"})
+    assert bearer.status_code == x_api_key.status_code == 200
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["type"] == "authentication_error"
+
+
+async def test_v1_health_and_fail_on_no_slot(server):
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.get(f"{server.url}/v1/health")).json() == {"status": "ok"}
+        idle = await http.get(f"{server.url}/slots", params={"fail_on_no_slot": 1})
+        assert idle.status_code == 200
+        # Fill every slot with long generations, then ask again: 503 "no slot available".
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 600,
+            "ignore_eos": True,
+        }
+        busy = [
+            asyncio.create_task(http.post(f"{server.openai_base}/chat/completions", json=body))
+            for _ in range(4)
+        ]
+        full = None
+        for _ in range(200):
+            slots = (await http.get(f"{server.url}/slots")).json()
+            if all(slot["is_processing"] for slot in slots):
+                full = await http.get(f"{server.url}/slots", params={"fail_on_no_slot": 1})
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*busy)
+    assert full is not None, "the slots never all became busy"
+    assert full.status_code == 503
+    assert "no slot available" in full.json()["error"]["message"]

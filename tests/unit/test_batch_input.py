@@ -149,3 +149,21 @@ def test_ledger_lines_are_flushed_as_written(tmp_path):
     writer.write({"custom_id": "a", "error": None})
     assert json.loads(path.read_text())["custom_id"] == "a"  # visible before close
     writer.close()
+
+
+def test_structured_answers_are_checked_against_the_schema():
+    from src.core.batch.runner import _ItemError, _structured
+
+    schema = {
+        "type": "object",
+        "properties": {"stars": {"type": "integer", "multipleOf": 2}},
+        "required": ["stars"],
+    }
+    assert _structured('{"stars": 4}', schema, "stop") == {"stars": 4}
+    with pytest.raises(_ItemError, match="at stars: 3 is not a multiple of 2") as info:
+        _structured('{"stars": 3}', schema, "stop")
+    assert info.value.kind == "validation"
+    with pytest.raises(_ItemError, match="cut off at max_tokens"):
+        _structured('{"sta', schema, "length")
+    with pytest.raises(_ItemError, match="not valid JSON"):
+        _structured("hello", schema, "stop")

@@ -189,7 +189,10 @@ def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
     from harness.server import LlamaServer
 
     results = {}
-    with LlamaServer(ensure_model("tiny"), ["-np", str(SLOTS)], log_dir=work) as server:
+    # --cache-ram 0: tens of thousands of distinct prompts would otherwise fill llama-server's
+    # host-memory prompt cache (8 GiB by default), and searching it slows the server, not us.
+    args = ["-np", str(SLOTS), "--cache-ram", "0"]
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
         for lines in (small, large):
             env = {**os.environ, "PREFECT_HOME": str(work / f"prefect-{lines}")}
             child = subprocess.run(

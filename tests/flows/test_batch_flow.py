@@ -218,77 +218,73 @@ async def test_identical_prompts_are_each_answered(server, registered_block_type
     assert grown == summary.completion_tokens > 12
 
 
-async def test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing(
-    llama_server_bin, tiny_model, registered_block_type, tmp_path
-):
+@pytest.fixture
+def own_server(llama_server_bin, tiny_model, tmp_path):
+    """A server this test may kill and restart (on the same port)."""
     server = LlamaServer(
         tiny_model, ["-np", "4", "--alias", "tiny"], binary=llama_server_bin, log_dir=tmp_path
     )
-    server.start()
-    try:
-        name = await save_block("batch-crash", server)
-        source = write_input(tmp_path / "in.jsonl", 400)
-        target = tmp_path / "out.jsonl"
-        run = asyncio.create_task(
-            llamacpp_batch_flow(
-                str(source),
-                str(target),
-                server=name,
-                max_tokens=48,
-                ready_timeout=2,
-                chunk_size=40,
-                return_state=True,
-            )
-        )
-        while not target.exists() or len(target.read_text().splitlines()) < 60:
-            assert not run.done(), "the batch finished before the kill"
-            await asyncio.sleep(0.01)
-        server.kill()
-        state = await run
-        assert state.is_failed()
-        assert "rerun" in state.message
-        first_run = target.read_bytes()
-        done_before = successes(read_output(target))
-        assert 60 <= sum(done_before.values()) < 400
-        assert set(done_before.values()) == {1}
+    with server:
+        yield server
 
-        server.start()
-        summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48)
-        assert target.read_bytes().startswith(first_run), "finished results were rewritten"
-        assert summary.skipped_done == sum(done_before.values())
-        assert summary.succeeded == 400 - summary.skipped_done
-        final = successes(read_output(target))
-        assert final == Counter({f"q{i}": 1 for i in range(400)})
-    finally:
-        server.stop()
+
+async def test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing(
+    own_server, registered_block_type, tmp_path
+):
+    server = own_server
+    name = await save_block("batch-crash", server)
+    source = write_input(tmp_path / "in.jsonl", 400)
+    target = tmp_path / "out.jsonl"
+    run = asyncio.create_task(
+        llamacpp_batch_flow(
+            str(source),
+            str(target),
+            server=name,
+            max_tokens=48,
+            ready_timeout=2,
+            chunk_size=40,
+            return_state=True,
+        )
+    )
+    while not target.exists() or len(target.read_text().splitlines()) < 60:
+        assert not run.done(), "the batch finished before the kill"
+        await asyncio.sleep(0.01)
+    server.kill()
+    state = await run
+    assert state.is_failed()
+    assert "rerun" in state.message
+    first_run = target.read_bytes()
+    done_before = successes(read_output(target))
+    assert 60 <= sum(done_before.values()) < 400
+    assert set(done_before.values()) == {1}
+
+    server.start()
+    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48)
+    assert target.read_bytes().startswith(first_run), "finished results were rewritten"
+    assert summary.skipped_done == sum(done_before.values())
+    assert summary.succeeded == 400 - summary.skipped_done
+    final = successes(read_output(target))
+    assert final == Counter({f"q{i}": 1 for i in range(400)})
 
 
 async def test_server_back_within_the_deadline_finishes_in_one_run(
-    llama_server_bin, tiny_model, registered_block_type, tmp_path
+    own_server, registered_block_type, tmp_path
 ):
-    server = LlamaServer(
-        tiny_model, ["-np", "4", "--alias", "tiny"], binary=llama_server_bin, log_dir=tmp_path
+    server = own_server
+    name = await save_block("batch-restart", server)
+    source = write_input(tmp_path / "in.jsonl", 300)
+    target = tmp_path / "out.jsonl"
+    run = asyncio.create_task(
+        llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48, ready_timeout=60)
     )
+    while not target.exists() or len(target.read_text().splitlines()) < 40:
+        await asyncio.sleep(0.01)
+    server.kill()
+    await asyncio.sleep(3)  # longer than the per-prompt retries: the run must wait at the gate
     server.start()
-    try:
-        name = await save_block("batch-restart", server)
-        source = write_input(tmp_path / "in.jsonl", 300)
-        target = tmp_path / "out.jsonl"
-        run = asyncio.create_task(
-            llamacpp_batch_flow(
-                str(source), str(target), server=name, max_tokens=48, ready_timeout=60
-            )
-        )
-        while not target.exists() or len(target.read_text().splitlines()) < 40:
-            await asyncio.sleep(0.01)
-        server.kill()
-        await asyncio.sleep(3)  # longer than the per-prompt retries: the run must wait at the gate
-        server.start()
-        summary = await run
-        assert summary.server_waits >= 1 and summary.retries >= 1
-        assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(300)})
-    finally:
-        server.stop()
+    summary = await run
+    assert summary.server_waits >= 1 and summary.retries >= 1
+    assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(300)})
 
 
 async def test_truncated_last_line_is_dropped_and_redone(server, registered_block_type, tmp_path):

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 import httpx
 
@@ -131,10 +131,10 @@ async def measure_model(
                     await flow_throughput(block, source, max_tokens, concurrency=SLOTS * 4)
                 )
         figures["raw"], figures["flow"] = mean(raws), mean(flows)
-        figures["ratio"] = mean(f / r for f, r in zip(flows, raws, strict=True))
+        figures["ratio"] = median(f / r for f, r in zip(flows, raws, strict=True))
         if extra:
             figures["wide"] = mean(wides)
-            figures["wide_ratio"] = mean(w / f for w, f in zip(wides, flows, strict=True))
+            figures["wide_ratio"] = median(w / f for w, f in zip(wides, flows, strict=True))
             naive_texts = texts[: max(SLOTS * 2, requests // 4)]
             naive = await naive_throughput(server.url, naive_texts, max_tokens)
             raw_again = await raw_throughput(server.url, naive_texts, max_tokens, SLOTS)

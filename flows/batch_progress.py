@@ -8,6 +8,7 @@ import sys
 import time
 
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 UPDATE_EVERY_S = 2.0
@@ -41,6 +42,7 @@ class BatchProgress:
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[failed]} failed"),
                 TimeRemainingColumn(),
+                console=Console(file=sys.stderr),  # stdout stays clean for the CLI's summary
                 transient=False,
             )
             bar.start()

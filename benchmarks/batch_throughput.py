@@ -122,13 +122,23 @@ async def measure_model(
         texts = prompts(requests)
         source = write_jsonl(work / f"{model}.jsonl", texts)
         await raw_throughput(server.url, texts[: SLOTS * 2], max_tokens, SLOTS)  # warm-up
+        await flow_throughput(block, source, max_tokens)  # warm-up: Prefect's first run costs more
         raws, flows, wides = [], [], []
-        for _ in range(rounds):  # interleaved, so drift hits both sides alike
-            raws.append(await raw_throughput(server.url, texts, max_tokens, SLOTS))
-            flows.append(await flow_throughput(block, source, max_tokens))
-            if extra:
-                wides.append(
-                    await flow_throughput(block, source, max_tokens, concurrency=SLOTS * 4)
+        runs = [
+            ("raw", raws, lambda: raw_throughput(server.url, texts, max_tokens, SLOTS)),
+            ("flow", flows, lambda: flow_throughput(block, source, max_tokens)),
+        ]
+        if extra:
+            runs.append(
+                ("flow 4x", wides, lambda: flow_throughput(block, source, max_tokens, SLOTS * 4))
+            )
+        for round_number in range(rounds):
+            # Interleaved, order alternating each round, so drift hits every side alike.
+            for label, results, measure in runs if round_number % 2 == 0 else runs[::-1]:
+                results.append(await measure())
+                print(
+                    f"[bench] {model} round {round_number + 1} {label}: {results[-1]:.1f} tok/s",
+                    flush=True,
                 )
         figures["raw"], figures["flow"] = mean(raws), mean(flows)
         figures["ratio"] = median(f / r for f, r in zip(flows, raws, strict=True))
@@ -231,10 +241,13 @@ def main() -> None:
     small, large = (1_000, 10_000) if args.quick else (5_000, 50_000)
     with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp, prefect_test_harness(180):
         work = Path(tmp)
-        tiny = asyncio.run(measure_model("tiny", 256 if args.quick else 512, 32, 2, False, work))
+        rounds = 2 if args.quick else 4
+        tiny = asyncio.run(
+            measure_model("tiny", 256 if args.quick else 512, 32, rounds, False, work)
+        )
         bench = asyncio.run(
             measure_model(
-                "bench", 24 if args.quick else 48, 32 if args.quick else 64, 2, True, work
+                "bench", 24 if args.quick else 64, 32 if args.quick else 48, rounds, True, work
             )
         )
         memory = measure_memory(small, large, work)

@@ -187,11 +187,19 @@ def memory_child(lines: int, url: str, work: Path) -> None:
             {
                 "lines": lines,
                 "peak_rss_mb": peak_mb,
+                "end_rss_mb": _current_rss_mb(),
                 "task_runs": task_runs,
                 "succeeded": summary.succeeded,
             }
         )
     )
+
+
+def _current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
@@ -264,7 +272,8 @@ def main() -> None:
     print(f"flow at 4x total_slots / flow at total_slots: {bench['wide_ratio']:.2f} (bench model)")
     print(
         f"peak RSS: {memory[small]['peak_rss_mb']:.0f} MB at {small} lines, "
-        f"{memory[large]['peak_rss_mb']:.0f} MB at {large} lines: growth {rss_growth:.1f} MB"
+        f"{memory[large]['peak_rss_mb']:.0f} MB at {large} lines: growth {rss_growth:.1f} MB "
+        f"(RSS when done: {memory[small]['end_rss_mb']:.0f} and {memory[large]['end_rss_mb']:.0f} MB)"
     )
     print(f"Prefect task runs per 1,000 prompts: {task_runs_per_1000:.0f}")
     print(f"flow/raw throughput ratio: {tiny['ratio']:.2f} (tiny model)")

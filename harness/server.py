@@ -4,16 +4,17 @@
         print(server.url)            # http://127.0.0.1:PORT
 
 The process is always stopped: on `stop()`, on leaving the `with` block, at interpreter exit,
-and (Linux) when the Python process that started it dies, so no test leaves one behind. The
-server's output goes to a log file whose tail is put into every startup error.
+and (Linux, with util-linux's setpriv) when the Python process that started it dies, so no test
+leaves one behind. Start servers from the main thread: the kernel ties them to the thread that
+started them. The server's output goes to a log file whose tail is in every startup error.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,7 +68,7 @@ class LlamaServer:
         return f"{self.url}/v1"
 
     def command(self) -> list[str]:
-        cmd = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [*_DIE_WITH_PARENT, str(self.binary), "--host", "127.0.0.1", "--port", str(self.port)]
         if self.model:
             cmd += ["-m", str(self.model)]
         return cmd + self.args
@@ -83,7 +84,6 @@ class LlamaServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it
-            preexec_fn=_die_with_parent,
         )
         log.close()
         _RUNNING.add(self)
@@ -173,10 +173,9 @@ class LlamaServer:
         return id(self)
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to the server if the Python process dies, even by SIGKILL.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# Linux: the kernel sends SIGTERM to the server if the Python process dies, even by SIGKILL.
+# setpriv (util-linux) sets that before exec; a preexec_fn would not be fork-safe with threads.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "SIGTERM", "--"] if shutil.which("setpriv") else []
 
 
 @atexit.register

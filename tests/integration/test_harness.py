@@ -57,3 +57,36 @@ def test_a_server_that_cannot_start_says_why(llama_server_bin, tmp_path):
     with pytest.raises(LlamaServerStartError, match="exited with code"):
         server.start(timeout=30)
     assert "llama-server log" in server.log_tail()
+
+
+def test_server_dies_with_a_killed_parent(llama_server_bin, tiny_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from harness.server import LlamaServer\n"
+        f"s = LlamaServer({str(tiny_model)!r}, [], binary={str(llama_server_bin)!r}).start()\n"
+        "print(s.process.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": str(binary.Path(__file__).resolve().parents[2])},
+    )
+    server_pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel can clean up
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(server_pid, signal.SIGKILL)
+    pytest.fail("llama-server outlived the process that started it")

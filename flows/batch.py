@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from blocks.llamacpp import DEFAULT_BLOCK_NAME
 from flows.batch_progress import BatchProgress
+from flows.report import markdown_table
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines
 from src.core.batch.ledger import LedgerWriter, read_ledger
 from src.core.batch.runner import BatchAbortedError, BatchOptions, BatchRunner
@@ -289,9 +290,7 @@ def render_summary(summary: BatchSummary) -> str:
     rows += [(f"Failed: {kind}", count) for kind, count in sorted(summary.failed_by_kind.items())]
     if summary.abort_reason:
         rows.append(("Aborted because", summary.abort_reason))
-    lines = ["# llama.cpp batch", "", "| | |", "|---|---|"]
-    lines += [f"| {name} | {str(value).replace('|', '/')} |" for name, value in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table("llama.cpp batch", rows)
 
 
 def main(argv: list[str] | None = None) -> int:

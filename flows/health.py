@@ -20,6 +20,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
 
 from blocks.llamacpp import DEFAULT_BLOCK_NAME, LlamaCppServer
+from flows.report import markdown_table
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.utils.exceptions import LlamaCppError
 from tasks.llamacpp import check_health, get_metrics, get_slots, load_server_or_env
@@ -132,9 +133,7 @@ def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]
         rows.append(("Problem", status.error))
     for name, value in (load.get("metrics") or {}).items():
         rows.append((f"metrics: {name}", f"{value:g}"))
-    lines = [f"# llama.cpp server `{label}`", "", "| | |", "|---|---|"]
-    lines += [f"| {name} | {str(value).replace('|', '/')} |" for name, value in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(f"llama.cpp server `{label}`", rows)
 
 
 def artifact_key(label: str) -> str:

@@ -10,6 +10,8 @@ Every task takes `server`: a `LlamaCppServer` block, the name of a saved one, or
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -21,6 +23,7 @@ from src.core.models.base_provider import ProviderHealthStatus
 from src.core.models.llamacpp_provider import check_server_health
 from src.core.utils.config import LlamaCppConnection, LlamaCppSettings
 from src.core.utils.exceptions import LlamaCppError
+from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 
 ServerRef = LlamaCppServer | str | None
 
@@ -64,6 +67,14 @@ async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:
     return block, "env"
 
 
+@asynccontextmanager
+async def server_client(server: ServerRef) -> AsyncIterator[LlamaCppClient]:
+    """An open client for the block `server` refers to; closed when the block ends."""
+    block = await resolve_server(server)
+    async with block.get_client() as client:
+        yield client
+
+
 async def retry_on_transient(task, task_run, state) -> bool:
     """Retry condition: only faults that waiting can fix."""
     try:
@@ -102,10 +113,8 @@ async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
     **RETRY_OPTIONS,
 )
 async def detect_model(server: ServerRef = None) -> str | None:
-    block = await resolve_server(server)
-    async with block.get_client() as client:
-        models = await client.list_models()
-    return models[0].get("id") if models else None
+    async with server_client(server) as client:
+        return await client.served_model_id()
 
 
 @task(
@@ -115,8 +124,7 @@ async def detect_model(server: ServerRef = None) -> str | None:
     **RETRY_OPTIONS,
 )
 async def get_props(server: ServerRef = None, model: str | None = None) -> dict[str, Any]:
-    block = await resolve_server(server)
-    async with block.get_client() as client:
+    async with server_client(server) as client:
         return await client.get_props(model=model)
 
 
@@ -127,8 +135,7 @@ async def get_props(server: ServerRef = None, model: str | None = None) -> dict[
     **RETRY_OPTIONS,
 )
 async def get_slots(server: ServerRef = None, model: str | None = None) -> list[dict[str, Any]]:
-    block = await resolve_server(server)
-    async with block.get_client() as client:
+    async with server_client(server) as client:
         return await client.get_slots(model=model)
 
 
@@ -138,8 +145,7 @@ async def get_slots(server: ServerRef = None, model: str | None = None) -> list[
     **RETRY_OPTIONS,
 )
 async def get_metrics(server: ServerRef = None, model: str | None = None) -> dict[str, float]:
-    block = await resolve_server(server)
-    async with block.get_client() as client:
+    async with server_client(server) as client:
         return await client.get_metrics(model=model)
 
 
@@ -150,6 +156,5 @@ async def get_metrics(server: ServerRef = None, model: str | None = None) -> dic
     cache_policy=NO_CACHE,  # the deadline is the retry policy
 )
 async def wait_until_ready(server: ServerRef = None, timeout: float = 300) -> dict[str, Any]:
-    block = await resolve_server(server)
-    async with block.get_client() as client:
+    async with server_client(server) as client:
         return await client.wait_until_ready(timeout=timeout)

@@ -194,14 +194,13 @@ async def detect_llamacpp_model(
         api_key = get_settings().llamacpp.api_key
     async with LlamaCppClient(base_url, timeout=timeout, api_key=api_key) as client:
         try:
-            models = await client.list_models()
+            model_id = await client.served_model_id()
         except LlamaCppError as exc:
             raise ModelError(
                 f"Could not detect the llama.cpp model: {exc}",
                 details=exc.details,
                 transient=exc.transient,
             ) from None
-    model_id = models[0].get("id") if models else None
     logger.info("Detected model", model_id=model_id, server=client.base_url)
     return model_id
 

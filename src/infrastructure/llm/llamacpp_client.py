@@ -118,6 +118,11 @@ class LlamaCppClient:
             raise self._unexpected("/v1/models", 200, "no 'data' list in the answer")
         return data
 
+    async def served_model_id(self) -> str | None:
+        """The id of the model the server serves (the first in `/v1/models`), or None."""
+        models = await self.list_models()
+        return models[0].get("id") if models else None
+
     async def get_metrics(self, model: str | None = None) -> dict[str, float]:
         """`GET /metrics` parsed: `{"requests_processing": 0.0, "prompt_tokens_total": 12.0, ...}`.
 

@@ -14,6 +14,7 @@ from blocks.llamacpp import LlamaCppServer
 from flows.batch import llamacpp_batch_flow
 from harness.models import ensure_model
 from harness.server import LlamaServer
+from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
 
@@ -60,19 +61,19 @@ async def save_block(name: str, server: LlamaServer, api_key: str | None = None)
 async def max_requests_seen(server: LlamaServer, stop: asyncio.Event) -> float:
     """Poll /metrics while a batch runs: the most requests the server held at once."""
     seen = 0.0
-    async with httpx.AsyncClient() as http:
+    async with LlamaCppClient(server.url, api_key=None) as client:
         while not stop.is_set():
-            text = (await http.get(f"{server.url}/metrics")).text
-            values = {
-                line.split()[0]: float(line.split()[1])
-                for line in text.splitlines()
-                if line.startswith("llamacpp:requests_")
-            }
-            seen = max(
-                seen, values["llamacpp:requests_processing"] + values["llamacpp:requests_deferred"]
-            )
+            metrics = await client.get_metrics()
+            seen = max(seen, metrics["requests_processing"] + metrics["requests_deferred"])
             await asyncio.sleep(0.01)
     return seen
+
+
+async def wait_for_lines(target: Path, count: int, run: asyncio.Task) -> None:
+    """Wait until the ledger holds `count` lines while `run` is still going."""
+    while not target.exists() or len(target.read_text().splitlines()) < count:
+        assert not run.done(), f"the batch finished before {count} results were written"
+        await asyncio.sleep(0.01)
 
 
 async def test_a_few_hundred_prompts_each_get_exactly_one_line(
@@ -198,21 +199,12 @@ async def test_openai_batch_lines_and_bad_lines(server, registered_block_type, t
 async def test_identical_prompts_are_each_answered(server, registered_block_type, tmp_path):
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 12, prompt="The same prompt")
-    async with httpx.AsyncClient() as http:
-
-        async def predicted() -> float:
-            text = (await http.get(f"{server.url}/metrics")).text
-            return next(
-                float(line.split()[1])
-                for line in text.splitlines()
-                if line.startswith("llamacpp:tokens_predicted_total")
-            )
-
-        before = await predicted()
+    async with LlamaCppClient(server.url, api_key=None) as client:
+        before = (await client.get_metrics())["tokens_predicted_total"]
         summary = await llamacpp_batch_flow(
             str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=6, temperature=1.0
         )
-        grown = await predicted() - before
+        grown = (await client.get_metrics())["tokens_predicted_total"] - before
     assert summary.succeeded == 12
     # The server generated every answer: nothing was served from a cache.
     assert grown == summary.completion_tokens > 12
@@ -246,9 +238,7 @@ async def test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing(
             return_state=True,
         )
     )
-    while not target.exists() or len(target.read_text().splitlines()) < 60:
-        assert not run.done(), "the batch finished before the kill"
-        await asyncio.sleep(0.01)
+    await wait_for_lines(target, 60, run)
     server.kill()
     state = await run
     assert state.is_failed()
@@ -277,8 +267,7 @@ async def test_server_back_within_the_deadline_finishes_in_one_run(
     run = asyncio.create_task(
         llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48, ready_timeout=60)
     )
-    while not target.exists() or len(target.read_text().splitlines()) < 40:
-        await asyncio.sleep(0.01)
+    await wait_for_lines(target, 40, run)
     server.kill()
     await asyncio.sleep(3)  # longer than the per-prompt retries: the run must wait at the gate
     server.start()

@@ -8,6 +8,7 @@ Register it once so it shows in the Prefect UI:
 from __future__ import annotations
 
 from prefect.blocks.core import Block
+from pydantic import ConfigDict
 from pydantic_ai.models.openai import OpenAIChatModel
 
 from src.core.models.llamacpp_provider import create_llamacpp_model, create_llamacpp_model_async
@@ -30,6 +31,9 @@ class LlamaCppServer(Block, LlamaCppConnection):
             props = await client.get_props()
         ```
     """
+
+    # Never echo a rejected value (it may hold the key) in a validation error.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "llama.cpp Server"
     _block_type_slug = "llamacpp-server"

@@ -24,13 +24,15 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.llamacpp import DEFAULT_BLOCK_NAME
 from flows.batch_progress import BatchProgress
 from flows.report import markdown_table
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines
-from src.core.batch.ledger import LedgerWriter, read_ledger
-from src.core.batch.runner import BatchAbortedError, BatchOptions, BatchRunner
+from src.core.batch.ledger import Ledger
+from src.core.batch.records import ResultLine, result_line
+from src.core.batch.runner import BatchOptions, BatchRunner
 from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME
+from src.core.models.llamacpp_request import schema_problem
+from src.core.utils.exceptions import BatchAbortedError, BatchPathError
 from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
@@ -50,12 +52,15 @@ class BatchSummary(BaseModel):
     skipped_done: int = 0
     retries: int = 0
     server_waits: int = 0
+    crashes_seen: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_time_s: float = 0.0
     completion_tokens_per_s: float = 0.0
     chunks: int = 0
     max_in_flight: int = 0
+    ledger_unreadable_lines: int = 0
+    settings_changed: list[str] = Field(default_factory=list)
     abort_reason: str | None = None
 
 
@@ -64,6 +69,7 @@ class BatchSummary(BaseModel):
     description="Run one chunk of batch prompts concurrently; results go to the output ledger.",
     task_run_name="chunk-{number}",
     cache_policy=NO_CACHE,  # a rerun must ask the server, never replay a stored answer
+    retries=0,  # the runner retries items itself; the ledger refuses a second success anyway
 )
 async def run_chunk(number: int, items: list[BatchItem], runner: BatchRunner) -> int:
     await runner.run(items)
@@ -78,7 +84,7 @@ async def run_chunk(number: int, items: list[BatchItem], runner: BatchRunner) ->
 async def llamacpp_batch_flow(
     input_path: str,
     output_path: str,
-    server: str = DEFAULT_BLOCK_NAME,
+    server: str | None = None,
     system_prompt: str | None = None,
     output_schema: dict[str, Any] | None = None,
     max_tokens: int | None = 512,
@@ -87,91 +93,110 @@ async def llamacpp_batch_flow(
     ready_timeout: float = 300,
     chunk_size: int = 100,
     max_attempts: int = 3,
+    max_crashes: int = 2,
     request_timeout: float = 600,
     extra_body: dict[str, Any] | None = None,
+    allow_settings_change: bool = False,
 ) -> BatchSummary:
     """Run every line of `input_path` through the server saved as block `server`.
 
     `output_schema` (a JSON Schema) makes every answer a validated object. `extra_body` adds
     llama-server sampling fields to every request (`{"top_k": 20, "min_p": 0.05}`). `concurrency`
-    defaults to the server's `total_slots`. Fails before sending anything when the server is not
-    ready within `ready_timeout` seconds or the key is wrong; fails mid-run, with every finished
-    result saved, if the server goes away for longer than `ready_timeout`.
+    defaults to the server's `total_slots`. Fails before sending anything when the output is in
+    use by another run, the named block does not exist, the server is not ready within
+    `ready_timeout` seconds, the key is wrong, or the settings differ from the ledger's (unless
+    `allow_settings_change`); fails mid-run, with every finished result saved, if the server goes
+    away for longer than `ready_timeout`.
     """
     logger = get_run_logger()
     source, target = Path(input_path), Path(output_path)
     if not source.is_file():
-        raise FileNotFoundError(f"batch input {source} does not exist; give a JSONL file path")
+        raise BatchPathError(f"batch input {source} does not exist; give a JSONL file path")
     if chunk_size < 1 or (concurrency is not None and concurrency < 1):
         raise ValueError("chunk_size and concurrency must be at least 1")
+    if max_attempts < 1 or max_crashes < 1:
+        raise ValueError("max_attempts and max_crashes must be at least 1")
+    if output_schema is not None and (problem := schema_problem(output_schema)):
+        raise ValueError(f"output_schema is {problem}")
 
-    block, label = await load_server_or_env(server)
-    await wait_until_ready(block, timeout=ready_timeout)
-    status = await check_health(block)
-    if not status.is_ready:
-        raise BatchAbortedError(
-            f"llama-server {label} is {status.state}: {status.error} No prompt was sent."
+    with Ledger.open(target, source) as ledger:
+        block, label = await load_server_or_env(server)
+        await wait_until_ready(block, timeout=ready_timeout)
+        status = await check_health(block)
+        if not status.is_ready:
+            raise BatchAbortedError(
+                f"llama-server {label} is {status.state}: {status.error} No prompt was sent."
+            )
+        model = block.model_name or status.model_id
+        if status.metadata.get("role") == "router" and not model:
+            raise BatchAbortedError(
+                "llama-server runs in router mode with no model loaded: set model_name on the "
+                "block."
+            )
+        slots = status.metadata.get("total_slots")
+        options = BatchOptions(
+            concurrency=concurrency or slots or 4,
+            system_prompt=system_prompt,
+            output_schema=output_schema,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            max_attempts=max_attempts,
+            max_crashes=max_crashes,
+            ready_timeout=ready_timeout,
+            request_timeout=request_timeout,
+            extra_body=extra_body,
         )
-    model = block.model_name or status.model_id
-    if status.metadata.get("role") == "router" and not model:
-        raise BatchAbortedError(
-            "llama-server runs in router mode with no model loaded: set model_name on the block."
+        summary = BatchSummary(
+            input_path=str(source),
+            output_path=str(target),
+            server=label,
+            base_url=status.base_url,
+            model=model or DEFAULT_MODEL_NAME,
+            concurrency=options.concurrency,
+            ledger_unreadable_lines=ledger.state.unreadable_lines,
         )
-    slots = status.metadata.get("total_slots")
-    options = BatchOptions(
-        concurrency=concurrency or slots or 4,
-        system_prompt=system_prompt,
-        output_schema=output_schema,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        max_attempts=max_attempts,
-        ready_timeout=ready_timeout,
-        request_timeout=request_timeout,
-        extra_body=extra_body,
-    )
-    summary = BatchSummary(
-        input_path=str(source),
-        output_path=str(target),
-        server=label,
-        base_url=status.base_url,
-        model=model or DEFAULT_MODEL_NAME,
-        concurrency=options.concurrency,
-    )
-    logger.info(
-        "Batch %s -> %s on %s (%s, %s slots, %d in flight)",
-        source,
-        target,
-        label,
-        summary.model,
-        slots or "?",
-        options.concurrency,
-    )
+        summary.settings_changed = ledger.check_settings(
+            options.run_settings(summary.model), allow_change=allow_settings_change
+        )
+        logger.info(
+            "Batch %s -> %s on %s (%s, %s slots, %d in flight)",
+            source,
+            target,
+            label,
+            summary.model,
+            slots or "?",
+            options.concurrency,
+        )
+        _log_ledger_repairs(logger, ledger, target)
 
-    ledger = read_ledger(target)
-    if ledger.dropped_partial_line:
-        logger.warning("Dropped a half-written last line in %s (a crash mid-write).", target)
-    progress = await BatchProgress.start(count_lines(source), done=len(ledger.succeeded_ids))
-    started = time.monotonic()
-    with LedgerWriter(target) as writer:
+        progress = await BatchProgress.start(count_lines(source), done=len(ledger.state.done))
+        started = time.monotonic()
 
-        def finished(result: dict[str, Any]) -> None:
-            writer.write(result)
+        def finished(result: ResultLine) -> None:
+            ledger.write(result)
             progress.advance(failed=result["error"] is not None)
 
-        runner = BatchRunner(block.settings(), summary.model, options, on_result=finished)
+        runner = BatchRunner(
+            block.settings(),
+            summary.model,
+            options,
+            on_result=finished,
+            already_done=ledger.succeeded.__contains__,
+        )
         try:
             await _run_chunks(
-                _pending_items(source, ledger, writer, summary, progress),
+                _pending_items(source, ledger, runner.settings_fp, summary, progress),
                 chunk_size,
                 runner,
                 summary,
+                ledger,
             )
         except (BatchAbortedError, ExceptionGroup) as exc:
             summary.outcome = "aborted"
             summary.abort_reason = str(_first_cause(exc))
         finally:
             await runner.aclose()
-            writer.sync()
+            ledger.sync()
             _fill_summary(summary, runner, time.monotonic() - started)
             await progress.finish()
 
@@ -194,43 +219,86 @@ async def llamacpp_batch_flow(
     return summary
 
 
-def _pending_items(source, ledger, writer: LedgerWriter, summary: BatchSummary, progress):
-    """Input items still to run; input errors are written (once) and already-done ids skipped."""
+def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
+    state = ledger.state
+    if state.dropped_partial_line:
+        logger.warning("Dropped a half-written last line in %s (a crash mid-write).", target)
+    if state.kept_unterminated_line:
+        logger.info("Kept a complete last line of %s that had no newline.", target)
+    if state.unreadable_lines:
+        logger.warning(
+            "%d lines of %s are not result lines and were skipped (edited by hand?).",
+            state.unreadable_lines,
+            target,
+        )
+    if ledger.legacy_lines:
+        logger.warning(
+            "%d answers in %s carry no fingerprint (an older version wrote them); they count as "
+            "done without being checked against the input.",
+            ledger.legacy_lines,
+            target,
+        )
+
+
+def _pending_items(source, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress):
+    """Input items still to run. Input errors and changed requests get an error line (once);
+    ids already answered for the same request are skipped."""
+    state = ledger.state
     for entry in InputReader(source):
         if isinstance(entry, InputError):
-            summary.failed_by_kind[entry.kind] = summary.failed_by_kind.get(entry.kind, 0) + 1
-            if entry.line not in ledger.input_error_lines:
-                writer.write(
-                    {
-                        "custom_id": entry.custom_id,
-                        "line": entry.line,
-                        "output": None,
-                        "error": {"kind": entry.kind, "message": entry.message},
-                        "usage": None,
-                        "model": None,
-                        "latency_s": 0.0,
-                        "attempts": 0,
-                    }
+            _count(summary, entry.kind)
+            if (entry.custom_id, entry.line) not in state.written_input_errors:
+                ledger.write(
+                    result_line(entry.custom_id, entry.line, error=(entry.kind, entry.message))
                 )
             progress.advance(failed=True)
-        elif entry.custom_id in ledger.succeeded_ids:
+            continue
+        done = ledger.is_done(entry.custom_id, entry.input_fp)
+        if done:
             summary.skipped_done += 1
+        elif done is False:
+            _count(summary, "ledger_mismatch")
+            if (entry.custom_id, entry.input_fp) not in state.written_mismatches:
+                ledger.write(
+                    result_line(
+                        entry.custom_id,
+                        entry.line,
+                        error=(
+                            "ledger_mismatch",
+                            f"line {entry.line}: {ledger.path} already holds an answer for "
+                            f"custom_id {entry.custom_id!r} to a different request (the line "
+                            "changed since); give the line a new custom_id or use a new output "
+                            "file",
+                        ),
+                        input_fp=entry.input_fp,
+                        settings_fp=settings_fp,
+                    )
+                )
+            progress.advance(failed=True)
         else:
             yield entry
 
 
-async def _run_chunks(items: Iterator[BatchItem], chunk_size, runner, summary) -> None:
+def _count(summary: BatchSummary, kind: str) -> None:
+    summary.failed_by_kind[kind] = summary.failed_by_kind.get(kind, 0) + 1
+
+
+async def _run_chunks(
+    items: Iterator[BatchItem], chunk_size, runner, summary, ledger: Ledger
+) -> None:
     in_flight: set[asyncio.Task] = set()
     try:
         for number, chunk in enumerate(_chunked(items, chunk_size), start=1):
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                ledger.sync()  # a chunk's end: its lines are on disk, not only in the OS
                 for finished_chunk in done:
                     finished_chunk.result()  # re-raise an aborted chunk now
             in_flight.add(asyncio.create_task(run_chunk(number, chunk, runner)))
             summary.chunks = number
         for finished_chunk in asyncio.as_completed(in_flight):
             await finished_chunk
+            ledger.sync()
     finally:
         for pending in in_flight:
             pending.cancel()
@@ -262,6 +330,7 @@ def _fill_summary(summary: BatchSummary, runner: BatchRunner, wall_time: float) 
     summary.failed = sum(summary.failed_by_kind.values())
     summary.retries = stats.retries
     summary.server_waits = stats.server_waits
+    summary.crashes_seen = stats.crashes_seen
     summary.prompt_tokens = stats.prompt_tokens
     summary.completion_tokens = stats.completion_tokens
     summary.wall_time_s = round(wall_time, 3)
@@ -285,8 +354,13 @@ def render_summary(summary: BatchSummary) -> str:
         ("Concurrency (max seen in flight)", f"{summary.concurrency} ({summary.max_in_flight})"),
         ("Chunks (task runs)", summary.chunks),
         ("Transient retries / waits for the server", f"{summary.retries} / {summary.server_waits}"),
+        ("Requests dropped by a server crash", summary.crashes_seen),
         ("Output", summary.output_path),
     ]
+    if summary.ledger_unreadable_lines:
+        rows.append(("Unreadable ledger lines (skipped)", summary.ledger_unreadable_lines))
+    if summary.settings_changed:
+        rows.append(("Settings changed (allowed)", ", ".join(summary.settings_changed)))
     rows += [(f"Failed: {kind}", count) for kind, count in sorted(summary.failed_by_kind.items())]
     if summary.abort_reason:
         rows.append(("Aborted because", summary.abort_reason))
@@ -299,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("input", help="JSONL file of prompts")
     parser.add_argument("output", help="JSONL results file (appended; rerun to resume)")
-    parser.add_argument("--server", default=DEFAULT_BLOCK_NAME, help="llama.cpp Server block name")
+    parser.add_argument(
+        "--server",
+        help="llama.cpp Server block name (default: the block 'llamacpp', else LLAMACPP_* env)",
+    )
     parser.add_argument("--system-prompt")
     parser.add_argument("--schema", type=Path, help="JSON Schema file: answers become objects")
     parser.add_argument("--max-tokens", type=int, default=512)
@@ -307,6 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="default: the server's total_slots")
     parser.add_argument("--ready-timeout", type=float, default=300)
     parser.add_argument("--chunk-size", type=int, default=100)
+    parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--max-crashes", type=int, default=2)
+    parser.add_argument("--request-timeout", type=float, default=600)
+    parser.add_argument(
+        "--allow-settings-change",
+        action="store_true",
+        help="resume a ledger written with other settings, keeping its answers",
+    )
     args = parser.parse_args(argv)
     schema = json.loads(args.schema.read_text()) if args.schema else None
 
@@ -322,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             ready_timeout=args.ready_timeout,
             chunk_size=args.chunk_size,
+            max_attempts=args.max_attempts,
+            max_crashes=args.max_crashes,
+            request_timeout=args.request_timeout,
+            allow_settings_change=args.allow_settings_change,
             return_state=True,
         )
         if state.is_failed():

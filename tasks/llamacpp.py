@@ -17,23 +17,24 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from pydantic import ValidationError
 
-from blocks.llamacpp import LlamaCppServer
+from blocks.llamacpp import DEFAULT_BLOCK_NAME, LlamaCppServer
 from src.core.models.base_provider import ProviderHealthStatus
 from src.core.models.llamacpp_provider import check_server_health
 from src.core.utils.config import LlamaCppConnection, LlamaCppSettings
-from src.core.utils.exceptions import LlamaCppError
+from src.core.utils.exceptions import BlockNotFoundError, LlamaCppError
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 
 ServerRef = LlamaCppServer | str | None
 
 
-class BlockNotFoundError(LlamaCppError):
-    """No saved `llama.cpp Server` block has the given name."""
-
-
 async def resolve_server(server: ServerRef) -> LlamaCppServer:
-    """The block for `server`: itself, a saved block loaded by name, or one built from env."""
+    """The block for `server`: itself, a saved block loaded by name, or one built from env.
+
+    Raises `BlockNotFoundError` when no block has that name, and `LlamaCppError` naming the
+    fields when the saved block no longer validates. Neither message carries the key.
+    """
     if isinstance(server, LlamaCppServer):
         return server
     if server is None:
@@ -43,6 +44,12 @@ async def resolve_server(server: ServerRef) -> LlamaCppServer:
         )
     try:
         return await LlamaCppServer.aload(server)
+    except ValidationError as exc:
+        raise _invalid_block(server, exc) from exc
+    except RuntimeError as exc:  # Prefect wraps a failed validation in a RuntimeError
+        if isinstance(exc.__cause__, ValidationError):
+            raise _invalid_block(server, exc.__cause__) from exc
+        raise
     except ValueError as exc:
         raise BlockNotFoundError(
             f"No llama.cpp Server block named {server!r}. Create one in the Prefect UI "
@@ -52,19 +59,35 @@ async def resolve_server(server: ServerRef) -> LlamaCppServer:
         ) from exc
 
 
+def _invalid_block(name: str, exc: ValidationError) -> LlamaCppError:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'block'}: {error['msg']}"
+        for error in exc.errors(include_input=False, include_url=False)
+    )
+    return LlamaCppError(
+        f"The llama.cpp Server block {name!r} is saved with invalid values ({problems}); "
+        "fix them in the Prefect UI (Blocks) or save the block again."
+    )
+
+
 async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:
-    """The saved block named `server`, else the `LLAMACPP_*` settings; and a label for reports."""
-    logger = get_run_logger()
+    """The block to use and a label for reports.
+
+    A named block must exist (`BlockNotFoundError` otherwise: a typo never falls back to
+    another server). With no name, the block saved as `llamacpp` is used if there is one, else
+    the `LLAMACPP_*` environment settings, and the run log says so.
+    """
     if server:
-        try:
-            return await resolve_server(server), server
-        except BlockNotFoundError:
-            logger.warning(
-                "No llama.cpp Server block named %r; using the LLAMACPP_* environment settings.",
-                server,
-            )
-    block = await resolve_server(None)
-    return block, "env"
+        return await resolve_server(server), server
+    try:
+        return await resolve_server(DEFAULT_BLOCK_NAME), DEFAULT_BLOCK_NAME
+    except BlockNotFoundError:
+        pass
+    get_run_logger().info(
+        "No server named and no %r block saved; using the LLAMACPP_* environment settings.",
+        DEFAULT_BLOCK_NAME,
+    )
+    return await resolve_server(None), "env"
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""Batch input: a JSONL file read one line at a time, each line an item or an input error.
+"""Batch input: a JSONL file read one line at a time; every line becomes an item or an input error.
 
 Accepted lines (one JSON object each):
 
@@ -9,36 +9,50 @@ Accepted lines (one JSON object each):
 
 `max_tokens`, `temperature` and `response_format` may also sit at the top level of the first two
 forms. A line without `custom_id` is named after its line number (`line-7`). Blank lines are
-skipped. Nothing here holds more than one line at a time, except the ids seen so far.
+skipped. Nothing in a line can stop the reader: bytes that are not UTF-8, a BOM, numbers or
+nesting past what JSON readers take, hostile schemas, lines past `MAX_LINE_BYTES` all become an
+`InputError` naming the line. Nothing here holds more than one line at a time, except the ids seen.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from src.core.batch.records import InputErrorKind
+from src.core.models.llamacpp_request import fingerprint, schema_problem
+
 ROLES = ("system", "developer", "user", "assistant")
 CHAT_COMPLETIONS_URLS = ("/v1/chat/completions", "/chat/completions")
+MAX_LINE_BYTES = 32 * 1024 * 1024  # one prompt line; the reader never holds more than this
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
 class BatchItem:
     custom_id: str
     line: int
-    messages: list[dict[str, str]]  # role + text content; the last one is the user's
+    messages: list[dict[str, str]]  # role + non-empty text content; the last one is the user's
     max_tokens: int | None = None
     temperature: float | None = None
     output_schema: dict[str, Any] | None = None
+
+    @cached_property
+    def input_fp(self) -> str:
+        """Fingerprint of what the line itself asks (messages and its own settings)."""
+        return fingerprint([self.messages, self.max_tokens, self.temperature, self.output_schema])
 
 
 @dataclass(frozen=True)
 class InputError:
     custom_id: str
     line: int
-    kind: str  # invalid_json | missing_prompt | invalid_messages | duplicate_id | unsupported
+    kind: InputErrorKind
     message: str
 
 
@@ -50,26 +64,25 @@ class InputReader:
     first_line_of: dict[str, int] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[BatchItem | InputError]:
-        with open(self.path, encoding="utf-8", errors="replace") as lines:
-            for number, text in enumerate(lines, start=1):
-                if not text.strip():
-                    continue
-                entry = parse_line(text, number)
-                first = self.first_line_of.setdefault(entry.custom_id, number)
-                if first != number:
-                    yield InputError(
-                        entry.custom_id,
-                        number,
-                        "duplicate_id",
-                        f"line {number}: custom_id {entry.custom_id!r} repeats line {first}; "
-                        "give every line its own custom_id",
-                    )
-                    continue
-                yield entry
+        for number, raw in _raw_lines(self.path):
+            entry = _entry(raw, number)
+            if entry is None:
+                continue
+            first = self.first_line_of.setdefault(entry.custom_id, number)
+            if first != number:
+                yield InputError(
+                    entry.custom_id,
+                    number,
+                    "duplicate_id",
+                    f"line {number}: custom_id {_shown(entry.custom_id)} repeats line {first}; "
+                    "give every line its own custom_id",
+                )
+                continue
+            yield entry
 
 
 def count_lines(path: Path) -> int:
-    """Non-blank-agnostic line count, read in blocks (for progress totals)."""
+    """Line count, read in blocks (for progress totals)."""
     count = 0
     last = b"\n"
     with open(path, "rb") as data:
@@ -79,16 +92,90 @@ def count_lines(path: Path) -> int:
     return count + (last != b"\n")
 
 
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) per line; None for a line longer than `MAX_LINE_BYTES` (skipped)."""
+    with open(path, "rb") as lines:
+        number = 0
+        while True:
+            raw = lines.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := lines.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield number, None
+                continue
+            if number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            yield number, raw
+
+
+def _entry(raw: bytes | None, number: int) -> BatchItem | InputError | None:
+    if raw is None:
+        return InputError(
+            f"line-{number}",
+            number,
+            "too_large",
+            f"line {number} is longer than {MAX_LINE_BYTES // (1024 * 1024)} MiB; split it",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _encoding_error(raw, number, exc)
+    if not text.strip():
+        return None
+    try:
+        entry = parse_line(text, number)
+        if isinstance(entry, BatchItem):
+            entry.input_fp  # noqa: B018 -- computed here, inside the safety net
+        return entry
+    except Exception as exc:  # the reader's promise: no line can stop the run
+        return InputError(
+            f"line-{number}",
+            number,
+            "unsupported",
+            f"line {number} could not be read ({type(exc).__name__})",
+        )
+
+
+def _encoding_error(raw: bytes, number: int, exc: UnicodeDecodeError) -> InputError:
+    custom_id = f"line-{number}"
+    # Name the line by its custom_id when that part is intact, never by a repaired one: two
+    # ids that differ only in bad bytes must not merge.
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="replace"))
+        raw_id = obj.get("custom_id") if isinstance(obj, dict) else None
+        if isinstance(raw_id, str) and raw_id and "\ufffd" not in raw_id:
+            custom_id = raw_id
+    except (ValueError, RecursionError):
+        pass
+    hint = " (the file looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return InputError(
+        custom_id,
+        number,
+        "invalid_encoding",
+        f"line {number} is not UTF-8{hint}: byte 0x{raw[exc.start]:02x} at position "
+        f"{exc.start}; save the file as UTF-8",
+    )
+
+
 def parse_line(text: str, number: int) -> BatchItem | InputError:
+    """One input line as an item or an input error. Raises nothing for any text."""
     fallback_id = f"line-{number}"
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         return InputError(
             fallback_id,
             number,
             "invalid_json",
             f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})",
+        )
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+        return InputError(
+            fallback_id, number, "invalid_json", f"line {number} cannot be read as JSON: {why}"
         )
     if not isinstance(obj, dict):
         return InputError(
@@ -105,24 +192,31 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
             fallback_id, number, "invalid_json", f"line {number}: custom_id must be a string"
         )
 
-    def error(kind: str, message: str) -> InputError:
+    def error(kind: InputErrorKind, message: str) -> InputError:
         return InputError(custom_id, number, kind, f"line {number}: {message}")
 
     source = obj
     if "body" in obj:
         url = obj.get("url")
         if url is not None and url not in CHAT_COMPLETIONS_URLS:
-            return error("unsupported", f"url {url!r} is not supported; use /v1/chat/completions")
+            return error(
+                "unsupported", f"url {_shown(url)} is not supported; use /v1/chat/completions"
+            )
+        method = obj.get("method")
+        if method is not None and method != "POST":
+            return error("unsupported", f"method {_shown(method)} is not supported; use POST")
         source = obj["body"]
         if not isinstance(source, dict):
             return error("invalid_messages", "body must be a JSON object")
 
     if "messages" in source:
         messages = _messages(source["messages"])
-        if isinstance(messages, str):
-            return error("invalid_messages", messages)
+        if isinstance(messages, InputError):
+            return error(messages.kind, messages.message)
     elif isinstance(source.get("prompt"), str) and source["prompt"].strip():
         messages = [{"role": "user", "content": source["prompt"]}]
+    elif "prompt" in source:
+        return error("missing_prompt", '"prompt" must be a non-empty string')
     else:
         return error(
             "missing_prompt",
@@ -136,25 +230,55 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
     return BatchItem(custom_id, number, messages, **settings)
 
 
-def _messages(value: Any) -> list[dict[str, str]] | str:
-    """Validated role/text messages, or the reason they are not usable."""
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _messages(value: Any) -> list[dict[str, str]] | InputError:
+    """Validated role/text messages, or why they are not usable (kind and message)."""
+
+    def bad(kind: InputErrorKind, message: str) -> InputError:
+        return InputError("", 0, kind, message)
+
     if not isinstance(value, list) or not value:
-        return "messages must be a non-empty list"
+        return bad("invalid_messages", "messages must be a non-empty list")
     messages = []
     for index, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            return f"messages[{index}] needs a role of {', '.join(ROLES)}"
+        if not isinstance(message, dict):
+            return bad("invalid_messages", f"messages[{index}] must be an object")
+        role = message.get("role")
+        if role in ("tool", "function"):
+            return bad("unsupported", f"messages[{index}]: role {role!r} (tool calls) is not run")
+        if role not in ROLES:
+            return bad("invalid_messages", f"messages[{index}] needs a role of {', '.join(ROLES)}")
         content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text only
-            texts = [part.get("text") for part in content if isinstance(part, dict)]
-            if any(part.get("type") != "text" for part in content if isinstance(part, dict)):
-                return f"messages[{index}]: only text content parts are supported"
-            content = "".join(text for text in texts if isinstance(text, str))
+        if isinstance(content, list):  # OpenAI content parts: text parts joined
+            texts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    return bad(
+                        "invalid_messages", f"messages[{index}]: a content part is not an object"
+                    )
+                if part.get("type") != "text":
+                    return bad(
+                        "unsupported",
+                        f"messages[{index}]: content part type {_shown(part.get('type'))} is not "
+                        "supported; only text parts",
+                    )
+                if not isinstance(part.get("text"), str):
+                    return bad("invalid_messages", f"messages[{index}]: a text part has no text")
+                texts.append(part["text"])
+            content = "".join(texts)
         if not isinstance(content, str):
-            return f"messages[{index}].content must be a string or a list of text parts"
-        messages.append({"role": message["role"], "content": content})
+            return bad(
+                "invalid_messages",
+                f"messages[{index}].content must be a string or a list of text parts",
+            )
+        if not content.strip():
+            return bad("invalid_messages", f"messages[{index}].content is empty")
+        messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
-        return "the last message must have role 'user'"
+        return bad("invalid_messages", "the last message must have role 'user'")
     return messages
 
 
@@ -162,13 +286,22 @@ def _settings(source: dict[str, Any]) -> dict[str, Any] | str:
     settings: dict[str, Any] = {}
     max_tokens = source.get("max_tokens", source.get("max_completion_tokens"))
     if max_tokens is not None:
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if (
+            not isinstance(max_tokens, int)
+            or isinstance(max_tokens, bool)
+            or not 1 <= max_tokens <= 1 << 31
+        ):
             return "max_tokens must be a positive integer"
         settings["max_tokens"] = max_tokens
     temperature = source.get("temperature")
     if temperature is not None:
-        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
-            return "temperature must be a number"
+        if (
+            not isinstance(temperature, int | float)
+            or isinstance(temperature, bool)
+            or not math.isfinite(temperature)
+            or not 0 <= temperature <= 100
+        ):
+            return "temperature must be a number from 0 to 100"
         settings["temperature"] = float(temperature)
     response_format = source.get("response_format")
     if response_format is not None:
@@ -185,11 +318,21 @@ def _schema_from_response_format(response_format: Any) -> dict[str, Any] | None 
     kind = response_format.get("type")
     if kind == "text":
         return None
-    if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
-        if isinstance(schema, dict):
-            return schema
-        return "response_format.json_schema.schema must be a JSON Schema object"
     if kind == "json_object":
         return {"type": "object"}
-    return f"response_format type {kind!r} is not supported (use text, json_object, json_schema)"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            return "response_format.json_schema.schema must be a JSON Schema object"
+        problem = schema_problem(schema)
+        return f"response_format.json_schema.schema is {problem}" if problem else schema
+    return (
+        f"response_format type {_shown(kind)} is not supported (use text, json_object, json_schema)"
+    )
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

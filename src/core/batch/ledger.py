@@ -1,101 +1,321 @@
-"""The output file is the ledger: one JSON line per finished item, appended and flushed.
+"""The output file is the ledger: one result line per input line, appended as items finish.
 
-Output line (see README "Batch output format"):
+Rules (each one a promise the tests break on purpose):
 
-    {"custom_id": "a1", "line": 1, "output": "..." | {...}, "error": null,
-     "usage": {"prompt_tokens": 20, "completion_tokens": 16}, "model": "qwen3",
-     "latency_s": 0.41, "attempts": 1, "finished_at": "2026-11-26T05:00:00+00:00"}
-
-A failed item has `"output": null` and `"error": {"kind": ..., "message": ...}`. On a rerun the
-ledger is read first: ids with a success line are skipped, failed ones are tried again, and a
-last line cut short by a crash is dropped (the file is truncated back to its last full line).
+- One run per ledger: `Ledger.open` takes an exclusive `flock` on the output file for the run's
+  life; the kernel drops it when the process ends, SIGKILL included, so no stale lock file is
+  ever left. A second run fails at once with `LedgerInUseError`.
+- Input and output are never the same file (same resolved path or same inode: `BatchPathError`).
+- Each result line records `input_fp` (what the line asked) and `settings_fp` (the run's
+  settings: model, system prompt, schema, sampling). A rerun skips an id only when both match:
+  a changed line gets a `ledger_mismatch` error line, never a silent skip. The run's settings are
+  kept beside the ledger in `<output>.settings.json`; a run whose settings differ is refused,
+  naming what differs, unless it passes `allow_settings_change` (then the done ids stay done).
+- A last line cut short by a crash is dropped; a complete last line without a newline is kept.
+  Unreadable lines are counted. Lines are flushed as written and fsynced at chunk ends.
+- No id ever gets a second success line: the writer refuses one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-# Errors about the input line itself: rewriting them on every rerun would only add noise.
-INPUT_ERROR_KINDS = frozenset(
-    {
-        "invalid_json",
-        "missing_prompt",
-        "invalid_messages",
-        "invalid_settings",
-        "duplicate_id",
-        "unsupported",
-    }
-)
+from src.core.batch.records import INPUT_ERROR_KINDS, ResultLine
+from src.core.models.llamacpp_request import canonical_json, fingerprint
+from src.core.utils.exceptions import BatchPathError, LedgerInUseError, LedgerSettingsError
+from src.core.utils.logging import get_logger_with_context
+
+logger = get_logger_with_context("ledger")
 
 
 @dataclass
 class LedgerState:
-    succeeded_ids: set[str] = field(default_factory=set)
-    input_error_lines: set[int] = field(default_factory=set)
-    dropped_partial_line: bool = False
+    """What earlier runs left in the ledger."""
+
+    done: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    """custom_id -> (input_fp, settings_fp) of its success line."""
+    settings_fps: set[str] = field(default_factory=set)
+    written_input_errors: set[tuple[str, int]] = field(default_factory=set)
+    written_mismatches: set[tuple[str, str | None]] = field(default_factory=set)
+    lines: int = 0
     unreadable_lines: int = 0
+    dropped_partial_line: bool = False
+    kept_unterminated_line: bool = False
 
 
-def read_ledger(path: Path) -> LedgerState:
-    """What an earlier run finished. Truncates a partial last line in place."""
-    state = LedgerState()
-    if not path.exists():
-        return state
-    complete_bytes = 0
-    with open(path, "rb") as ledger:
-        for raw in ledger:
-            if not raw.endswith(b"\n"):
-                state.dropped_partial_line = True  # a crash mid-write; the item runs again
-                break
-            complete_bytes += len(raw)
-            try:
-                record = json.loads(raw)
-                custom_id = record["custom_id"]
-            except (ValueError, KeyError, TypeError):
-                state.unreadable_lines += 1
-                continue
-            error = record.get("error")
-            if error is None:
-                state.succeeded_ids.add(str(custom_id))
-            elif isinstance(error, dict) and error.get("kind") in INPUT_ERROR_KINDS:
-                state.input_error_lines.add(record.get("line"))
-    if state.dropped_partial_line:
-        os.truncate(path, complete_bytes)
-    return state
+@dataclass(frozen=True)
+class RunSettings:
+    """The run-level settings that shape every request; their fingerprint goes on each line."""
+
+    model: str
+    system_prompt: str | None = None
+    output_schema: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    extra_body: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "system_prompt": self.system_prompt,
+            "output_schema": self.output_schema,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "extra_body": self.extra_body,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.as_dict())
 
 
-class LedgerWriter:
-    """Appends one line per result and flushes it at once, so a crash loses only what is in flight."""
+class Ledger:
+    """An open, locked ledger: its past (`state`) and the writer for this run's lines."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, file: IO[bytes], state: LedgerState) -> None:
         self.path = path
-        self._file: IO[str] = open(path, "a", encoding="utf-8")
+        self.state = state
+        self._file = file
+        self.succeeded: set[str] = set(state.done)
         self.lines_written = 0
+        self.accepted_settings: set[str] = set()
 
-    def write(self, record: dict[str, Any]) -> None:
-        record.setdefault("finished_at", datetime.now(UTC).isoformat(timespec="milliseconds"))
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+    @classmethod
+    def open(cls, output: Path, input_path: Path | None = None) -> Ledger:
+        """Lock `output` (created if missing) and read what earlier runs wrote.
+
+        Raises `BatchPathError` when `output` is `input_path` or a directory, `LedgerInUseError`
+        when another run holds it. Nothing is written before the lock is held.
+        """
+        if output.is_dir():
+            raise BatchPathError(f"output {output} is a directory; give a file path")
+        if input_path is not None and _same_file(input_path, output):
+            raise BatchPathError(
+                f"input {input_path} and output {output} are the same file; the output is "
+                "appended to, so give it another path"
+            )
+        output.parent.mkdir(parents=True, exist_ok=True)
+        file = open(output, "ab+")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise LedgerInUseError(
+                f"output {output} is in use by another batch run (it holds the file's lock); "
+                "wait for that run to end or give another output path. Nothing was sent."
+            ) from None
+        try:
+            state = _read_state(file)
+        except BaseException:
+            file.close()
+            raise
+        ledger = cls(output, file, state)
+        if state.kept_unterminated_line:
+            ledger._append(b"\n")
+        return ledger
+
+    # -- settings ----------------------------------------------------------------------------
+
+    @property
+    def settings_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".settings.json")
+
+    def check_settings(self, settings: RunSettings, *, allow_change: bool = False) -> list[str]:
+        """Accept `settings` for this run, or raise `LedgerSettingsError` saying what differs.
+
+        Returns the names of the settings that changed (non-empty only with `allow_change`).
+        """
+        current = settings.fingerprint
+        in_lines = {fp for fp in self.state.settings_fps if fp}
+        stored = self._stored_settings() if in_lines else None
+        accepted: dict[str, Any] = {fp: None for fp in in_lines}
+        if stored and isinstance(stored.get("accepted"), dict):
+            accepted.update(stored["accepted"])
+        changed: list[str] = []
+        if in_lines and current not in accepted:
+            last = stored.get("settings") if stored else None
+            if isinstance(last, dict):
+                new = settings.as_dict()
+                differences = {
+                    name: (last.get(name), new[name])
+                    for name in new
+                    if canonical_json(last.get(name)) != canonical_json(new[name])
+                }
+            else:
+                differences = {f"(unknown: {self.settings_path.name} is missing)": (None, None)}
+            changed = list(differences)
+            if not allow_change:
+                raise LedgerSettingsError(
+                    f"the ledger {self.path} was written with other settings: "
+                    f"{_describe(differences)}. Rerun with the same settings, give a new output "
+                    "path, or pass allow_settings_change (--allow-settings-change) to keep the "
+                    "answers already there and run the rest with the new settings.",
+                    differences=differences,
+                )
+            logger.warning(
+                "Settings changed; earlier answers are kept", ledger=str(self.path), changed=changed
+            )
+        accepted[current] = settings.as_dict()
+        self.accepted_settings = set(accepted)
+        _write_json_atomic(
+            self.settings_path,
+            {"settings": settings.as_dict(), "fingerprint": current, "accepted": accepted},
+        )
+        return changed
+
+    def _stored_settings(self) -> dict[str, Any] | None:
+        try:
+            stored = json.loads(self.settings_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            logger.warning("Unreadable settings file ignored", path=str(self.settings_path))
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    def is_done(self, custom_id: str, input_fp: str) -> bool | None:
+        """True: answered for this very request. False: answered, but for another request.
+        None: not answered yet."""
+        if custom_id not in self.succeeded:
+            return None
+        answered = self.state.done.get(custom_id)
+        if answered is None:
+            return True  # answered in this run
+        line_fp, settings_fp = answered
+        if line_fp is None:
+            return True  # written before fingerprints existed; counted in `legacy_lines`
+        return line_fp == input_fp and settings_fp in self.accepted_settings
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write(self, record: ResultLine) -> bool:
+        """Append one result line and flush it. Returns False (and writes nothing) for a second
+        success line for the same id."""
+        if record["error"] is None:
+            if record["custom_id"] in self.succeeded:
+                logger.warning("Refused a second success line", custom_id=record["custom_id"])
+                return False
+            self.succeeded.add(record["custom_id"])
+        try:
+            text = json.dumps(record, ensure_ascii=False)
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in an id or answer: escape it
+            data = json.dumps(record, ensure_ascii=True).encode("ascii")
+        self._append(data + b"\n")
         self.lines_written += 1
+        return True
+
+    def _append(self, data: bytes) -> None:
+        self._file.write(data)
+        self._file.flush()
 
     def sync(self) -> None:
         """Flush to the disk, not only to the OS (at chunk ends: survives a machine crash too)."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Sync and close; the lock goes with the file."""
         if not self._file.closed:
             self.sync()
             self._file.close()
 
-    def __enter__(self) -> LedgerWriter:
+    def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def legacy_lines(self) -> int:
+        return sum(1 for line_fp, _ in self.state.done.values() if line_fp is None)
+
+
+def read_ledger(path: Path) -> LedgerState:
+    """What a ledger holds, read without a lock and without changing it (for reports and tests)."""
+    if not path.exists():
+        return LedgerState()
+    with open(path, "rb") as file:
+        return _read_state(file, repair=False)
+
+
+def _read_state(file: IO[bytes], *, repair: bool = True) -> LedgerState:
+    state = LedgerState()
+    file.seek(0)
+    complete_bytes = 0
+    for raw in file:
+        if not raw.endswith(b"\n"):
+            record = _parse(raw)
+            if record is None:
+                state.dropped_partial_line = True  # a crash mid-write; the item runs again
+                break
+            state.kept_unterminated_line = True  # complete, written without a newline: keep it
+        complete_bytes += len(raw)
+        state.lines += 1
+        record = _parse(raw)
+        if record is None:
+            state.unreadable_lines += 1
+            continue
+        _note(state, record)
+    if repair and state.dropped_partial_line:
+        file.truncate(complete_bytes)
+    if state.unreadable_lines:
+        logger.warning("Unreadable ledger lines skipped", count=state.unreadable_lines)
+    return state
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+        return None
+    return record
+
+
+def _note(state: LedgerState, record: dict[str, Any]) -> None:
+    custom_id = record["custom_id"]
+    error = record.get("error")
+    if error is None:
+        state.done[custom_id] = (record.get("input_fp"), record.get("settings_fp"))
+        state.settings_fps.add(record.get("settings_fp"))
+        return
+    kind = error.get("kind") if isinstance(error, dict) else None
+    if kind in INPUT_ERROR_KINDS:
+        state.written_input_errors.add((custom_id, record.get("line")))
+    elif kind == "ledger_mismatch":
+        state.written_mismatches.add((custom_id, record.get("input_fp")))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return b.exists() and a.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _describe(differences: dict[str, tuple[Any, Any]]) -> str:
+    parts = []
+    for name, (before, after) in differences.items():
+        if name.startswith("("):
+            parts.append(name)
+        elif name == "output_schema" or name == "system_prompt" or name == "extra_body":
+            parts.append(f"{name} changed")
+        else:
+            parts.append(f"{name} {before!r} -> {after!r}")
+    return ", ".join(parts)

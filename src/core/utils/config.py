@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from src.core.utils.exceptions import ModelError
@@ -20,6 +20,9 @@ DEFAULT_BASE_URL = "http://localhost:8080/v1"
 
 class LlamaCppConnection(BaseModel):
     """How to reach one llama-server: the field list shared by the settings and the Prefect block."""
+
+    # A rejected value may hold a key (`http://admin:KEY@host`); validation errors never echo it.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
@@ -43,7 +46,7 @@ class LlamaCppConnection(BaseModel):
         try:
             parse_server_url(value)
         except ModelError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc)) from exc
         return value.strip()
 
     @field_validator("api_key", "model_name", mode="before")
@@ -66,7 +69,11 @@ class LlamaCppSettings(LlamaCppConnection, BaseSettings):
     """`LlamaCppConnection` read from `LLAMACPP_*` environment variables and `.env`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LLAMACPP_", env_file=".env", extra="ignore", protected_namespaces=()
+        env_prefix="LLAMACPP_",
+        env_file=".env",
+        extra="ignore",
+        protected_namespaces=(),
+        hide_input_in_errors=True,
     )
 
 

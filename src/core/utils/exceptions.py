@@ -1,13 +1,34 @@
-"""The project's errors: one base, a model error, and the server faults the client reports.
+"""Every error this project raises, in one module.
 
-`transient` says whether retrying can help (the server is starting, restarting or overloaded);
-Prefect tasks retry on exactly those. No error ever carries the API key: messages and `details`
-hold URLs, status codes and the server's own message, nothing from request headers.
+    LlamaCppError                      base; `transient` says whether waiting and retrying can help
+    ├── ModelError                     a model cannot be found, created or configured (bad URL, ...)
+    ├── ServerUnreachableError         no HTTP answer (transient)
+    │   ├── ServerTimeoutError         the request was sent; no answer before the deadline
+    │   └── ServerDisconnectedError    the request was sent; the connection dropped unanswered
+    ├── ServerHTTPError                an answer with a status we did not want
+    │   ├── ServerLoadingError         503 "Loading model" (transient)
+    │   ├── UnauthorizedError          401: key missing or wrong
+    │   ├── NotSupportedError          501: endpoint switched off by a server flag
+    │   └── UnexpectedResponseError    not what llama-server sends (a proxy's HTML page)
+    ├── ServerNotReadyError            not ready before a deadline (transient)
+    ├── BlockNotFoundError             no saved `llama.cpp Server` block of that name
+    └── BatchError                     a batch cannot start or go on; finished work is saved
+        ├── BatchAbortedError          stopped mid-run (wrong key, server gone past the deadline)
+        ├── BatchPathError             input/output paths unusable (same file, missing input)
+        ├── LedgerInUseError           another run holds the output file
+        └── LedgerSettingsError        the run's settings differ from the ledger's
+
+`transient` is what Prefect task retries and the batch runner decide on. No error ever carries
+the API key: messages and `details` hold URLs, status codes and the server's own message, nothing
+from request headers. Library errors are mapped with `raise Mapped(...) from exc`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# Proxies and gateways answer these while the server is busy, starting or restarting.
+TRANSIENT_STATUS = frozenset({408, 429, 502, 503, 504})
 
 
 class LlamaCppError(Exception):
@@ -41,20 +62,35 @@ class ModelError(LlamaCppError):
 
 
 class ServerUnreachableError(LlamaCppError):
-    """No HTTP answer: connection refused, DNS failure or timeout."""
+    """No HTTP answer: connection refused, DNS failure or timeout. The request never ran."""
 
     transient = True
+
+
+class ServerTimeoutError(ServerUnreachableError):
+    """The request was sent but no answer came before the deadline (the server may still run it)."""
+
+
+class ServerDisconnectedError(ServerUnreachableError):
+    """The request was sent and the connection closed without an answer: the server crashed,
+    was restarted, or a proxy cut the request."""
 
 
 class ServerHTTPError(LlamaCppError):
     """The server answered with a status we did not want.
 
     `status_code`, `url`, and `server_message` (the `error.message` llama-server sends) are kept
-    as attributes and in `details`.
+    as attributes and in `details`. `retry_after` is the `Retry-After` header in seconds, if any.
     """
 
     def __init__(
-        self, message: str, *, status_code: int, url: str, server_message: str | None = None
+        self,
+        message: str,
+        *,
+        status_code: int,
+        url: str,
+        server_message: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(
             message,
@@ -63,7 +99,8 @@ class ServerHTTPError(LlamaCppError):
         self.status_code = status_code
         self.url = url
         self.server_message = server_message
-        self.transient = status_code in (502, 503, 504)
+        self.retry_after = retry_after
+        self.transient = status_code in TRANSIENT_STATUS
 
 
 class ServerLoadingError(ServerHTTPError):
@@ -90,3 +127,31 @@ class ServerNotReadyError(LlamaCppError):
     def __init__(self, message: str, *, last_state: str, details: dict[str, Any] | None = None):
         super().__init__(message, details=details)
         self.last_state = last_state
+
+
+class BlockNotFoundError(LlamaCppError):
+    """No saved `llama.cpp Server` block has the given name."""
+
+
+class BatchError(LlamaCppError):
+    """A batch cannot start or go on. Every finished result is already in the ledger."""
+
+
+class BatchAbortedError(BatchError):
+    """The batch stopped mid-run (wrong key, server gone past the deadline); rerun to finish."""
+
+
+class BatchPathError(BatchError):
+    """The input or output path cannot be used (missing input, input and output the same file)."""
+
+
+class LedgerInUseError(BatchError):
+    """Another batch run holds the output file (its ledger); nothing was sent."""
+
+
+class LedgerSettingsError(BatchError):
+    """The run's settings differ from those the ledger was written with; `differences` says how."""
+
+    def __init__(self, message: str, *, differences: dict[str, tuple[Any, Any]]) -> None:
+        super().__init__(message, details={"differences": list(differences)})
+        self.differences = differences

@@ -1,19 +1,24 @@
 """The one place that decides a llama-server's root URL and its OpenAI base URL.
 
 llama-server serves `/health`, `/props`, `/slots`, `/metrics` at its root and the OpenAI API under
-`/v1`. Users paste either. Only a trailing `/v1` path segment is stripped; a reverse-proxy prefix
-(`https://gw.example.com/llama/v1` -> root `https://gw.example.com/llama`) is kept, and hosts or
-paths that merely contain "v1" (`http://v1.example.com`, `/proxy/v10`) are left alone.
+`/v1`. Users paste either. Only a trailing `/v1` path segment (any case) is stripped; a
+reverse-proxy prefix (`https://gw.example.com/llama/v1` -> root `https://gw.example.com/llama`) is
+kept, and hosts or paths that merely contain "v1" (`http://v1.example.com`, `/proxy/v10`) are left
+alone. A bad URL is refused here, when it is parsed, never later as a raw httpx error; the message
+never repeats credentials or a query string (where keys hide).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from src.core.utils.exceptions import ModelError
 
 _EXAMPLE = "a URL like http://localhost:8080 or http://localhost:8080/v1"
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
@@ -32,17 +37,14 @@ class ServerURL:
 
 def parse_server_url(url: str | None) -> ServerURL:
     """Normalise a server root or `/v1` URL. Raises `ModelError` naming a valid form when it is bad."""
-    text = (url or "").strip()
+    text = (url or "").strip() if isinstance(url, str | None) else ""
     if not text:
         raise ModelError(f"The llama.cpp base URL is empty; set {_EXAMPLE}.")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ModelError(
-            f"{text!r} is not a valid llama.cpp server URL: use {_EXAMPLE} "
-            "(scheme http or https, then the host).",
-            details={"base_url": text},
-        )
-    if parts.username or parts.password:
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise _invalid(text, "it cannot be parsed") from None
+    if parts.username is not None or parts.password is not None:
         # Keys in URLs end up in logs; the key has its own setting.
         raise ModelError(
             "Do not put credentials in the llama.cpp base URL; set the API key with "
@@ -50,11 +52,49 @@ def parse_server_url(url: str | None) -> ServerURL:
         )
     if parts.query or parts.fragment:
         raise ModelError(
-            f"The llama.cpp base URL must not carry a query or fragment; use {_EXAMPLE}.",
-            details={"base_url": f"{parts.scheme}://{parts.netloc}{parts.path}"},
+            "The llama.cpp base URL must not carry a query or fragment (keys belong in "
+            f"LLAMACPP_API_KEY or the block's api_key field); use {_EXAMPLE}.",
+            details={"base_url": _redacted(text)},
         )
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _invalid(text, "the scheme must be http or https, then the host")
+    if any(char.isspace() for char in text):
+        raise _invalid(text, "it contains white space")
+    try:
+        parts.port  # noqa: B018 -- raises for ":abc" or ":99999"
+    except ValueError:
+        raise _invalid(text, "the port must be a number from 1 to 65535") from None
+    if parts.port == 0 or parts.netloc.endswith(":"):
+        raise _invalid(text, "the port must be a number from 1 to 65535")
+    if not _valid_host(parts.hostname, bracketed="[" in parts.netloc):
+        raise _invalid(text, f"{parts.hostname!r} is not a valid host name or IP address")
     segments = [segment for segment in parts.path.split("/") if segment]
-    if segments and segments[-1] == "v1":
+    if segments and segments[-1].lower() == "v1":
         segments.pop()
     path = "/" + "/".join(segments) if segments else ""
-    return ServerURL(root=urlunsplit((parts.scheme, parts.netloc, path, "", "")))
+    return ServerURL(root=urlunsplit((parts.scheme.lower(), parts.netloc, path, "", "")))
+
+
+def _valid_host(host: str, *, bracketed: bool) -> bool:
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    labels = host.rstrip(".").split(".")
+    return all(_HOST_LABEL.match(label) for label in labels)
+
+
+def _invalid(text: str, why: str) -> ModelError:
+    shown = _redacted(text)
+    return ModelError(
+        f"{shown!r} is not a valid llama.cpp server URL ({why}): use {_EXAMPLE}.",
+        details={"base_url": shown},
+    )
+
+
+def _redacted(text: str) -> str:
+    """`text` without anything that may be a secret: user info, query and fragment."""
+    text = re.sub(r"//[^/@]*@", "//***@", text)
+    return re.split(r"[?#]", text, maxsplit=1)[0][:200]

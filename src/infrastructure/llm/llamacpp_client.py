@@ -14,7 +14,9 @@ calls that name a model send `autoload=false`, so that looking never loads a mod
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -24,9 +26,11 @@ from pydantic import SecretStr
 from src.core.utils.config import get_settings
 from src.core.utils.exceptions import (
     NotSupportedError,
+    ServerDisconnectedError,
     ServerHTTPError,
     ServerLoadingError,
     ServerNotReadyError,
+    ServerTimeoutError,
     ServerUnreachableError,
     UnauthorizedError,
     UnexpectedResponseError,
@@ -48,22 +52,36 @@ class LlamaCppClient:
         api_key: str | SecretStr | None = _UNSET,
         *,
         max_connections: int | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
-        """`base_url` may be the server root or its `/v1` URL; both default to the settings.
+        """A client for the server at `base_url` (its root or its `/v1` URL).
 
-        `api_key` defaults to `LLAMACPP_API_KEY`; pass `None` to send no key.
+        Explicit values are all the client uses: with `base_url` given, `api_key` defaults to no
+        key and the environment is never read. With no `base_url`, both come from the
+        `LLAMACPP_*` settings. `connect_timeout` (default: `timeout`, at most 10 s) bounds how
+        long a dead host can hold a request before it counts as unreachable.
         """
-        settings = get_settings().llamacpp
-        self._server_url = parse_server_url(base_url if base_url is not None else settings.base_url)
+        if base_url is None:
+            settings = get_settings().llamacpp
+            base_url = settings.base_url
+            if api_key is _UNSET:
+                api_key = settings.api_key
         if api_key is _UNSET:
-            api_key = settings.api_key
+            api_key = None
+        self._server_url = parse_server_url(base_url)
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         self._sends_key = bool(key)
         self.base_url = self._server_url.root
         self.timeout = timeout
-        limits = httpx.Limits(max_connections=max_connections) if max_connections else None
+        limits = (
+            httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            if max_connections
+            else None
+        )
         self._http = httpx.AsyncClient(
-            timeout=timeout,
+            timeout=httpx.Timeout(
+                timeout, connect=connect_timeout if connect_timeout else min(timeout, 10)
+            ),
             headers={"Authorization": f"Bearer {key}"} if key else None,
             **({"limits": limits} if limits else {}),
         )
@@ -140,7 +158,7 @@ class LlamaCppClient:
         except ValueError as exc:
             raise self._unexpected(
                 "/metrics", response.status_code, f"not Prometheus text ({exc})"
-            ) from None
+            ) from exc
         return {
             sample.name.removeprefix("llamacpp:"): float(sample.value)
             for family in families
@@ -208,6 +226,21 @@ class LlamaCppClient:
                 )
             await asyncio.sleep(min(poll_interval, remaining))
 
+    async def chat_completion(self, body: bytes) -> dict[str, Any]:
+        """`POST /v1/chat/completions` with a JSON `body` already encoded; the parsed answer.
+
+        The batch hot path builds and encodes its requests once (`src/core/batch/chat_request.py`).
+        Raises `ServerTimeoutError` / `ServerDisconnectedError` when the request was sent but not
+        answered, `ServerUnreachableError` when it was never sent, `ServerHTTPError` for a status.
+        """
+        response = await self._request(
+            "POST",
+            "/v1/chat/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        return self._json("/v1/chat/completions", response)
+
     # -- router mode ---------------------------------------------------------------------
 
     async def load_model(self, model: str) -> dict[str, Any]:
@@ -239,30 +272,58 @@ class LlamaCppClient:
 
     def _json(self, path: str, response: httpx.Response) -> Any:
         try:
-            return response.json()
-        except ValueError:
+            return json.loads(response.content)
+        except ValueError as exc:
             content_type = response.headers.get("content-type", "unknown")
             raise self._unexpected(
                 path, response.status_code, f"not JSON (content-type {content_type})"
-            ) from None
+            ) from exc
 
     async def _request(
-        self, method: str, path: str, *, params=None, json=None, not_supported: str | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params=None,
+        json=None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        not_supported: str | None = None,
     ) -> httpx.Response:
         url = self._server_url.endpoint(path)
         try:
-            response = await self._http.request(method, url, params=params, json=json)
-        except httpx.TimeoutException:
+            response = await self._http.request(
+                method, url, params=params, json=json, content=content, headers=headers
+            )
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise ServerUnreachableError(
+                f"cannot reach llama-server at {self.base_url}: no connection within "
+                f"{self._http.timeout.connect:g} s; is it running, and is base_url right?",
+                details={"url": url},
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise ServerTimeoutError(
                 f"llama-server at {self.base_url} did not answer {path} within {self.timeout:g} s",
                 details={"url": url, "timeout": self.timeout},
-            ) from None
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise ServerUnreachableError(
+                f"cannot reach llama-server at {self.base_url} ({type(exc).__name__}); "
+                "is it running, and is base_url right?",
+                details={"url": url},
+            ) from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            raise ServerDisconnectedError(
+                f"llama-server at {self.base_url} closed the connection without answering {path} "
+                f"({type(exc).__name__}): it crashed, restarted, or a proxy cut the request",
+                details={"url": url},
+            ) from exc
         except httpx.RequestError as exc:
             raise ServerUnreachableError(
                 f"cannot reach llama-server at {self.base_url} ({type(exc).__name__}); "
                 "is it running, and is base_url right?",
                 details={"url": url},
-            ) from None
+            ) from exc
         if response.is_success:
             return response
         raise self._status_error(path, url, response, not_supported)
@@ -272,7 +333,12 @@ class LlamaCppClient:
     ) -> ServerHTTPError:
         status = response.status_code
         server_message = _server_error_message(response)
-        kwargs = {"status_code": status, "url": url, "server_message": server_message}
+        kwargs = {
+            "status_code": status,
+            "url": url,
+            "server_message": server_message,
+            "retry_after": _retry_after(response),
+        }
         if status == 503 and server_message and "loading" in server_message.lower():
             return ServerLoadingError(
                 f"llama-server at {self.base_url} is still loading the model (HTTP 503)", **kwargs
@@ -333,3 +399,23 @@ def _server_error_message(response: httpx.Response) -> str | None:
     if isinstance(error, str):
         return error
     return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (delta or HTTP date), capped at 10 minutes; None if absent."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), 600.0)

@@ -1,0 +1,196 @@
+"""How a llama.cpp chat request is built, and how its answer is read: one owner for both.
+
+The batch hot path sends these bodies itself (one `json.dumps` and one POST per item) instead of
+going through the OpenAI SDK and pydantic-ai's request path, which cost about twice the client CPU
+on short answers. The body is what pydantic-ai sends for the same request with `LlamaCppProvider`:
+the provider's profile decides how a `json_schema` is transformed and that it is repeated in the
+instructions (llama-server compiles it into a grammar either way). Structured answers are
+validated against the caller's schema with `jsonschema`.
+
+    request = build_chat_request(messages, model="qwen3", max_tokens=64, output_schema=schema)
+    answer = read_chat_answer(await client.chat_completion(request.body))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+
+from src.core.models.llamacpp_provider import llamacpp_model_profile
+
+OUTPUT_NAME = "output"  # the json_schema name pydantic-ai gives native output
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: bytes
+    """The encoded JSON body, ready to POST to `/v1/chat/completions`."""
+    output_schema: str | None
+    """The caller's schema (canonical JSON) the answer must satisfy, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatAnswer:
+    text: str
+    reasoning: str | None
+    finish_reason: str | None
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AnswerError(ValueError):
+    """The answer is not usable: `kind` is `invalid_response` or `validation`."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, compact, ASCII-only JSON: equal values give equal text (and fingerprints).
+
+    ASCII-only, so any string JSON can carry (a lone surrogate too) encodes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def fingerprint(value: Any) -> str:
+    """A short, stable hash of a JSON value: equal values, equal fingerprints, on any machine."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:20]
+
+
+def build_chat_request(
+    messages: list[dict[str, str]],
+    *,
+    model: str,
+    system_prompt: str | None = None,
+    output_schema: dict[str, Any] | str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    extra_body: dict[str, Any] | None = None,
+) -> ChatRequest:
+    """The body of a chat completion for llama-server.
+
+    `messages` are OpenAI-style `{"role", "content"}` text messages; `system_prompt` is used
+    unless they bring their own system message. `output_schema` (a JSON Schema, or its canonical
+    JSON) asks for a grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`,
+    `min_p`, `ignore_eos`, ...); it cannot replace the fields above.
+    """
+    schema_key = (
+        output_schema
+        if isinstance(output_schema, str) or output_schema is None
+        else canonical_json(output_schema)
+    )
+    sent: list[dict[str, str]] = []
+    leading_system = 0
+    for message in messages:
+        role = "system" if message["role"] == "developer" else message["role"]
+        if role == "system" and leading_system == len(sent):
+            leading_system += 1
+        sent.append({"role": role, "content": message["content"]})
+    if system_prompt and not any(m["role"] == "system" for m in sent):
+        sent.insert(0, {"role": "system", "content": system_prompt})
+        leading_system += 1
+    body: dict[str, Any] = dict(extra_body or {})
+    body["model"] = model
+    body["stream"] = False
+    if schema_key is not None:
+        instructions, response_format = _schema_parts(model, schema_key)
+        sent.insert(leading_system, {"role": "system", "content": instructions})
+        body["response_format"] = response_format
+    body["messages"] = sent
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if temperature is not None:
+        body["temperature"] = temperature
+    return ChatRequest(canonical_json(body).encode(), schema_key)
+
+
+def read_chat_answer(body: Any) -> ChatAnswer:
+    """The text, reasoning, finish reason, model and token counts of a chat completion.
+
+    Raises `AnswerError("invalid_response", ...)` when `body` is not a chat completion.
+    """
+    try:
+        choice = body["choices"][0]
+        message = choice["message"]
+        text = message.get("content") or ""
+        usage = body.get("usage") or {}
+        answer = ChatAnswer(
+            text=text,
+            reasoning=message.get("reasoning_content") or None,
+            finish_reason=choice.get("finish_reason"),
+            model=body.get("model"),
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise AnswerError(
+            "invalid_response", f"the answer is not a chat completion ({type(exc).__name__})"
+        ) from exc
+    if not isinstance(text, str):
+        raise AnswerError("invalid_response", "the answer's content is not text")
+    return answer
+
+
+def structured_output(answer: ChatAnswer, schema_key: str) -> Any:
+    """The answer as a JSON value that satisfies the schema; `AnswerError("validation")` if not.
+
+    Parsed from the answer text only, never from the reasoning.
+    """
+    try:
+        value = json.loads(answer.text)
+    except ValueError:
+        why = "cut off at max_tokens" if answer.finish_reason == "length" else "not valid JSON"
+        raise AnswerError("validation", f"the answer is {why}: {answer.text[:200]!r}") from None
+    errors = sorted(_validator(schema_key).iter_errors(value), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].path) or "(root)"
+        raise AnswerError(
+            "validation", f"output does not match the schema at {where}: {errors[0].message}"
+        )
+    return value
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why `schema` cannot be used as an output schema, or None when it can."""
+    if not isinstance(schema, dict):
+        return "the schema must be a JSON object"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        return f"not a valid JSON Schema: {exc.message}"
+    except Exception as exc:  # a schema can be hostile in ways check_schema does not expect
+        return f"not a usable JSON Schema ({type(exc).__name__})"
+    return None
+
+
+@lru_cache(maxsize=64)
+def _schema_parts(model: str, schema_key: str) -> tuple[str, dict[str, Any]]:
+    """The instructions and `response_format` for a schema, as pydantic-ai's native output sends
+    them with the llama.cpp profile."""
+    profile = llamacpp_model_profile(model)
+    schema = json.loads(schema_key)
+    transformer = profile.json_schema_transformer
+    sent_schema = transformer(schema, strict=None).walk() if transformer else schema
+    described = {**sent_schema, "title": OUTPUT_NAME}
+    template = profile.prompted_output_template
+    if "{schema}" not in template:
+        template = f"{template}\n\n{{schema}}"
+    instructions = template.format(schema=json.dumps(described))
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": OUTPUT_NAME, "schema": sent_schema},
+    }
+    return instructions, response_format
+
+
+@lru_cache(maxsize=64)
+def _validator(schema_key: str) -> jsonschema.protocols.Validator:
+    schema = json.loads(schema_key)
+    return jsonschema.validators.validator_for(schema)(schema)

@@ -1,0 +1,193 @@
+"""The ledger's promises, broken on purpose: one run per file, never the input, nothing answered
+twice, a changed request never silently skipped, any id writable, crash fragments dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from src.core.batch.jsonl_input import BatchItem
+from src.core.batch.ledger import Ledger, RunSettings, read_ledger
+from src.core.batch.records import result_line
+from src.core.utils.exceptions import BatchPathError, LedgerInUseError, LedgerSettingsError
+
+SETTINGS = RunSettings(model="tiny", max_tokens=16)
+
+
+def item(custom_id: str, prompt: str = "hello", line: int = 1) -> BatchItem:
+    return BatchItem(custom_id, line, [{"role": "user", "content": prompt}])
+
+
+def success(entry: BatchItem, settings: RunSettings = SETTINGS):
+    return result_line(
+        entry.custom_id,
+        entry.line,
+        output="ok",
+        input_fp=entry.input_fp,
+        settings_fp=settings.fingerprint,
+    )
+
+
+def write_run(path, entries, settings: RunSettings = SETTINGS):
+    with Ledger.open(path) as ledger:
+        ledger.check_settings(settings)
+        for entry in entries:
+            ledger.write(success(entry, settings))
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_once(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with Ledger.open(path):
+        with pytest.raises(LedgerInUseError, match="in use by another batch run"):
+            Ledger.open(path)
+    with Ledger.open(path):  # released on close
+        pass
+
+
+def test_the_lock_is_held_against_other_processes_and_dies_with_them(tmp_path):
+    path = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from src.core.batch.ledger import Ledger;"
+            f"ledger = Ledger.open(Path({str(path)!r})); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + _repo_root()},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LedgerInUseError):
+            Ledger.open(path)
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+        holder.wait(10)
+        with Ledger.open(path):
+            pass
+        assert not list(tmp_path.glob("*.lock")), "no lock file is ever left behind"
+    finally:
+        holder.kill()
+
+
+def _repo_root() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[2])
+
+
+def test_input_and_output_can_never_be_the_same_file(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    with pytest.raises(BatchPathError, match="same file"):
+        Ledger.open(source, source)
+    with pytest.raises(BatchPathError, match="same file"):
+        Ledger.open(tmp_path / "sub" / ".." / "in.jsonl", source)
+    os.link(source, tmp_path / "hard.jsonl")
+    with pytest.raises(BatchPathError, match="same file"):
+        Ledger.open(tmp_path / "hard.jsonl", source)
+    (tmp_path / "soft.jsonl").symlink_to(source)
+    with pytest.raises(BatchPathError, match="same file"):
+        Ledger.open(tmp_path / "soft.jsonl", source)
+    assert source.read_text() == '{"prompt": "x"}\n'
+    with pytest.raises(BatchPathError, match="directory"):
+        Ledger.open(tmp_path, source)
+
+
+def test_no_id_ever_gets_a_second_success_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    first = item("a")
+    with Ledger.open(path) as ledger:
+        assert ledger.write(success(first))
+        assert not ledger.write(success(first))  # e.g. a Prefect retry of a chunk
+    with Ledger.open(path) as ledger:
+        assert not ledger.write(success(first))
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_a_changed_request_for_a_done_id_is_not_skipped(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a", "one"), item("b", "two")])
+    with Ledger.open(path) as ledger:
+        ledger.check_settings(SETTINGS)
+        assert ledger.is_done("a", item("a", "one").input_fp) is True
+        assert ledger.is_done("b", item("b", "CHANGED").input_fp) is False
+        assert ledger.is_done("c", item("c").input_fp) is None
+
+
+def test_other_run_settings_are_refused_naming_what_differs(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a")])
+    other = RunSettings(model="tiny", max_tokens=64, system_prompt="be brief")
+    with Ledger.open(path) as ledger, pytest.raises(LedgerSettingsError) as info:
+        ledger.check_settings(other)
+    message = str(info.value)
+    assert "max_tokens 16 -> 64" in message and "system_prompt changed" in message
+    assert "allow_settings_change" in message
+    # With the override, the answers there stay done and later runs accept both settings.
+    with Ledger.open(path) as ledger:
+        assert ledger.check_settings(other, allow_change=True) == ["system_prompt", "max_tokens"]
+        assert ledger.is_done("a", item("a").input_fp)
+    with Ledger.open(path) as ledger:
+        assert ledger.check_settings(other) == []
+        assert ledger.is_done("a", item("a").input_fp)
+
+
+def test_settings_are_checked_even_when_the_settings_file_is_gone(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a")])
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    with Ledger.open(path) as ledger:
+        assert ledger.check_settings(SETTINGS) == []  # the lines carry the fingerprint
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    with Ledger.open(path) as ledger, pytest.raises(LedgerSettingsError, match="missing"):
+        ledger.check_settings(RunSettings(model="other"))
+
+
+@pytest.mark.parametrize("custom_id", ["a\ud800", "\udfff", "日本語", "line\nbreak", "\x00", "😀"])
+def test_any_id_json_can_carry_is_written_and_read_back(tmp_path, custom_id):
+    path = tmp_path / "out.jsonl"
+    entry = item(custom_id)
+    write_run(path, [entry])
+    assert read_ledger(path).done == {custom_id: (entry.input_fp, SETTINGS.fingerprint)}
+    assert len(path.read_bytes().splitlines()) == 1
+
+
+def test_a_crash_fragment_is_dropped_and_a_complete_unterminated_line_kept(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a")])
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"custom_id": "d", "li')  # a crash mid-write
+    with Ledger.open(path) as ledger:
+        assert ledger.state.dropped_partial_line and set(ledger.state.done) == {"a"}
+    assert path.read_bytes() == whole
+
+    hand_edited = whole.rstrip(b"\n")  # complete, but no newline (edited or merged by hand)
+    path.write_bytes(hand_edited)
+    with Ledger.open(path) as ledger:
+        assert ledger.state.kept_unterminated_line and not ledger.state.dropped_partial_line
+        assert set(ledger.state.done) == {"a"}
+        ledger.write(success(item("b")))
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line)["custom_id"] for line in lines] == ["a", "b"]
+
+
+def test_unreadable_lines_are_counted_not_fatal(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a")])
+    with open(path, "ab") as out:
+        out.write(b"not json\n[1,2]\n{\"no_id\": 1}\n\xff\xfe\n")
+    with Ledger.open(path) as ledger:
+        assert ledger.state.unreadable_lines == 4
+        assert set(ledger.state.done) == {"a"}
+
+
+def test_lines_are_on_disk_as_written(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with Ledger.open(path) as ledger:
+        ledger.write(success(item("a")))
+        assert json.loads(path.read_text())["custom_id"] == "a"  # visible before close

@@ -110,5 +110,3 @@ def test_reader_streams_skips_blanks_and_flags_duplicates(tmp_path):
     assert entries[1].kind == "duplicate_id" and "repeats line 1" in entries[1].message
     assert entries[2].custom_id == "line-4"
     assert count_lines(path) == 4
-
-

@@ -180,7 +180,7 @@ def test_unreadable_lines_are_counted_not_fatal(tmp_path):
     path = tmp_path / "out.jsonl"
     write_run(path, [item("a")])
     with open(path, "ab") as out:
-        out.write(b"not json\n[1,2]\n{\"no_id\": 1}\n\xff\xfe\n")
+        out.write(b'not json\n[1,2]\n{"no_id": 1}\n\xff\xfe\n')
     with Ledger.open(path) as ledger:
         assert ledger.state.unreadable_lines == 4
         assert set(ledger.state.done) == {"a"}

@@ -36,7 +36,6 @@ from src.core.batch.records import ErrorKind, ResultLine, result_line
 from src.core.models.llamacpp_request import (
     AnswerError,
     build_chat_request,
-    canonical_json,
     read_chat_answer,
     structured_output,
 )
@@ -132,7 +131,6 @@ class BatchRunner:
         self.stats = BatchStats()
         self.in_flight = 0
         self.max_in_flight = 0
-        self._schema_key = canonical_json(options.output_schema) if options.output_schema else None
         self._slots = asyncio.Semaphore(options.concurrency)
         self._solo = asyncio.Lock()  # one crash suspect at a time has the server to itself
         self._suspects = 0
@@ -180,7 +178,7 @@ class BatchRunner:
             system_prompt=options.system_prompt,
             output_schema=item.output_schema
             if item.output_schema is not None
-            else self._schema_key,
+            else options.output_schema,
             max_tokens=item.max_tokens or options.max_tokens,
             temperature=item.temperature if item.temperature is not None else options.temperature,
             extra_body=options.extra_body,

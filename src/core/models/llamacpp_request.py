@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema
+from pydantic_ai.profiles import DEFAULT_PROMPTED_OUTPUT_TEMPLATE
 
 from src.core.models.llamacpp_provider import llamacpp_model_profile
 
@@ -69,7 +70,7 @@ def build_chat_request(
     *,
     model: str,
     system_prompt: str | None = None,
-    output_schema: dict[str, Any] | str | None = None,
+    output_schema: dict[str, Any] | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     extra_body: dict[str, Any] | None = None,
@@ -77,15 +78,10 @@ def build_chat_request(
     """The body of a chat completion for llama-server.
 
     `messages` are OpenAI-style `{"role", "content"}` text messages; `system_prompt` is used
-    unless they bring their own system message. `output_schema` (a JSON Schema, or its canonical
-    JSON) asks for a grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`,
+    unless they bring their own system message. `output_schema` (a JSON Schema) asks for a
+    grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`,
     `min_p`, `ignore_eos`, ...); it cannot replace the fields above.
     """
-    schema_key = (
-        output_schema
-        if isinstance(output_schema, str) or output_schema is None
-        else canonical_json(output_schema)
-    )
     sent: list[dict[str, str]] = []
     leading_system = 0
     for message in messages:
@@ -99,8 +95,11 @@ def build_chat_request(
     body: dict[str, Any] = dict(extra_body or {})
     body["model"] = model
     body["stream"] = False
-    if schema_key is not None:
-        instructions, response_format = _schema_parts(model, schema_key)
+    schema_key = None
+    if output_schema is not None:
+        schema_key = canonical_json(output_schema)
+        # The model reads the schema in the caller's key order; the cache key keeps that order.
+        instructions, response_format = _schema_parts(model, json.dumps(output_schema))
         sent.insert(leading_system, {"role": "system", "content": instructions})
         body["response_format"] = response_format
     body["messages"] = sent
@@ -171,15 +170,15 @@ def schema_problem(schema: Any) -> str | None:
 
 
 @lru_cache(maxsize=64)
-def _schema_parts(model: str, schema_key: str) -> tuple[str, dict[str, Any]]:
+def _schema_parts(model: str, schema_json: str) -> tuple[str, dict[str, Any]]:
     """The instructions and `response_format` for a schema, as pydantic-ai's native output sends
     them with the llama.cpp profile."""
     profile = llamacpp_model_profile(model)
-    schema = json.loads(schema_key)
-    transformer = profile.json_schema_transformer
+    schema = json.loads(schema_json)
+    transformer = profile.get("json_schema_transformer")
     sent_schema = transformer(schema, strict=None).walk() if transformer else schema
     described = {**sent_schema, "title": OUTPUT_NAME}
-    template = profile.prompted_output_template
+    template = profile.get("prompted_output_template") or DEFAULT_PROMPTED_OUTPUT_TEMPLATE
     if "{schema}" not in template:
         template = f"{template}\n\n{{schema}}"
     instructions = template.format(schema=json.dumps(described))

@@ -1,0 +1,100 @@
+"""A scriptable stand-in for llama-server on a real loopback socket, for faults a real server
+cannot be made to show on demand (a proxy's 429, a crash on one prompt). Each test says which
+fault it fakes; every behaviour that a real server can show is tested against a real one.
+
+`answer(body) -> (status, headers, json) | "crash"`: "crash" drops every connection that has
+a request in flight, unanswered, as a dying server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+Answer = tuple[int, dict[str, str], Any] | str
+
+
+def completion(text: str = "ok", tokens: int = 2) -> tuple[int, dict[str, str], Any]:
+    return (
+        200,
+        {},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": tokens},
+            "model": "fake",
+        },
+    )
+
+
+class FakeLlamaServer:
+    def __init__(self, answer: Callable[[dict], Answer], delay: float = 0.05) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.requests: list[dict] = []
+        self.in_flight: set[asyncio.StreamWriter] = set()
+        self.most_in_flight = 0
+        self._server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> FakeLlamaServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for writer in list(self.in_flight):
+            writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode().split("\r\n")
+                method, path, _ = request_line.split(" ", 2)
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, v in (line.split(":", 1) for line in header_lines if ":" in line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                if path.startswith("/health"):
+                    await _respond(writer, 200, {}, {"status": "ok"})
+                    continue
+                request = json.loads(body) if body else {}
+                self.requests.append(request)
+                self.in_flight.add(writer)
+                self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
+                await asyncio.sleep(self.delay)
+                outcome = self.answer(request)
+                if outcome == "crash":
+                    for victim in list(self.in_flight):
+                        victim.transport.abort()
+                    self.in_flight.clear()
+                    return
+                if writer not in self.in_flight:
+                    return  # dropped by another request's crash
+                self.in_flight.discard(writer)
+                await _respond(writer, *outcome)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.in_flight.discard(writer)
+
+
+async def _respond(writer, status: int, headers: dict[str, str], payload: Any) -> None:
+    data = json.dumps(payload).encode()
+    head = [
+        f"HTTP/1.1 {status} X",
+        "Content-Type: application/json",
+        f"Content-Length: {len(data)}",
+    ]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    await writer.drain()

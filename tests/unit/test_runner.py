@@ -1,0 +1,113 @@
+"""The runner's bounds, on a scripted server over real sockets (tests/fake_llama.py): faults a
+real llama-server does not show on demand. The crash test against a real server is in
+tests/flows/test_batch_hardening.py."""
+
+from __future__ import annotations
+
+import time
+
+from src.core.batch.jsonl_input import BatchItem
+from src.core.batch.runner import BatchOptions, BatchRunner
+from src.core.utils.config import LlamaCppSettings
+from tests.fake_llama import FakeLlamaServer, completion
+
+
+def items(*prompts: str) -> list[BatchItem]:
+    return [
+        BatchItem(f"id-{i}", i + 1, [{"role": "user", "content": prompt}])
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+async def run(server: FakeLlamaServer, batch: list[BatchItem], **options) -> dict[str, dict]:
+    results = {}
+    runner = BatchRunner(
+        LlamaCppSettings(base_url=server.url, timeout=5),
+        "fake",
+        BatchOptions(**{"concurrency": 4, "ready_timeout": 5, **options}),
+        on_result=lambda line: results.__setitem__(line["custom_id"], line),
+    )
+    try:
+        await runner.run(batch)
+    finally:
+        await runner.aclose()
+    return results
+
+
+def prompt_of(request: dict) -> str:
+    return request["messages"][-1]["content"]
+
+
+async def test_429_and_408_are_waits_and_retry_after_is_honoured():
+    seen: dict[str, list[float]] = {}
+
+    def answer(request):
+        times = seen.setdefault(prompt_of(request), [])
+        times.append(time.monotonic())
+        if len(times) == 1:
+            status = 429 if prompt_of(request) == "a" else 408
+            return status, {"Retry-After": "1"}, {"error": {"message": "slow down"}}
+        return completion()
+
+    async with FakeLlamaServer(answer) as server:
+        results = await run(server, items("a", "b"))
+    assert all(line["error"] is None and line["attempts"] == 2 for line in results.values())
+    for times in seen.values():
+        assert times[1] - times[0] >= 1.0, "Retry-After: 1 was not honoured"
+
+
+async def test_attempts_are_bounded_however_the_server_fails():
+    async with FakeLlamaServer(lambda request: (503, {}, {"error": {"message": "busy"}})) as server:
+        results = await run(server, items("a"), max_attempts=2)
+    line = results["id-0"]
+    assert line["error"]["kind"] == "server_unavailable"
+    assert line["attempts"] <= 2 * (2 + 2)
+    assert len(server.requests) == line["attempts"]
+
+
+async def test_a_prompt_that_crashes_the_server_is_isolated_and_innocents_finish():
+    # Fakes a server that dies on one prompt (and is restarted at once by a supervisor): every
+    # request in flight with the poison is dropped unanswered.
+    def answer(request):
+        return "crash" if prompt_of(request) == "POISON" else completion()
+
+    batch = items("one", "two", "POISON", "three", "four", "five")
+    async with FakeLlamaServer(answer, delay=0.2) as server:
+        results = await run(server, batch, max_crashes=2)
+    assert set(results) == {line.custom_id for line in batch}
+    assert results["id-2"]["error"]["kind"] == "server_crash"
+    innocents = [line for key, line in results.items() if key != "id-2"]
+    assert all(line["error"] is None for line in innocents), innocents
+    poison_sent = sum(prompt_of(r) == "POISON" for r in server.requests)
+    assert poison_sent == 2  # in flight at the first crash, alone at the second
+    assert len(server.requests) <= len(batch) * 2 * (3 + 2)
+
+
+async def test_timeouts_are_retried_then_reported():
+    async with FakeLlamaServer(lambda request: completion(), delay=1.0) as server:
+        results = await run(server, items("slow"), request_timeout=0.3, max_attempts=2)
+    assert results["id-0"]["error"]["kind"] == "timeout"
+    assert results["id-0"]["attempts"] == 2
+
+
+async def test_a_status_that_retrying_cannot_fix_is_the_items_own_error():
+    def answer(request):
+        if prompt_of(request) == "long":
+            return 400, {}, {"error": {"message": "the request exceeds the available context size"}}
+        return (
+            500,
+            {},
+            {
+                "error": {
+                    "message": "The model produced output that does not match the expected peg-native format"
+                }
+            },
+        )
+
+    async with FakeLlamaServer(answer) as server:
+        results = await run(server, items("long", "schema"))
+    assert results["id-0"]["error"]["kind"] == "bad_request"
+    assert "context size" in results["id-0"]["error"]["message"]
+    assert results["id-1"]["error"]["kind"] == "validation"
+    assert "max_tokens" in results["id-1"]["error"]["message"]
+    assert len(server.requests) == 2

@@ -84,6 +84,7 @@ class Ledger:
         self.succeeded: set[str] = set(state.done)
         self.lines_written = 0
         self.accepted_settings: set[str] = set()
+        self._created = False
 
     @classmethod
     def open(cls, output: Path, input_path: Path | None = None) -> Ledger:
@@ -100,6 +101,7 @@ class Ledger:
                 "appended to, so give it another path"
             )
         output.parent.mkdir(parents=True, exist_ok=True)
+        created = not output.exists()
         file = open(output, "ab+")
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,6 +117,7 @@ class Ledger:
             file.close()
             raise
         ledger = cls(output, file, state)
+        ledger._created = created
         if state.kept_unterminated_line:
             ledger._append(b"\n")
         return ledger
@@ -221,10 +224,15 @@ class Ledger:
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        """Sync and close; the lock goes with the file."""
-        if not self._file.closed:
-            self.sync()
-            self._file.close()
+        """Sync and close; the lock goes with the file. A ledger this run created and never
+        wrote to is removed, so a run that failed before its first result leaves nothing."""
+        if self._file.closed:
+            return
+        self.sync()
+        if self._created and self.lines_written == 0 and self.path.stat().st_size == 0:
+            self.path.unlink(missing_ok=True)
+            self.settings_path.unlink(missing_ok=True)
+        self._file.close()
 
     def __enter__(self) -> Ledger:
         return self

@@ -272,7 +272,7 @@ async def test_server_back_within_the_deadline_finishes_in_one_run(
     await asyncio.sleep(3)  # longer than the per-prompt retries: the run must wait at the gate
     server.start()
     summary = await run
-    assert summary.server_waits >= 1 and summary.retries >= 1
+    assert summary.server_waits >= 1 and summary.crashes_seen >= 1  # in flight at the kill
     assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(300)})
 
 

@@ -90,9 +90,10 @@ async def test_key_appears_nowhere_prefect_keeps(
         assert SECRET_KEY not in text
 
 
-async def test_no_block_falls_back_to_env(server, registered_block_type, monkeypatch):
-    monkeypatch.setenv("LLAMACPP_BASE_URL", server.url)
+async def test_a_missing_named_block_never_falls_back_to_env(
+    server, registered_block_type, monkeypatch
+):
+    monkeypatch.setenv("LLAMACPP_BASE_URL", server.url)  # a typo must not reach another server
     state = await llamacpp_health_flow("no-such-block", return_state=True)
-    assert state.is_completed()
-    record = await flow_run_record(state.state_details.flow_run_id)
-    assert "LLAMACPP_* environment settings" in record["logs"]
+    assert state.is_failed()
+    assert "No llama.cpp Server block named 'no-such-block'" in state.message

@@ -110,3 +110,69 @@ def test_reader_streams_skips_blanks_and_flags_duplicates(tmp_path):
     assert entries[1].kind == "duplicate_id" and "repeats line 1" in entries[1].message
     assert entries[2].custom_id == "line-4"
     assert count_lines(path) == 4
+
+
+def test_any_bytes_give_one_entry_per_non_blank_line_and_never_raise(tmp_path):
+    import random
+
+    rng = random.Random(8)
+    seeds = [
+        b'{"custom_id": "a", "prompt": "hello"}',
+        b'{"custom_id": "b", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}',
+        b'{"custom_id": "c", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}}',
+    ]
+    lines = []
+    for _ in range(3000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):  # flip, insert or delete bytes anywhere
+            at = rng.randrange(len(raw))
+            choice = rng.random()
+            if choice < 0.4:
+                raw[at] = rng.randrange(256)
+            elif choice < 0.7:
+                raw.insert(at, rng.randrange(256))
+            else:
+                del raw[at]
+        lines.append(bytes(raw).replace(b"\n", b" "))
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    entries = list(InputReader(path))
+    non_blank = [n for n, raw in enumerate(lines, start=1) if raw.strip(b" \t\r\x0b\x0c")]
+    assert [entry.line for entry in entries] == non_blank
+    kinds = {entry.kind for entry in entries if isinstance(entry, InputError)}
+    assert {"invalid_json", "invalid_encoding"} <= kinds
+
+
+def test_a_line_past_the_limit_is_an_error_and_the_next_line_is_read(tmp_path, monkeypatch):
+    from src.core.batch import jsonl_input
+
+    monkeypatch.setattr(jsonl_input, "MAX_LINE_BYTES", 1000)
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        json.dumps({"custom_id": "huge", "prompt": "x" * 5000})
+        + "\n"
+        + json.dumps({"custom_id": "next", "prompt": "y"})
+        + "\n"
+    )
+    first, second = list(InputReader(path))
+    assert first.kind == "too_large" and first.line == 1 and "split it" in first.message
+    assert second.custom_id == "next" and second.line == 2
+
+
+def test_a_bom_is_accepted_and_utf16_is_named(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"custom_id": "a", "prompt": "x"}\n')
+    assert [entry.custom_id for entry in InputReader(path)] == ["a"]
+    path.write_bytes('{"custom_id": "a", "prompt": "x"}\n'.encode("utf-16"))
+    first = next(iter(InputReader(path)))
+    assert first.kind == "invalid_encoding" and "UTF-16" in first.message
+
+
+def test_ids_that_differ_only_in_bad_bytes_never_merge(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        b'{"custom_id": "caf\xe9", "prompt": "x"}\n{"custom_id": "caf\xe8", "prompt": "x"}\n'
+    )
+    first, second = list(InputReader(path))
+    assert (first.kind, second.kind) == ("invalid_encoding", "invalid_encoding")
+    assert first.custom_id != second.custom_id  # named by their line numbers, not a repaired id

@@ -238,3 +238,62 @@ async def test_router_load_and_unload():
             await c.unload_model("m1")
     assert load.calls.last.request.content == b'{"model":"m1"}'
     assert unload.called
+
+
+def test_explicit_values_never_read_the_environment(monkeypatch):
+    from src.core.utils.config import get_settings
+
+    monkeypatch.setenv("LLAMACPP_BASE_URL", "http://host:abc/v1")  # invalid: must not matter
+    monkeypatch.setenv("LLAMACPP_API_KEY", "env-key")
+    get_settings.cache_clear()
+    explicit = LlamaCppClient("http://gpu-1:8080/v1")
+    assert explicit.base_url == "http://gpu-1:8080"
+    assert "authorization" not in explicit._http.headers  # no key given: none sent
+    with pytest.raises(ValueError, match="port"):
+        LlamaCppClient()  # no URL given: the environment is read, and its error says why
+
+
+@respx.mock
+async def test_retry_after_and_transient_statuses():
+    from src.core.utils.exceptions import ServerHTTPError
+
+    respx.get(f"{ROOT}/props").mock(
+        side_effect=[
+            httpx.Response(429, headers={"Retry-After": "7"}, json={"error": {"message": "x"}}),
+            httpx.Response(408, json={"error": {"message": "x"}}),
+            httpx.Response(429, headers={"Retry-After": "soon"}, json={"error": {"message": "x"}}),
+        ]
+    )
+    async with client(api_key=None) as c:
+        with pytest.raises(ServerHTTPError) as first:
+            await c.get_props()
+        assert first.value.transient and first.value.retry_after == 7
+        with pytest.raises(ServerHTTPError) as second:
+            await c.get_props()
+        assert second.value.transient and second.value.retry_after is None
+        with pytest.raises(ServerHTTPError) as third:
+            await c.get_props()
+        assert third.value.retry_after is None
+
+
+@respx.mock
+async def test_sent_but_unanswered_is_told_apart_from_never_sent():
+    from src.core.utils.exceptions import (
+        ServerDisconnectedError,
+        ServerTimeoutError,
+        ServerUnreachableError,
+    )
+
+    route = respx.post(f"{ROOT}/v1/chat/completions")
+    async with client(api_key=None) as c:
+        route.mock(side_effect=httpx.RemoteProtocolError("Server disconnected"))
+        with pytest.raises(ServerDisconnectedError) as dropped:
+            await c.chat_completion(b"{}")
+        assert isinstance(dropped.value.__cause__, httpx.RemoteProtocolError)  # cause kept
+        route.mock(side_effect=httpx.ReadTimeout("slow"))
+        with pytest.raises(ServerTimeoutError):
+            await c.chat_completion(b"{}")
+        route.mock(side_effect=httpx.ConnectError("refused"))
+        with pytest.raises(ServerUnreachableError) as refused:
+            await c.chat_completion(b"{}")
+        assert not isinstance(refused.value, ServerDisconnectedError | ServerTimeoutError)

@@ -111,3 +111,24 @@ async def test_a_status_that_retrying_cannot_fix_is_the_items_own_error():
     assert results["id-1"]["error"]["kind"] == "validation"
     assert "max_tokens" in results["id-1"]["error"]["message"]
     assert len(server.requests) == 2
+
+
+async def test_running_a_chunk_again_sends_and_writes_nothing_twice(tmp_path):
+    # A Prefect-level retry of a chunk (a global default for task retries, say) runs it again.
+    from src.core.batch.ledger import Ledger
+
+    async with FakeLlamaServer(lambda request: completion()) as server:
+        with Ledger.open(tmp_path / "out.jsonl") as ledger:
+            runner = BatchRunner(
+                LlamaCppSettings(base_url=server.url, timeout=5),
+                "fake",
+                BatchOptions(concurrency=2),
+                on_result=ledger.write,
+                already_done=ledger.succeeded.__contains__,
+            )
+            chunk = items("a", "b", "c")
+            await runner.run(chunk)
+            await runner.run(chunk)
+            await runner.aclose()
+    assert len(server.requests) == 3
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3

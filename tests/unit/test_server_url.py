@@ -82,3 +82,51 @@ def test_get_settings_is_cached_and_resettable(monkeypatch):
     assert get_settings().llamacpp.base_url != "http://other:1"
     get_settings.cache_clear()
     assert get_settings().llamacpp.base_url == "http://other:1"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://host:abc/v1",
+        "http://host:99999/v1",
+        "http://host:0",
+        "http://host:/v1",
+        "http://exa mple.com/v1",
+        "http://-bad-.example.com",
+        "http://a..b/v1",
+        "http://[::g]:8080",
+        "http://[::1/v1",
+        "http://host_name:80:90",
+    ],
+)
+def test_bad_ports_and_hosts_are_refused_when_parsed(bad):
+    with pytest.raises(ModelError, match="http://localhost:8080"):
+        parse_server_url(bad)
+
+
+@pytest.mark.parametrize(
+    "given", ["http://host:8080/V1", "HTTP://host:8080/v1/", "http://host:8080/V1/"]
+)
+def test_v1_in_any_case_is_the_api_suffix(given):
+    assert parse_server_url(given).root == "http://host:8080"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://admin:hunter2@host/v1",
+        "http://hunter2@host/v1",
+        "http://host/v1?api_key=hunter2",
+        "http://host/v1#hunter2",
+        "ftp://admin:hunter2@host/v1",
+        "http://host:abc/v1?key=hunter2",
+    ],
+)
+def test_no_error_about_a_url_repeats_a_secret_in_it(url):
+    with pytest.raises(ModelError) as info:
+        parse_server_url(url)
+    assert "hunter2" not in str(info.value) and "hunter2" not in str(info.value.details)
+    with pytest.raises(ValueError) as validation:
+        LlamaCppSettings(base_url=url)
+    assert "hunter2" not in str(validation.value)
+    assert "hunter2" not in repr(validation.value.errors(include_input=False))

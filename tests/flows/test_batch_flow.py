@@ -114,13 +114,15 @@ async def test_a_few_hundred_prompts_each_get_exactly_one_line(
     assert "| Succeeded | 300 |" in summary_artifact.data
 
 
-async def test_default_concurrency_is_total_slots(server, registered_block_type, tmp_path):
+async def test_default_concurrency_is_total_slots_plus_queue_depth(
+    server, registered_block_type, tmp_path
+):
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 24)
     summary = await llamacpp_batch_flow(
         str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=8
     )
-    assert summary.concurrency == 4 and summary.succeeded == 24
+    assert summary.concurrency == 4 + 1 and summary.succeeded == 24
 
 
 async def test_structured_output_gives_validated_objects(server, registered_block_type, tmp_path):

@@ -25,8 +25,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +54,10 @@ from src.core.utils.logging import get_logger_with_context
 from src.infrastructure.llm.llamacpp_client import KEY_HINT, LlamaCppClient
 
 logger = get_logger_with_context("batch")
+
+# Requests beyond total_slots that llama-server queues and starts the moment a slot frees: they
+# hide the client's round trip between one answer and the next request (see the README's bench).
+DEFAULT_QUEUE_DEPTH = 1
 
 # llama-server's chat parser could not read the model's output back (seen with json_schema).
 _UNPARSED_OUTPUT = "does not match the expected"
@@ -201,13 +204,35 @@ class BatchRunner:
             while True:
                 attempts += 1
                 epoch = self._epoch
+                alone = crashes > 0
+                await self._take_slot(alone)
                 try:
-                    async with self._slot(alone=crashes > 0):
-                        body = await self._client.chat_completion(request.body)
-                    answer = read_chat_answer(body)
-                except AnswerError as exc:
-                    return line(error=(exc.kind, str(exc)))
-                except ServerDisconnectedError as exc:
+                    body = await self._client.chat_completion(request.body)
+                    fault = None
+                except LlamaCppError as exc:
+                    fault = exc
+                finally:
+                    self._give_slot(alone)
+
+                if fault is None:
+                    try:
+                        answer = read_chat_answer(body)
+                    except AnswerError as exc:
+                        return line(error=(exc.kind, str(exc)))
+                    usage = {
+                        "prompt_tokens": answer.prompt_tokens,
+                        "completion_tokens": answer.completion_tokens,
+                    }
+                    try:
+                        if request.output_schema:
+                            output = structured_output(answer, request.output_schema)
+                        else:
+                            output = answer.text
+                    except AnswerError as exc:  # the tokens were still spent: keep the usage
+                        return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
+                    return line(output=output, usage=usage, model=answer.model)
+
+                if isinstance(fault, ServerDisconnectedError):
                     crashes += 1
                     self.stats.crashes_seen += 1
                     if crashes == 1:
@@ -222,106 +247,77 @@ class BatchRunner:
                             error=(
                                 "server_crash",
                                 f"llama-server went down {crashes} times while this request ran "
-                                f"(the last time alone): {exc}. The prompt likely crashes the "
+                                f"(the last time alone): {fault}. The prompt likely crashes the "
                                 "server; see its log, shorten the prompt or lower max_tokens.",
                             )
                         )
                     if attempts >= limit:
-                        return line(error=("unreachable", str(exc)))
+                        return line(error=("unreachable", str(fault)))
                     await self._wait_for_server(epoch)
-                    continue
-                except ServerTimeoutError as exc:
+                elif isinstance(fault, ServerTimeoutError):
                     failures += 1
                     if failures >= options.max_attempts or attempts >= limit:
-                        return line(error=("timeout", str(exc)))
-                    await self._backoff(failures)
-                    continue
-                except (ServerUnreachableError, ServerLoadingError) as exc:
+                        return line(error=("timeout", str(fault)))
+                    self.stats.retries += 1
+                    await asyncio.sleep(_backoff(failures))
+                elif isinstance(fault, ServerUnreachableError | ServerLoadingError):
                     if attempts >= limit:
-                        kind = (
-                            "server_unavailable"
-                            if isinstance(exc, ServerHTTPError)
-                            else "unreachable"
-                        )
-                        return line(error=(kind, str(exc)))
+                        kind = "unreachable"
+                        if isinstance(fault, ServerHTTPError):
+                            kind = "server_unavailable"
+                        return line(error=(kind, str(fault)))
                     await self._wait_for_server(epoch)
-                    continue
-                except UnauthorizedError as exc:
+                elif isinstance(fault, UnauthorizedError):
                     raise BatchAbortedError(
                         f"llama-server rejected the API key mid-batch: {KEY_HINT}"
-                    ) from exc
-                except ServerHTTPError as exc:
-                    if not exc.transient:
-                        return line(error=_status_fault(exc))
+                    ) from fault
+                elif isinstance(fault, ServerHTTPError) and not fault.transient:
+                    return line(error=_status_fault(fault))
+                elif isinstance(fault, ServerHTTPError):
                     failures += 1
                     if attempts >= limit:
-                        return line(error=("server_unavailable", str(exc)))
+                        return line(error=("server_unavailable", str(fault)))
                     if failures >= options.max_attempts:
                         if not await self._server_is_down():
-                            return line(error=("server_unavailable", str(exc)))
+                            return line(error=("server_unavailable", str(fault)))
                         failures = 0  # a proxy in front of a server that is gone: wait for it
                         await self._wait_for_server(epoch)
                         continue
                     self.stats.retries += 1
-                    await asyncio.sleep(max(_backoff(failures), exc.retry_after or 0))
-                    continue
-                usage = {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                }
-                try:
-                    if request.output_schema:
-                        output = structured_output(answer, request.output_schema)
-                    else:
-                        output = answer.text
-                except AnswerError as exc:  # the tokens were still spent: keep the usage
-                    return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
-                return line(output=output, usage=usage, model=answer.model)
+                    await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
+                else:
+                    raise fault
         finally:
             if crashes:
                 self._remove_suspect()
 
-    async def _backoff(self, failures: int) -> None:
-        self.stats.retries += 1
-        await asyncio.sleep(_backoff(failures))
-
     # -- slots ---------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _slot(self, *, alone: bool) -> AsyncIterator[None]:
-        """One of `concurrency` slots; with `alone`, all of them (nothing else in flight)."""
+    async def _take_slot(self, alone: bool) -> None:
+        """One of `concurrency` slots; `alone`: all of them, so nothing else is in flight."""
         if alone:
-            async with self._solo:
-                for _ in range(self.options.concurrency):
-                    await self._slots.acquire()
-                self.stats.run_alone += 1
-                try:
-                    async with self._counted():
-                        yield
-                finally:
-                    for _ in range(self.options.concurrency):
-                        self._slots.release()
-            return
-        while True:
-            await self._slots.acquire()
-            if not self._suspects:
-                break
-            self._slots.release()  # suspects first: they run alone
-            await self._no_suspects.wait()
-        try:
-            async with self._counted():
-                yield
-        finally:
-            self._slots.release()
-
-    @asynccontextmanager
-    async def _counted(self) -> AsyncIterator[None]:
+            await self._solo.acquire()
+            for _ in range(self.options.concurrency):
+                await self._slots.acquire()
+            self.stats.run_alone += 1
+        else:
+            while True:
+                await self._slots.acquire()
+                if not self._suspects:
+                    break
+                self._slots.release()  # suspects first: they run alone
+                await self._no_suspects.wait()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+
+    def _give_slot(self, alone: bool) -> None:
+        self.in_flight -= 1
+        if alone:
+            for _ in range(self.options.concurrency):
+                self._slots.release()
+            self._solo.release()
+        else:
+            self._slots.release()
 
     def _add_suspect(self) -> None:
         self._suspects += 1

@@ -7,7 +7,10 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
 2. naive loop (one `Agent.run` after another) / raw;
 3. flow at 4x `total_slots` concurrency / flow at `total_slots`;
 4. peak RSS of a 50,000-line batch minus that of a 5,000-line batch;
-5. Prefect task runs per 1,000 prompts.
+5. Prefect task runs per 1,000 prompts;
+6. short answers (tiny model, 8 tokens, 1,000 prompts): flow / raw requests per second, and
+   the client CPU per request of the flow's process against the raw client's process (each runs
+   in a process of its own, so its CPU time is its own), with the flow at queue depths 0, 1, 2.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -27,6 +30,8 @@ from pathlib import Path
 from statistics import mean, median
 
 import httpx
+
+from src.core.batch.runner import DEFAULT_QUEUE_DEPTH
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -152,6 +157,107 @@ async def measure_model(
     return figures
 
 
+SHORT_TOKENS = 8
+QUEUE_DEPTHS = (0, 1, 2)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def short_child(kind: str, url: str, requests: int, work: Path) -> None:
+    """One side of the short-answer bench in this process: a warm-up run, then measured runs.
+
+    Prints one JSON line: requests/s and this process's CPU seconds per measured run.
+    """
+    texts = prompts(requests)
+    source = write_jsonl(work / f"short-{kind}.jsonl", texts)
+    os.environ["LLAMACPP_BASE_URL"] = url
+
+    async def raw() -> None:
+        await raw_throughput(url, texts, SHORT_TOKENS, SLOTS)
+
+    def flow(depth: int):
+        async def run() -> None:
+            from flows.batch import llamacpp_batch_flow
+
+            summary = await llamacpp_batch_flow(
+                str(source),
+                str(work / f"short-out-{time.monotonic_ns()}.jsonl"),
+                max_tokens=SHORT_TOKENS,
+                queue_depth=depth,
+                extra_body=EXTRA,
+            )
+            assert summary.failed == 0, summary.failed_by_kind
+
+        return run
+
+    runs = {"raw": raw} if kind == "raw" else {f"depth {d}": flow(d) for d in QUEUE_DEPTHS}
+    asyncio.run(next(iter(runs.values()))())  # warm-up: imports, first flow run, connections
+    figures = {}
+    for label, run in runs.items():
+        cpu, started = _cpu_seconds(), time.monotonic()
+        asyncio.run(run())
+        wall = time.monotonic() - started
+        figures[label] = {"requests_per_s": requests / wall, "cpu_s": _cpu_seconds() - cpu}
+    print(json.dumps(figures))
+
+
+def measure_short_answers(requests: int, rounds: int, work: Path) -> dict[str, float]:
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+
+    raws, flows, depths = [], [], {depth: [] for depth in QUEUE_DEPTHS}
+    args = ["-np", str(SLOTS), "--alias", "tiny", "--cache-ram", "0"]
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
+        for round_number in range(rounds):
+            order = ("raw", "flow") if round_number % 2 == 0 else ("flow", "raw")
+            for kind in order:
+                child = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.batch_throughput",
+                        "--short-child",
+                        kind,
+                        server.url,
+                        str(requests),
+                        str(work),
+                    ],
+                    env=os.environ.copy(),
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
+                if child.returncode != 0:
+                    raise RuntimeError(child.stderr[-3000:])
+                figures = json.loads(child.stdout.strip().splitlines()[-1])
+                if kind == "raw":
+                    raws.append(figures["raw"])
+                else:
+                    for depth in QUEUE_DEPTHS:
+                        depths[depth].append(figures[f"depth {depth}"])
+                    flows.append(figures[f"depth {DEFAULT_QUEUE_DEPTH}"])
+                print(
+                    f"[bench] short answers round {round_number + 1} {kind}: {figures}", flush=True
+                )
+    return {
+        "raw_rps": mean(r["requests_per_s"] for r in raws),
+        "flow_rps": mean(f["requests_per_s"] for f in flows),
+        "ratio": median(
+            f["requests_per_s"] / r["requests_per_s"] for f, r in zip(flows, raws, strict=True)
+        ),
+        "cpu_ratio": median(f["cpu_s"] / r["cpu_s"] for f, r in zip(flows, raws, strict=True)),
+        "raw_cpu_ms": 1000 * mean(r["cpu_s"] for r in raws) / requests,
+        "flow_cpu_ms": 1000 * mean(f["cpu_s"] for f in flows) / requests,
+        **{
+            f"depth_{depth}_rps": mean(f["requests_per_s"] for f in depths[depth])
+            for depth in QUEUE_DEPTHS
+        },
+    }
+
+
 def memory_child(lines: int, url: str, work: Path) -> None:
     """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
     from prefect.client.orchestration import get_client
@@ -166,7 +272,7 @@ def memory_child(lines: int, url: str, work: Path) -> None:
         state = await llamacpp_batch_flow(
             str(source),
             str(work / f"mem-{lines}.out.jsonl"),
-            server="",
+            server=None,
             max_tokens=1,
             chunk_size=100,
             return_state=True,
@@ -238,7 +344,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller runs, rougher figures")
     parser.add_argument("--memory-child", nargs=3, metavar=("LINES", "URL", "DIR"))
+    parser.add_argument("--short-child", nargs=4, metavar=("KIND", "URL", "REQUESTS", "DIR"))
     args = parser.parse_args()
+    if args.short_child:
+        kind, url, requests, work = args.short_child
+        short_child(kind, url, int(requests), Path(work))
+        return
     if args.memory_child:
         lines, url, work = args.memory_child
         memory_child(int(lines), url, Path(work))
@@ -250,6 +361,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp, prefect_test_harness(180):
         work = Path(tmp)
         rounds = 2 if args.quick else 4
+        short = measure_short_answers(1000, 2 if args.quick else 3, work)
         tiny = asyncio.run(
             measure_model("tiny", 256 if args.quick else 512, 32, rounds, False, work)
         )
@@ -276,6 +388,13 @@ def main() -> None:
         f"(RSS when done: {memory[small]['end_rss_mb']:.0f} and {memory[large]['end_rss_mb']:.0f} MB)"
     )
     print(f"Prefect task runs per 1,000 prompts: {task_runs_per_1000:.0f}")
+    print(
+        f"short answers: raw {short['raw_rps']:.0f} req/s ({short['raw_cpu_ms']:.2f} ms CPU each), "
+        f"flow {short['flow_rps']:.0f} req/s ({short['flow_cpu_ms']:.2f} ms CPU each); flow at "
+        + ", ".join(f"queue depth {d}: {short[f'depth_{d}_rps']:.0f} req/s" for d in QUEUE_DEPTHS)
+    )
+    print(f"short-answer flow/raw throughput ratio: {short['ratio']:.2f} (tiny model)")
+    print(f"client CPU per request flow/raw: {short['cpu_ratio']:.2f}")
     print(f"flow/raw throughput ratio: {tiny['ratio']:.2f} (tiny model)")
     print(f"flow/raw throughput ratio: {bench['ratio']:.2f} (bench model)")
 

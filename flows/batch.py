@@ -120,6 +120,15 @@ async def llamacpp_batch_flow(
         raise ValueError("chunk_size and concurrency must be at least 1")
     if queue_depth < 0:
         raise ValueError("queue_depth must be 0 or more")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1 (or None for the server's default)")
+    if temperature is not None and not 0 <= temperature <= 100:  # also refuses NaN
+        raise ValueError("temperature must be a number from 0 to 100")
+    if server is not None and not server.strip():
+        raise ValueError(
+            "server is an empty name: give the name of a llama.cpp Server block, or leave it out "
+            "to use the 'llamacpp' block (else the LLAMACPP_* settings)"
+        )
     if max_attempts < 1 or max_crashes < 1:
         raise ValueError("max_attempts and max_crashes must be at least 1")
     if output_schema is not None and (problem := schema_problem(output_schema)):

@@ -176,3 +176,56 @@ def test_ids_that_differ_only_in_bad_bytes_never_merge(tmp_path):
     first, second = list(InputReader(path))
     assert (first.kind, second.kind) == ("invalid_encoding", "invalid_encoding")
     assert first.custom_id != second.custom_id  # named by their line numbers, not a repaired id
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/definitions/nope"},
+        {"$ref": "#"},
+        {"type": 12},
+        {"properties": {"a": {"$ref": "http://127.0.0.1:1/x.json"}}},
+    ],
+)
+def test_a_hostile_schema_is_refused_when_read(schema):
+    line = json.dumps(
+        {
+            "custom_id": "s",
+            "prompt": "x",
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
+        }
+    )
+    error = parse_line(line, 3)
+    assert isinstance(error, InputError) and error.kind == "invalid_settings", error
+
+
+@pytest.mark.parametrize(
+    ("fields", "kind"),
+    [
+        ({"tools": [{"type": "function"}]}, "unsupported"),
+        ({"n": 3}, "unsupported"),
+        ({"stream": True}, "unsupported"),
+        ({"top_p": 7}, "invalid_settings"),
+        ({"stop": [1, 2]}, "invalid_settings"),
+    ],
+)
+def test_request_fields_are_honoured_or_refused_never_dropped(fields, kind):
+    line = json.dumps(
+        {"custom_id": "a", "body": {"messages": [{"role": "user", "content": "q"}], **fields}}
+    )
+    error = parse_line(line, 2)
+    assert isinstance(error, InputError) and error.kind == kind
+
+
+def test_sampling_fields_of_a_line_are_sent_and_fingerprinted():
+    from src.core.models.llamacpp_request import build_chat_request
+
+    line = {"custom_id": "a", "prompt": "q", "stop": ["\n"], "seed": 7, "top_p": 0.5}
+    item = parse_line(json.dumps(line), 1)
+    body = json.loads(
+        build_chat_request(
+            item.messages, model="m", sampling=item.sampling, extra_body={"seed": 1}
+        ).body
+    )
+    assert (body["stop"], body["seed"], body["top_p"]) == (["\n"], 7, 0.5)
+    assert item.input_fp != parse_line(json.dumps({**line, "seed": 8}), 1).input_fp

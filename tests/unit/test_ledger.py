@@ -191,3 +191,50 @@ def test_lines_are_on_disk_as_written(tmp_path):
     with Ledger.open(path) as ledger:
         ledger.write(success(item("a")))
         assert json.loads(path.read_text())["custom_id"] == "a"  # visible before close
+
+
+def test_the_input_is_never_the_settings_file_either(tmp_path):
+    source = tmp_path / "out.jsonl.settings.json"
+    source.write_text('{"prompt": "mine"}\n')
+    for output in (tmp_path / "out.jsonl", tmp_path / "out.jsonl.settings.json"):
+        with pytest.raises(BatchPathError, match="same file"):
+            Ledger.open(output, source)
+    assert source.read_text() == '{"prompt": "mine"}\n'
+
+
+def test_a_merged_ledger_needs_the_override(tmp_path):
+    small, large = (
+        RunSettings(model="tiny", max_tokens=4),
+        RunSettings(model="tiny", max_tokens=256),
+    )
+    write_run(tmp_path / "a.jsonl", [item("a")], small)
+    write_run(tmp_path / "b.jsonl", [item("b")], large)
+    merged = tmp_path / "b.jsonl"
+    merged.write_bytes(merged.read_bytes() + (tmp_path / "a.jsonl").read_bytes())
+    with Ledger.open(merged) as ledger, pytest.raises(LedgerSettingsError, match="merged"):
+        ledger.check_settings(large)
+    with Ledger.open(merged) as ledger:
+        ledger.check_settings(large, allow_change=True)
+        assert ledger.is_done("a", item("a").input_fp) and ledger.is_done("b", item("b").input_fp)
+
+
+def test_a_lock_taken_on_a_removed_file_is_not_kept(tmp_path):
+    from src.core.batch.ledger import _is_still
+
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b"")
+    with open(path, "ab+") as stale:
+        assert _is_still(stale, path)
+        path.unlink()  # another run removed it after we opened it
+        assert not _is_still(stale, path)
+        path.write_bytes(b"")  # and a third created a new one
+        assert not _is_still(stale, path)
+
+
+def test_a_complete_last_line_that_is_not_a_result_is_kept_and_counted(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_run(path, [item("a")])
+    path.write_bytes(path.read_bytes() + b'{"note": "reviewed by bob, keep"}')
+    with Ledger.open(path) as ledger:
+        assert ledger.state.unreadable_lines == 1 and not ledger.state.dropped_partial_line
+    assert path.read_bytes().endswith(b'{"note": "reviewed by bob, keep"}\n')

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from src.core.batch.jsonl_input import BatchItem
 from src.core.batch.runner import BatchOptions, BatchRunner
 from src.core.utils.config import LlamaCppSettings
@@ -132,3 +134,41 @@ async def test_running_a_chunk_again_sends_and_writes_nothing_twice(tmp_path):
             await runner.aclose()
     assert len(server.requests) == 3
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
+
+
+async def test_garbage_answers_are_the_items_error_and_the_run_goes_on():
+    # Fakes a server (or a proxy) answering what llama-server never sends.
+    def answer(request):
+        prompt = prompt_of(request)
+        if prompt == "overflow":
+            return (
+                200,
+                {},
+                {"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": 1e999}},
+            )
+        if prompt == "deep":
+            return 200, {}, [[[[[[[[[[[]]]]]]]]]]]
+        if prompt == "not-a-completion":
+            return 200, {}, {"hello": "world"}
+        return completion()
+
+    async with FakeLlamaServer(answer) as server:
+        results = await run(server, items("a", "overflow", "deep", "not-a-completion", "b"))
+    assert [results[f"id-{i}"]["error"] for i in (0, 4)] == [None, None]
+    for i in (1, 2, 3):
+        assert results[f"id-{i}"]["error"]["kind"] == "invalid_response"
+
+
+async def test_a_deeply_nested_body_does_not_escape_the_error_mapping():
+    import httpx
+
+    from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=nested))
+    async with LlamaCppClient("http://127.0.0.1:1") as client:
+        client._http = httpx.AsyncClient(transport=transport)
+        from src.core.utils.exceptions import UnexpectedResponseError
+
+        with pytest.raises(UnexpectedResponseError, match="not JSON"):
+            await client.chat_completion(b"{}")

@@ -130,3 +130,42 @@ def test_no_error_about_a_url_repeats_a_secret_in_it(url):
         LlamaCppSettings(base_url=url)
     assert "hunter2" not in str(validation.value)
     assert "hunter2" not in repr(validation.value.errors(include_input=False))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://256.256.256.256:8080/v1",
+        "http://300.1.1.1",
+        "http://[::1]]:8080",
+        "http://1.2.3.4.5",
+        "http://999",
+        "http://0x7f.1",
+        "http://host/v1;key=hunter2",
+    ],
+)
+def test_numeric_hosts_must_be_real_addresses(bad):
+    with pytest.raises(ModelError, match="http://localhost:8080"):
+        parse_server_url(bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["admin:hunter2@127.0.0.1:8080/v1", "http:/admin:hunter2@h/v1", "http:\\\\admin:hunter2@h/v1"],
+)
+def test_credentials_without_slashes_are_not_echoed(url):
+    with pytest.raises(ValueError) as validation:
+        LlamaCppSettings(base_url=url)
+    assert "hunter2" not in str(validation.value)
+
+
+@pytest.mark.parametrize("key", ["sk-1\n", " sk-1 ", "sk-1\r\n"])
+def test_a_key_pasted_with_white_space_around_it_is_trimmed(key):
+    assert LlamaCppSettings(api_key=key).api_key_value() == "sk-1"
+
+
+@pytest.mark.parametrize("key", ["sk-\n1", "sk 1", "sk-\x001"])
+def test_a_key_with_breaks_inside_is_refused_without_echo(key):
+    with pytest.raises(ValueError) as info:
+        LlamaCppSettings(api_key=key)
+    assert "paste it again" in str(info.value) and "sk" not in str(info.value).split("api_key")[-1]

@@ -41,11 +41,14 @@ class BatchItem:
     max_tokens: int | None = None
     temperature: float | None = None
     output_schema: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None  # the line's own stop, seed, top_p, penalties
 
     @cached_property
     def input_fp(self) -> str:
         """Fingerprint of what the line itself asks (messages and its own settings)."""
-        return fingerprint([self.messages, self.max_tokens, self.temperature, self.output_schema])
+        return fingerprint(
+            [self.messages, self.max_tokens, self.temperature, self.output_schema, self.sampling]
+        )
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,8 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
         )
 
     settings = _settings(source)
+    if isinstance(settings, tuple):
+        return error(*settings)
     if isinstance(settings, str):
         return error("invalid_settings", settings)
     return BatchItem(custom_id, number, messages, **settings)
@@ -282,8 +287,42 @@ def _messages(value: Any) -> list[dict[str, str]] | InputError:
     return messages
 
 
-def _settings(source: dict[str, Any]) -> dict[str, Any] | str:
+# OpenAI request fields a line may carry and that are sent as they are, with their checks.
+_SAMPLING: dict[str, Any] = {
+    "stop": lambda v: (
+        isinstance(v, str)
+        or (isinstance(v, list) and len(v) <= 16 and all(isinstance(s, str) for s in v))
+    ),
+    "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "top_p": lambda v: _number(v) and 0 <= v <= 1,
+    "presence_penalty": lambda v: _number(v) and -2 <= v <= 2,
+    "frequency_penalty": lambda v: _number(v) and -2 <= v <= 2,
+}
+# Request fields this batch does not run: answering without them would answer another request.
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "audio", "prediction")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _settings(source: dict[str, Any]) -> dict[str, Any] | str | tuple[InputErrorKind, str]:
     settings: dict[str, Any] = {}
+    for name in _UNSUPPORTED:
+        if source.get(name) is not None:
+            return ("unsupported", f"{name!r} is not supported by this batch (tools are not run)")
+    if source.get("n") not in (None, 1):
+        return ("unsupported", "'n' must be 1: one answer per line")
+    if source.get("stream") not in (None, False):
+        return ("unsupported", "'stream' is not supported in a batch")
+    sampling = {}
+    for name, valid in _SAMPLING.items():
+        if source.get(name) is not None:
+            if not valid(source[name]):
+                return f"{name} has an unusable value"
+            sampling[name] = source[name]
+    if sampling:
+        settings["sampling"] = sampling
     max_tokens = source.get("max_tokens", source.get("max_completion_tokens"))
     if max_tokens is not None:
         if (

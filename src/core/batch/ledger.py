@@ -95,22 +95,37 @@ class Ledger:
         """
         if output.is_dir():
             raise BatchPathError(f"output {output} is a directory; give a file path")
-        if input_path is not None and _same_file(input_path, output):
-            raise BatchPathError(
-                f"input {input_path} and output {output} are the same file; the output is "
-                "appended to, so give it another path"
-            )
+        settings_path = _settings_path(output)
+        if input_path is not None:
+            for written in (
+                output,
+                settings_path,
+                settings_path.with_name(settings_path.name + ".tmp"),
+            ):
+                if _same_file(input_path, written):
+                    raise BatchPathError(
+                        f"input {input_path} is the same file as {written}, which the batch "
+                        "writes; give the output another path"
+                    )
         output.parent.mkdir(parents=True, exist_ok=True)
-        created = not output.exists()
-        file = open(output, "ab+")
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.close()
+        for _ in range(10):
+            created = not output.exists()
+            file = open(output, "ab+")
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise LedgerInUseError(
+                    f"output {output} is in use by another batch run (it holds the file's lock); "
+                    "wait for that run to end or give another output path. Nothing was sent."
+                ) from None
+            if _is_still(file, output):
+                break
+            file.close()  # the path was removed or replaced while we opened it: take the new one
+        else:
             raise LedgerInUseError(
-                f"output {output} is in use by another batch run (it holds the file's lock); "
-                "wait for that run to end or give another output path. Nothing was sent."
-            ) from None
+                f"output {output} keeps being replaced; is another run using it?"
+            )
         try:
             state = _read_state(file)
         except BaseException:
@@ -126,31 +141,42 @@ class Ledger:
 
     @property
     def settings_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".settings.json")
+        return _settings_path(self.path)
 
     def check_settings(self, settings: RunSettings, *, allow_change: bool = False) -> list[str]:
         """Accept `settings` for this run, or raise `LedgerSettingsError` saying what differs.
 
-        Returns the names of the settings that changed (non-empty only with `allow_change`).
+        Accepted: the settings of this run, and those the settings file lists (the first run's,
+        and any a run took with `allow_change`). Answers made under any other settings (another
+        run's, a merged file) need `allow_change`. Returns what changed (only with `allow_change`).
         """
         current = settings.fingerprint
         in_lines = {fp for fp in self.state.settings_fps if fp}
         stored = self._stored_settings() if in_lines else None
-        accepted: dict[str, Any] = {fp: None for fp in in_lines}
+        known: dict[str, Any] = {}
         if stored and isinstance(stored.get("accepted"), dict):
-            accepted.update(stored["accepted"])
+            known.update(stored["accepted"])
+        foreign = in_lines - set(known) - {current}
+        new = in_lines and current not in known and current not in in_lines
         changed: list[str] = []
-        if in_lines and current not in accepted:
+        if foreign or new:
             last = stored.get("settings") if stored else None
-            if isinstance(last, dict):
+            if isinstance(last, dict) and current not in known:
                 new = settings.as_dict()
                 differences = {
                     name: (last.get(name), new[name])
                     for name in new
                     if canonical_json(last.get(name)) != canonical_json(new[name])
                 }
+            elif stored is None:
+                missing = "missing or unreadable"
+                differences = {f"(unknown: {self.settings_path.name} is {missing})": (None, None)}
             else:
-                differences = {f"(unknown: {self.settings_path.name} is missing)": (None, None)}
+                count = sum(1 for _, fp in self.state.done.values() if fp in foreign)
+                differences = {
+                    f"({count} answers were made with settings this ledger never accepted: "
+                    "a merged or copied file?)": (None, None)
+                }
             changed = list(differences)
             if not allow_change:
                 raise LedgerSettingsError(
@@ -163,11 +189,12 @@ class Ledger:
             logger.warning(
                 "Settings changed; earlier answers are kept", ledger=str(self.path), changed=changed
             )
-        accepted[current] = settings.as_dict()
-        self.accepted_settings = set(accepted)
+            known.update(dict.fromkeys(foreign))
+        known[current] = settings.as_dict()
+        self.accepted_settings = set(known)
         _write_json_atomic(
             self.settings_path,
-            {"settings": settings.as_dict(), "fingerprint": current, "accepted": accepted},
+            {"settings": settings.as_dict(), "fingerprint": current, "accepted": known},
         )
         return changed
 
@@ -176,7 +203,7 @@ class Ledger:
             stored = json.loads(self.settings_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             logger.warning("Unreadable settings file ignored", path=str(self.settings_path))
             return None
         return stored if isinstance(stored, dict) else None
@@ -259,8 +286,7 @@ def _read_state(file: IO[bytes], *, repair: bool = True) -> LedgerState:
     complete_bytes = 0
     for raw in file:
         if not raw.endswith(b"\n"):
-            record = _parse(raw)
-            if record is None:
+            if not _is_json(raw):
                 state.dropped_partial_line = True  # a crash mid-write; the item runs again
                 break
             state.kept_unterminated_line = True  # complete, written without a newline: keep it
@@ -276,6 +302,14 @@ def _read_state(file: IO[bytes], *, repair: bool = True) -> LedgerState:
     if state.unreadable_lines:
         logger.warning("Unreadable ledger lines skipped", count=state.unreadable_lines)
     return state
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -300,6 +334,19 @@ def _note(state: LedgerState, record: dict[str, Any]) -> None:
         state.written_input_errors.add((custom_id, record.get("line")))
     elif kind == "ledger_mismatch":
         state.written_mismatches.add((custom_id, record.get("input_fp")))
+
+
+def _settings_path(output: Path) -> Path:
+    return output.with_name(output.name + ".settings.json")
+
+
+def _is_still(file: IO[bytes], path: Path) -> bool:
+    """True when the open `file` is still what `path` names (not removed or replaced)."""
+    try:
+        opened, named = os.fstat(file.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return opened.st_nlink > 0 and (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -185,6 +185,7 @@ class BatchRunner:
             max_tokens=item.max_tokens or options.max_tokens,
             temperature=item.temperature if item.temperature is not None else options.temperature,
             extra_body=options.extra_body,
+            sampling=item.sampling,
         )
         attempts = failures = crashes = 0
         limit = 2 * (options.max_attempts + options.max_crashes)
@@ -211,6 +212,11 @@ class BatchRunner:
                     fault = None
                 except LlamaCppError as exc:
                     fault = exc
+                except Exception as exc:  # nothing one answer does may stop the batch
+                    logger.exception("Unexpected fault on one item", custom_id=item.custom_id)
+                    return line(
+                        error=("invalid_response", f"the request failed ({type(exc).__name__})")
+                    )
                 finally:
                     self._give_slot(alone)
 
@@ -219,6 +225,10 @@ class BatchRunner:
                         answer = read_chat_answer(body)
                     except AnswerError as exc:
                         return line(error=(exc.kind, str(exc)))
+                    except Exception as exc:  # nothing one answer does may stop the batch
+                        return line(
+                            error=("invalid_response", f"unreadable answer ({type(exc).__name__})")
+                        )
                     usage = {
                         "prompt_tokens": answer.prompt_tokens,
                         "completion_tokens": answer.completion_tokens,

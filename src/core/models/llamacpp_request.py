@@ -74,13 +74,15 @@ def build_chat_request(
     max_tokens: int | None = None,
     temperature: float | None = None,
     extra_body: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> ChatRequest:
     """The body of a chat completion for llama-server.
 
     `messages` are OpenAI-style `{"role", "content"}` text messages; `system_prompt` is used
     unless they bring their own system message. `output_schema` (a JSON Schema) asks for a
-    grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`,
-    `min_p`, `ignore_eos`, ...); it cannot replace the fields above.
+    grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`, `min_p`,
+    `ignore_eos`, ...) and `sampling` the OpenAI fields of one request (`stop`, `seed`, `top_p`,
+    ...), which win over `extra_body`; neither can replace the fields above.
     """
     sent: list[dict[str, str]] = []
     leading_system = 0
@@ -92,7 +94,7 @@ def build_chat_request(
     if system_prompt and not any(m["role"] == "system" for m in sent):
         sent.insert(0, {"role": "system", "content": system_prompt})
         leading_system += 1
-    body: dict[str, Any] = dict(extra_body or {})
+    body: dict[str, Any] = {**(extra_body or {}), **(sampling or {})}
     body["model"] = model
     body["stream"] = False
     schema_key = None
@@ -128,7 +130,7 @@ def read_chat_answer(body: Any) -> ChatAnswer:
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
         )
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
         raise AnswerError(
             "invalid_response", f"the answer is not a chat completion ({type(exc).__name__})"
         ) from exc
@@ -144,10 +146,16 @@ def structured_output(answer: ChatAnswer, schema_key: str) -> Any:
     """
     try:
         value = json.loads(answer.text)
-    except ValueError:
+    except (ValueError, RecursionError):
         why = "cut off at max_tokens" if answer.finish_reason == "length" else "not valid JSON"
         raise AnswerError("validation", f"the answer is {why}: {answer.text[:200]!r}") from None
-    errors = sorted(_validator(schema_key).iter_errors(value), key=lambda e: list(e.path))
+    try:
+        errors = sorted(_validator(schema_key).iter_errors(value), key=lambda e: list(e.path))
+    except Exception as exc:  # a hostile schema ($ref to nowhere, a $ref loop)
+        raise AnswerError(
+            "validation",
+            f"the answer could not be checked against the schema ({type(exc).__name__})",
+        ) from exc
     if errors:
         where = "/".join(str(p) for p in errors[0].path) or "(root)"
         raise AnswerError(
@@ -161,12 +169,31 @@ def schema_problem(schema: Any) -> str | None:
     if not isinstance(schema, dict):
         return "the schema must be a JSON object"
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        if _remote_ref(schema):
+            return "a schema with a $ref outside itself (only '#...' references are followed)"
+        validator_class = jsonschema.validators.validator_for(schema)
+        validator_class.check_schema(schema)
+        validator = validator_class(schema)
+        # Unresolvable or looping $refs only fail when an answer is checked: check some now.
+        for sample in ({}, [], "", 0, None):
+            for _ in validator.iter_errors(sample):
+                pass
     except jsonschema.SchemaError as exc:
         return f"not a valid JSON Schema: {exc.message}"
     except Exception as exc:  # a schema can be hostile in ways check_schema does not expect
         return f"not a usable JSON Schema ({type(exc).__name__})"
     return None
+
+
+def _remote_ref(node: Any) -> bool:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return True
+        return any(_remote_ref(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_remote_ref(value) for value in node)
+    return False
 
 
 @lru_cache(maxsize=64)

@@ -52,8 +52,21 @@ class LlamaCppConnection(BaseModel):
     @field_validator("api_key", "model_name", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if isinstance(value, str) and not value.strip():
             return None
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_fits_a_header(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().isprintable():
+            raise ValueError(
+                "the API key contains a line break or another control character; paste it again"
+            )
+        if value is not None and any(char.isspace() for char in value.get_secret_value()):
+            raise ValueError("the API key contains a space; paste it again without it")
         return value
 
     @property

@@ -19,6 +19,7 @@ from src.core.utils.exceptions import ModelError
 
 _EXAMPLE = "a URL like http://localhost:8080 or http://localhost:8080/v1"
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_BRACKETED = re.compile(r"^\[[0-9A-Fa-f:.%\w-]+\](:\d*)?$")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,9 @@ def parse_server_url(url: str | None) -> ServerURL:
             "Do not put credentials in the llama.cpp base URL; set the API key with "
             "LLAMACPP_API_KEY or the block's api_key field instead.",
         )
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or ";" in parts.path:
         raise ModelError(
-            "The llama.cpp base URL must not carry a query or fragment (keys belong in "
+            "The llama.cpp base URL must not carry a query, fragment or ;parameters (keys belong in "
             f"LLAMACPP_API_KEY or the block's api_key field); use {_EXAMPLE}.",
             details={"base_url": _redacted(text)},
         )
@@ -66,7 +67,7 @@ def parse_server_url(url: str | None) -> ServerURL:
         raise _invalid(text, "the port must be a number from 1 to 65535") from None
     if parts.port == 0 or parts.netloc.endswith(":"):
         raise _invalid(text, "the port must be a number from 1 to 65535")
-    if not _valid_host(parts.hostname, bracketed="[" in parts.netloc):
+    if not _valid_host(parts.netloc, parts.hostname):
         raise _invalid(text, f"{parts.hostname!r} is not a valid host name or IP address")
     segments = [segment for segment in parts.path.split("/") if segment]
     if segments and segments[-1].lower() == "v1":
@@ -75,14 +76,23 @@ def parse_server_url(url: str | None) -> ServerURL:
     return ServerURL(root=urlunsplit((parts.scheme.lower(), parts.netloc, path, "", "")))
 
 
-def _valid_host(host: str, *, bracketed: bool) -> bool:
-    if bracketed:
+def _valid_host(netloc: str, host: str) -> bool:
+    if "[" in netloc or "]" in netloc:
+        if not _BRACKETED.match(netloc):
+            return False
         try:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
             return False
         return True
     labels = host.rstrip(".").split(".")
+    if labels[-1].isdigit() or any(label.lower().startswith("0x") for label in labels):
+        # No top-level domain is numeric: this is meant as an IPv4 address; it must be one.
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
     return all(_HOST_LABEL.match(label) for label in labels)
 
 
@@ -95,6 +105,14 @@ def _invalid(text: str, why: str) -> ModelError:
 
 
 def _redacted(text: str) -> str:
-    """`text` without anything that may be a secret: user info, query and fragment."""
-    text = re.sub(r"//[^/@]*@", "//***@", text)
-    return re.split(r"[?#]", text, maxsplit=1)[0][:200]
+    """`text` without anything that may be a secret: user info (whatever the slashes before it),
+    query, fragment and path parameters."""
+    text = re.split(r"[?#;]", text, maxsplit=1)[0]
+    if "@" in text:
+        scheme, sep, rest = text.partition(":")
+        if not sep or "/" in scheme or "@" in scheme:
+            return "(a URL with '@' in it, not shown)"
+        rest = rest.lstrip("/\\")
+        host = rest.rsplit("@", 1)[1]
+        return f"{scheme}://***@{host}"[:200]
+    return text[:200]

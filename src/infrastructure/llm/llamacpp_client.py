@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from src.core.utils.config import get_settings
 from src.core.utils.exceptions import (
+    ModelError,
     NotSupportedError,
     ServerDisconnectedError,
     ServerHTTPError,
@@ -70,6 +71,7 @@ class LlamaCppClient:
             api_key = None
         self._server_url = parse_server_url(base_url)
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+        key = key.strip() if key else None  # a key pasted with its line break
         self._sends_key = bool(key)
         self.base_url = self._server_url.root
         self.timeout = timeout
@@ -273,7 +275,7 @@ class LlamaCppClient:
     def _json(self, path: str, response: httpx.Response) -> Any:
         try:
             return json.loads(response.content)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             content_type = response.headers.get("content-type", "unknown")
             raise self._unexpected(
                 path, response.status_code, f"not JSON (content-type {content_type})"
@@ -295,6 +297,16 @@ class LlamaCppClient:
             response = await self._http.request(
                 method, url, params=params, json=json, content=content, headers=headers
             )
+        except httpx.LocalProtocolError:
+            # Its message quotes the offending header, which may be the key: never chain it.
+            raise ModelError(
+                f"the request to llama-server at {self.base_url} could not be sent: a header is "
+                "invalid (is the API key pasted with a line break or a space inside?)"
+            ) from None
+        except httpx.InvalidURL:
+            raise ModelError(
+                f"{self.base_url} is not a URL httpx can use; use a URL like http://localhost:8080"
+            ) from None
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise ServerUnreachableError(
                 f"cannot reach llama-server at {self.base_url}: no connection within "
@@ -390,12 +402,13 @@ def _model_params(model: str | None) -> dict[str, str] | None:
 def _server_error_message(response: httpx.Response) -> str | None:
     """llama-server errors look like `{"error": {"message": ..., "type": ..., "code": ...}}`."""
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(response.content)
+    except (ValueError, RecursionError):
         return None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        return error.get("message")
+        message = error.get("message")
+        return message if isinstance(message, str) else None
     if isinstance(error, str):
         return error
     return None

@@ -205,6 +205,8 @@ def short_child(kind: str, url: str, requests: int, work: Path) -> None:
 
 
 def measure_short_answers(requests: int, rounds: int, work: Path) -> dict[str, float]:
+    from prefect.settings import PREFECT_API_URL
+
     from harness.models import ensure_model
     from harness.server import LlamaServer
 
@@ -225,7 +227,8 @@ def measure_short_answers(requests: int, rounds: int, work: Path) -> dict[str, f
                         str(requests),
                         str(work),
                     ],
-                    env=os.environ.copy(),
+                    # The flow child reports to this run's Prefect API, not an ephemeral one of its own.
+                    env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
                     capture_output=True,
                     text=True,
                     timeout=1800,

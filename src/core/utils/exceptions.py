@@ -82,6 +82,24 @@ class UnexpectedResponseError(ServerHTTPError):
     """The answer is not what llama-server sends (e.g. a reverse proxy's HTML page)."""
 
 
+class DeadlineExceededError(LlamaCppError):
+    """A timed probe (the health canary) missed a deadline; `deadline` says which one.
+
+    `deadline` is "first_byte" (no streamed token within `limit_s`) or "total" (the answer did
+    not finish within `limit_s`). The request was cancelled. Whether the server is busy or
+    wedged is for the caller to find out (see `src.core.models.canary`).
+    """
+
+    transient = True
+
+    def __init__(
+        self, message: str, *, deadline: str, limit_s: float, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details={**(details or {}), "deadline": deadline})
+        self.deadline = deadline
+        self.limit_s = limit_s
+
+
 class ServerNotReadyError(LlamaCppError):
     """The server did not become ready before the deadline; `last_state` says what it was doing."""
 

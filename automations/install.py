@@ -23,6 +23,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import AutomationCore, Posture
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 ALERTS_FILE = Path(__file__).with_name("llamacpp-alerts.yaml")
 PLACEHOLDER = "NOTIFICATION_BLOCK_ID"
@@ -107,6 +108,14 @@ async def main(argv: list[str] | None = None) -> int:
         "--print", action="store_true", help="print the rendered file instead of creating"
     )
     args = parser.parse_args(argv)
+    if not PREFECT_API_URL.value():
+        # Without it the Prefect client would start a throwaway local server and install there.
+        print(
+            "error: PREFECT_API_URL is not set; point it at your Prefect server, e.g. "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         automations = render(await notification_block_id(args.notify), args.window)
     except AutomationSetupError as exc:

@@ -180,6 +180,34 @@ async def test_decodes_without_a_request_processing_are_not_progress():
 
 
 @respx.mock
+async def test_headers_without_a_first_event_miss_the_first_byte_deadline():
+    # llama-server sends its headers before the model has read the prompt: they do not count.
+    async def headers_only():
+        await asyncio.sleep(30)
+        yield b""
+
+    metrics_server(respx, metrics_text(5, 0), metrics_text(5, 0))
+    respx.post(COMPLETIONS).respond(200, stream=headers_only())
+    status = await llamacpp_health_check(settings(), canary=FAST)
+    assert status.state == ServerState.WEDGED
+    assert status.metadata["deadline_missed"] == "first_byte"
+
+
+@respx.mock
+async def test_only_canary_tokens_give_no_tokens_per_second():
+    metrics_server(
+        respx,
+        "llamacpp:tokens_predicted_total 12\nllamacpp:tokens_predicted_seconds_total 0.000002\n"
+        "llamacpp:prompt_tokens_total 300\nllamacpp:prompt_seconds_total 0.003\n",
+    )
+    respx.post(COMPLETIONS).mock(return_value=ONE_TOKEN)
+    status = await llamacpp_health_check(settings(), canary=FAST)
+    assert status.state == ServerState.READY
+    assert status.metadata["latency"]["predicted_tokens_per_s"] is None
+    assert status.metadata["latency"]["prompt_tokens_per_s"] == 100000.0  # prompts take time
+
+
+@respx.mock
 async def test_total_deadline_after_a_first_token():
     async def first_token_then_stall():
         yield b'data: {"choices": [{"delta": {"content": "O"}}]}\n\n'
@@ -231,10 +259,23 @@ async def test_a_refused_canary_is_an_error_not_wedged():
 @respx.mock
 async def test_server_gone_during_the_canary_is_unreachable():
     ready_server(respx)
-    respx.post(COMPLETIONS).mock(side_effect=httpx.ConnectError("refused"))
+    respx.get(f"{ROOT}/health").mock(
+        side_effect=[httpx.Response(200, json={"status": "ok"}), httpx.ConnectError("refused")]
+    )
+    respx.post(COMPLETIONS).mock(side_effect=httpx.RemoteProtocolError("peer closed"))
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.UNREACHABLE
     assert not status.connected
+
+
+@respx.mock
+async def test_live_server_that_drops_the_canary_is_wedged():
+    ready_server(respx)  # /health keeps answering 200
+    respx.get(f"{ROOT}/slots").respond(200, json=[{"id": 0, "is_processing": False}])
+    respx.post(COMPLETIONS).mock(side_effect=httpx.RemoteProtocolError("peer closed"))
+    status = await llamacpp_health_check(settings(), canary=FAST)
+    assert status.state == ServerState.WEDGED
+    assert "RemoteProtocolError" in status.error
 
 
 @respx.mock

@@ -33,6 +33,8 @@ from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 
 # Every report carries these keys, None when not measured, so alerts can rely on them.
 LATENCY_KEYS = ("ttfb_s", "total_s", "prompt_tokens_per_s", "predicted_tokens_per_s")
+# Generation tokens/s from /metrics only once the server has spent this long generating.
+MIN_GENERATION_S = 0.01
 
 
 class CanaryOptions(BaseModel):
@@ -98,10 +100,15 @@ async def run_canary(
             first_byte_timeout=options.first_byte_timeout,
             total_timeout=options.total_timeout,
         )
-    except (ServerUnreachableError, ServerLoadingError, UnauthorizedError):
+    except ServerUnreachableError as exc:
+        # The answer was cut off or refused. A dead server is unreachable; a live one that
+        # drops completions is at fault like one that answers them with errors.
+        await _still_alive(client)
+        fault: LlamaCppError = exc
+    except (ServerLoadingError, UnauthorizedError):
         raise
     except DeadlineExceededError as exc:
-        fault: LlamaCppError = exc
+        fault = exc
     except ServerHTTPError as exc:
         if exc.status_code < 500:
             if router and "not loaded" in (exc.server_message or ""):
@@ -162,27 +169,30 @@ async def observe_progress(
 ) -> Progress:
     """Two reads `interval` seconds apart: `/metrics` when enabled (no side effects), else `/slots`.
 
-    `/slots` is answered by the server's task loop, so a wedged loop never answers it: a read
-    that takes longer than `interval` counts as no progress. Raises `ServerUnreachableError`
-    when the server is gone.
+    Both are answered by the server's task loop, so a wedged loop answers neither: a read that
+    takes longer than `interval` (at least 2 s) counts as no progress. Raises
+    `ServerUnreachableError` when the server is gone.
     """
+    read_timeout = max(interval, 2.0)
     if metrics:
         try:
-            before = await client.get_metrics(model=model)
+            before = await asyncio.wait_for(client.get_metrics(model=model), read_timeout)
             await asyncio.sleep(interval)
-            after = await client.get_metrics(model=model)
+            after = await asyncio.wait_for(client.get_metrics(model=model), read_timeout)
             return _metrics_progress(before, after, interval)
+        except TimeoutError:
+            return Progress(False, f"/metrics did not answer within {read_timeout:g} s")
         except ServerUnreachableError:
             raise
         except LlamaCppError:
             pass  # e.g. a proxy that does not forward /metrics: try /slots
     if slots:
         try:
-            before = await asyncio.wait_for(client.get_slots(model=model), interval)
+            before = await asyncio.wait_for(client.get_slots(model=model), read_timeout)
             await asyncio.sleep(interval)
-            after = await asyncio.wait_for(client.get_slots(model=model), interval)
+            after = await asyncio.wait_for(client.get_slots(model=model), read_timeout)
         except TimeoutError:
-            return Progress(False, f"/slots did not answer within {interval:g} s")
+            return Progress(False, f"/slots did not answer within {read_timeout:g} s")
         except ServerUnreachableError:
             raise
         except LlamaCppError as exc:
@@ -231,6 +241,14 @@ def _slots_progress(before: list[dict], after: list[dict], interval: float) -> P
     return Progress(moved, evidence)
 
 
+async def _still_alive(client: LlamaCppClient) -> None:
+    """Raises `ServerUnreachableError` (or `ServerLoadingError`) unless `/health` answers."""
+    try:
+        await client.health_check()
+    except UnauthorizedError:
+        pass  # --api-prefix with --api-key: /health asks for the key, the server is up
+
+
 async def _throughput(client: LlamaCppClient, model: str | None) -> dict[str, float | None]:
     """Server-lifetime averages from the /metrics counters (a missing detail, not a fault)."""
     try:
@@ -241,13 +259,17 @@ async def _throughput(client: LlamaCppClient, model: str | None) -> dict[str, fl
         return {}
     return {
         "prompt_tokens_per_s": _ratio(metrics, "prompt_tokens_total", "prompt_seconds_total"),
+        # A canary's one token takes no generation time (it comes out of the prompt's
+        # decode): on a server that served nothing else this would divide by microseconds.
         "predicted_tokens_per_s": _ratio(
-            metrics, "tokens_predicted_total", "tokens_predicted_seconds_total"
+            metrics, "tokens_predicted_total", "tokens_predicted_seconds_total", MIN_GENERATION_S
         ),
     }
 
 
-def _ratio(metrics: dict[str, float], tokens: str, seconds: str) -> float | None:
-    if metrics.get(seconds, 0) <= 0:
+def _ratio(
+    metrics: dict[str, float], tokens: str, seconds: str, min_seconds: float = 0.0
+) -> float | None:
+    if metrics.get(seconds, 0) <= min_seconds:
         return None
     return round(metrics.get(tokens, 0) / metrics[seconds], 1)

@@ -322,11 +322,12 @@ class LlamaCppClient:
     ) -> CompletionProbe:
         """A one-token streamed `POST /v1/chat/completions`, timed; what a health canary sends.
 
-        Returns the time to the first streamed token (llama-server sends its headers with it)
-        and to the end of the answer. Raises `DeadlineExceededError` (`deadline` "first_byte" or
-        "total") when a deadline passes; the connection is then closed, which makes llama-server
-        drop the request. Raises the usual errors for a refused connection or an error status,
-        and `ServerHTTPError` when the stream itself carries an error. Naming `model` also sends
+        Returns the time to the first streamed event (the answer's first byte: llama-server may
+        send its headers before the model has read the prompt, so they do not count) and to the
+        end of the answer. Raises `DeadlineExceededError` (`deadline` "first_byte" or "total")
+        when a deadline passes; the connection is then closed, which makes llama-server drop the
+        request. Raises the usual errors for a refused connection or an error status, and
+        `ServerHTTPError` when the stream itself carries an error. Naming `model` also sends
         `autoload=false`, so in router mode a probe never loads a model.
         """
         path = "/v1/chat/completions"
@@ -342,6 +343,7 @@ class LlamaCppClient:
         started = loop.time()
         deadline, limit = "first_byte", min(first_byte_timeout, total_timeout)
         first_byte_s = None
+        finish_reason = None
         try:
             async with asyncio.timeout(limit) as timer:
                 async with self._http.stream(
@@ -355,10 +357,13 @@ class LlamaCppClient:
                     if not response.is_success:
                         await response.aread()
                         raise self._status_error(path, url, response, None)
-                    first_byte_s = loop.time() - started
-                    deadline, limit = "total", total_timeout
-                    timer.reschedule(started + total_timeout)
-                    finish_reason = await self._read_probe_stream(path, url, response)
+                    async for chunk in self._sse_events(path, url, response):
+                        if first_byte_s is None:
+                            first_byte_s = loop.time() - started
+                            deadline, limit = "total", total_timeout
+                            timer.reschedule(started + total_timeout)
+                        for choice in chunk.get("choices") or []:
+                            finish_reason = choice.get("finish_reason") or finish_reason
         except TimeoutError:
             missed = "send a first token" if deadline == "first_byte" else "finish its answer"
             raise DeadlineExceededError(
@@ -380,21 +385,18 @@ class LlamaCppClient:
             finish_reason=finish_reason,
         )
 
-    async def _read_probe_stream(self, path: str, url: str, response: httpx.Response) -> str | None:
-        """Read SSE lines to `[DONE]`; the last `finish_reason` seen, or an error raised."""
-        finish_reason = None
+    async def _sse_events(self, path: str, url: str, response: httpx.Response):
+        """The JSON events of a llama-server SSE stream up to `[DONE]`; raises on an error event."""
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators and ": ping" comments
             data = line.removeprefix("data:").strip()
             if data == "[DONE]":
-                return finish_reason
+                return
             try:
                 chunk = json.loads(data)
             except ValueError:
-                raise self._unexpected(
-                    path, response.status_code, "not an SSE JSON stream"
-                ) from None
+                chunk = None
             if not isinstance(chunk, dict):
                 raise self._unexpected(path, response.status_code, "not an SSE JSON stream")
             if chunk.get("error"):
@@ -407,8 +409,7 @@ class LlamaCppClient:
                     url=url,
                     server_message=message,
                 )
-            for choice in chunk.get("choices") or []:
-                finish_reason = choice.get("finish_reason") or finish_reason
+            yield chunk
         raise self._unexpected(path, response.status_code, "a stream that ended without [DONE]")
 
 

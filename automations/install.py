@@ -24,10 +24,12 @@ from prefect.client.orchestration import get_client
 from prefect.events.schemas.automations import AutomationCore, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
+from pydantic import ValidationError
 
 ALERTS_FILE = Path(__file__).with_name("llamacpp-alerts.yaml")
 PLACEHOLDER = "NOTIFICATION_BLOCK_ID"
 DEFAULT_WINDOW_S = 900
+MIN_WINDOW_S = 10  # Prefect refuses shorter windows for proactive triggers
 
 
 class AutomationSetupError(RuntimeError):
@@ -43,7 +45,10 @@ def render(block_document_id: str, window_s: float = DEFAULT_WINDOW_S) -> list[d
                 action["block_document_id"] = block_document_id
         if automation["trigger"].get("posture") == Posture.Proactive.value:
             automation["trigger"]["within"] = window_s
-        AutomationCore.model_validate(automation)  # fail here, not half-way through creating
+        try:  # fail here, not half-way through creating them
+            AutomationCore.model_validate(automation)
+        except ValidationError as exc:
+            raise AutomationSetupError(f"automation {automation['name']!r}: {exc}") from None
     return automations
 
 
@@ -108,6 +113,9 @@ async def main(argv: list[str] | None = None) -> int:
         "--print", action="store_true", help="print the rendered file instead of creating"
     )
     args = parser.parse_args(argv)
+    if args.window < MIN_WINDOW_S:
+        print(f"error: --window must be at least {MIN_WINDOW_S} seconds", file=sys.stderr)
+        return 2
     if not PREFECT_API_URL.value():
         # Without it the Prefect client would start a throwaway local server and install there.
         print(

@@ -66,3 +66,8 @@ async def test_installer_says_how_to_name_the_block(name, capsys, monkeypatch):
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert await main(["--notify", name]) == 2
     assert "<block type slug>/<block name>" in capsys.readouterr().err
+
+
+async def test_installer_refuses_a_window_prefect_would_refuse(capsys):
+    assert await main(["--notify", "slack-webhook/alerts", "--window", "5"]) == 2
+    assert "at least 10 seconds" in capsys.readouterr().err

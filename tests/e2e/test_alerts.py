@@ -33,7 +33,7 @@ from tests.conftest import SECRET_KEY
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-WINDOW_S = 8  # the proactive automation's window in this test (15 minutes in the file)
+WINDOW_S = 10  # the proactive automation's window in this test (15 minutes in the file)
 
 
 class Receiver:

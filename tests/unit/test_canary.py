@@ -315,6 +315,17 @@ async def test_slots_that_never_answer_mean_no_progress():
 
 
 @respx.mock
+async def test_metrics_that_never_answer_mean_no_progress():
+    # /metrics is answered by the task loop too: a stuck loop leaves it hanging.
+    ready_server(respx, props={**PROPS, "endpoint_metrics": True})
+    respx.get(f"{ROOT}/metrics").mock(side_effect=stall)
+    respx.post(COMPLETIONS).mock(side_effect=stall)
+    status = await llamacpp_health_check(settings(), canary=FAST)
+    assert status.state == ServerState.WEDGED
+    assert "/metrics did not answer within 2 s" in status.error
+
+
+@respx.mock
 async def test_no_metrics_and_no_slots_says_how_to_see_progress():
     ready_server(respx, props={**PROPS, "endpoint_slots": False})
     respx.post(COMPLETIONS).mock(side_effect=stall)

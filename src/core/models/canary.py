@@ -114,7 +114,9 @@ async def run_canary(
             if router and "not loaded" in (exc.server_message or ""):
                 # Unloaded between /v1/models and the canary; autoload=false kept it unloaded.
                 return CanaryOutcome(
-                    ServerState.READY, latency, detail={"skipped": "model unloaded meanwhile"}
+                    ServerState.READY,
+                    latency,
+                    detail={"skipped": "refused: the model was unloaded meanwhile"},
                 )
             return CanaryOutcome(
                 ServerState.ERROR, latency, error=f"the canary completion was refused: {exc}"

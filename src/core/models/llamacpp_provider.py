@@ -383,7 +383,7 @@ class _HealthReport:
 
 def _canary_summary(state: ServerState, detail: dict[str, Any]) -> str:
     if "skipped" in detail:
-        return f"not sent: {detail['skipped']}"
+        return detail["skipped"]
     if "deadline_missed" in detail:
         return f"missed its {detail['deadline_missed'].replace('_', '-')} deadline"
     if state == ServerState.READY:

@@ -1,9 +1,11 @@
-"""The scheduled health flow: is the server up, what is it serving, how busy is it.
+"""The scheduled health flow: is the server up, can it answer, how fast, how busy is it.
 
-Each run writes a markdown artifact and emits a Prefect event named after the state
-(`llamacpp.server.ready`, `llamacpp.server.unreachable`, ...) with the server as its resource,
-so a Prefect automation can alert on anything but `ready`. A run fails when the server is not
-ready, unless `fail_when_not_ready=False`.
+Each run checks the server, sends a one-token canary completion (unless the server sleeps or,
+in router mode, has no model loaded), writes a markdown artifact and emits a Prefect event
+named after the state (`llamacpp.server.ready`, `.busy`, `.wedged`, `.unreachable`, ...) with
+the server as its resource and the latency figures in its payload, so the automations in
+`automations/llamacpp-alerts.yaml` can alert on it. A run fails when the server is not ready;
+`busy` (slow but progressing) and `sleeping` count as ready, `wedged` does not.
 
     python -m flows.health [BLOCK_NAME]
 """
@@ -22,7 +24,9 @@ from prefect.events import emit_event
 from blocks.llamacpp import DEFAULT_BLOCK_NAME, LlamaCppServer
 from flows.report import markdown_table
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
+from src.core.models.canary import CanaryOptions, empty_latency
 from src.core.utils.exceptions import LlamaCppError
+from tasks.canary import check_health_with_canary
 from tasks.llamacpp import check_health, get_metrics, get_slots, load_server_or_env
 
 EVENT_PREFIX = "llamacpp.server"
@@ -43,23 +47,43 @@ class ServerNotReadyFlowError(LlamaCppError):
 
 @flow(
     name="llamacpp-health",
-    description="Check a llama.cpp server: state, model, slots and metrics; artifact + event.",
+    description="Check a llama.cpp server: state, a one-token canary (latency; busy or wedged), "
+    "model, slots and metrics; artifact + event.",
     retries=0,
 )
 async def llamacpp_health_flow(
     server: str = DEFAULT_BLOCK_NAME,
     fail_when_not_ready: bool = True,
     read_slots: bool = True,
+    canary: bool = True,
+    first_byte_timeout: float = 10.0,
+    total_timeout: float = 30.0,
+    fail_when_busy: bool = False,
 ) -> ProviderHealthStatus:
     """Check the server saved as block `server` (or the env settings when there is no such block).
 
-    `read_slots`: when metrics are off, read /slots for busy/total. /slots resets the server's
-    idle timer, so turn this off if the server uses --sleep-idle-seconds.
+    Args:
+        server: Name of a saved `llama.cpp Server` block; without one, the `LLAMACPP_*` settings.
+        fail_when_not_ready: Fail the run when the server is not ready (busy and sleeping count
+            as ready; wedged, loading, unreachable, unauthorized and error do not).
+        read_slots: When metrics are off, read /slots for busy/total. /slots resets the
+            server's idle timer, so turn this off if the server uses --sleep-idle-seconds.
+        canary: Send a one-token completion to a ready server to measure latency and tell a
+            busy server from a wedged one. Never sent to a sleeping server or to an unloaded
+            router model. A completion counts as activity for --sleep-idle-seconds.
+        first_byte_timeout: Seconds the canary waits for its first token.
+        total_timeout: Seconds the canary waits for its whole answer.
+        fail_when_busy: Also fail the run when the server is busy.
     """
     logger = get_run_logger()
     block, label = await load_server_or_env(server)
-    status = await check_health(block)
-    load = await _slot_load(block, status, read_slots) if status.state == ServerState.READY else {}
+    if canary:
+        options = CanaryOptions(first_byte_timeout=first_byte_timeout, total_timeout=total_timeout)
+        status = await check_health_with_canary(block, options)
+    else:
+        status = await check_health(block)
+    healthy = status.state in (ServerState.READY, ServerState.BUSY)
+    load = await _slot_load(block, status, read_slots) if healthy else {}
     logger.info(
         "llama-server %s is %s (model %s)%s",
         label,
@@ -85,8 +109,12 @@ async def llamacpp_health_flow(
             "error": status.error,
             "total_slots": status.metadata.get("total_slots"),
             **{key: value for key, value in load.items() if key in ("busy_slots",)},
+            "latency": status.metadata.get("latency") or empty_latency(),
+            "canary": canary_note(status, canary),
         },
     )
+    if fail_when_busy and status.state == ServerState.BUSY:
+        raise ServerNotReadyFlowError(f"llama-server {label} is busy: {status.error}")
     if fail_when_not_ready and not status.is_ready:
         raise ServerNotReadyFlowError(f"llama-server {label} is {status.state}: {status.error}")
     return status
@@ -129,11 +157,37 @@ def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]
         rows.append(
             ("Router models", ", ".join(f"{k}: {v}" for k, v in meta["router_models"].items()))
         )
+    latency = meta.get("latency")
+    if latency is not None:
+        rows += [
+            ("Canary", canary_note(status, True)),
+            ("Canary time to first byte", _seconds(latency.get("ttfb_s"))),
+            ("Canary total", _seconds(latency.get("total_s"))),
+            ("Prompt tokens/s (server average)", _rate(latency.get("prompt_tokens_per_s"))),
+            ("Generation tokens/s (server average)", _rate(latency.get("predicted_tokens_per_s"))),
+        ]
+        if meta.get("progress"):
+            rows.append(("Progress while the canary waited", meta["progress"]))
     if status.error:
         rows.append(("Problem", status.error))
     for name, value in (load.get("metrics") or {}).items():
         rows.append((f"metrics: {name}", f"{value:g}"))
     return markdown_table(f"llama.cpp server `{label}`", rows)
+
+
+def canary_note(status: ProviderHealthStatus, canary: bool) -> str:
+    """What happened to the canary, in a few words."""
+    if not canary:
+        return "not sent: turned off"
+    return status.metadata.get("canary") or f"not sent: the server is {status.state}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def artifact_key(label: str) -> str:

@@ -6,14 +6,19 @@ be had the session fails, it never skips. Servers are session- or module-scoped 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
+from contextlib import asynccontextmanager
 
+import httpx
 import pytest
 
 from harness.binary import ensure_llama_server
 from harness.models import ensure_model
 from harness.server import LlamaServer
 from src.core.utils.config import LlamaCppSettings
+from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 from tests.conftest import SECRET_KEY
 
 
@@ -51,6 +56,52 @@ def key_server(llama_server_bin, tiny_model, tmp_path_factory):
 def no_slots_server(llama_server_bin, tiny_model, tmp_path_factory):
     with _server(llama_server_bin, tiny_model, ["--no-slots"], tmp_path_factory) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def busy_server(llama_server_bin, tmp_path_factory):
+    """One slot of the 340 MB `bench` model, metrics on: tokens cost real time, so a long
+    generation keeps the slot busy for many seconds (see `long_generation`)."""
+    args = ["-np", "1", "-c", "2048", "--alias", "bench", "--metrics"]
+    with _server(llama_server_bin, ensure_model("bench"), args, tmp_path_factory) as running:
+        yield running
+
+
+@asynccontextmanager
+async def long_generation(server: LlamaServer, max_tokens: int = 1900):
+    """A long generation in flight on `server` (until it is generating), cancelled at the end.
+
+    Closing the connection makes llama-server drop the request, so the slot frees at once.
+    """
+    async with (
+        httpx.AsyncClient(timeout=300) as http,
+        LlamaCppClient(server.url, api_key=None) as client,
+    ):
+        baseline = (await client.get_metrics())["n_decode_total"]
+        request = asyncio.create_task(
+            http.post(
+                f"{server.openai_base}/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "Write a long story."}],
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                },
+            )
+        )
+        try:
+            for _ in range(300):
+                metrics = await client.get_metrics()
+                if metrics["requests_processing"] >= 1 and metrics["n_decode_total"] > baseline + 2:
+                    break
+                assert not request.done(), "the long generation ended before it was seen"
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the long generation never started")
+            yield request
+        finally:
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await request
 
 
 @pytest.fixture(scope="session")

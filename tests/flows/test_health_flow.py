@@ -9,6 +9,8 @@ from flows.health import artifact_key, llamacpp_health_flow
 from harness.server import free_port
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
+from tests.servers import long_generation
+from tests.stalling_proxy import StallingProxy
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +99,85 @@ async def test_a_missing_named_block_never_falls_back_to_env(
     state = await llamacpp_health_flow("no-such-block", return_state=True)
     assert state.is_failed()
     assert "No llama.cpp Server block named 'no-such-block'" in state.message
+
+
+# -- the canary: latency, busy, wedged ----------------------------------------------------
+
+
+async def test_ready_event_and_artifact_carry_the_canary_latency(
+    server, registered_block_type, asserting_events_worker, reset_worker_events
+):
+    await save_block("it-latency", server.openai_base)
+    state = await llamacpp_health_flow("it-latency", return_state=True)
+    assert state.is_completed(), state.message
+    record = await flow_run_record(state.state_details.flow_run_id)
+    (artifact,) = [a for a in record["artifacts"] if a.key == artifact_key("it-latency")]
+    assert "| Canary | answered |" in artifact.data
+    assert "Canary time to first byte" in artifact.data and " ms |" in artifact.data
+
+    asserting_events_worker.drain()
+    (event,) = events_named(asserting_events_worker)
+    latency = event.payload["latency"]
+    assert latency["ttfb_s"] > 0 and latency["total_s"] >= latency["ttfb_s"]
+    assert latency["prompt_tokens_per_s"] > 0
+    assert event.payload["canary"] == "answered"
+
+
+async def test_latency_keys_are_in_every_event_even_without_a_canary(
+    registered_block_type, asserting_events_worker, reset_worker_events
+):
+    await save_block("it-down-latency", f"http://127.0.0.1:{free_port()}/v1")
+    await llamacpp_health_flow("it-down-latency", return_state=True)
+    await save_block("it-no-canary", "http://127.0.0.1:9/v1")
+    await llamacpp_health_flow("it-no-canary", canary=False, return_state=True)
+    asserting_events_worker.drain()
+    down, off = events_named(asserting_events_worker)
+    assert down.payload["latency"] == off.payload["latency"]
+    assert set(down.payload["latency"]) == {
+        "ttfb_s",
+        "total_s",
+        "prompt_tokens_per_s",
+        "predicted_tokens_per_s",
+    }
+    assert set(down.payload["latency"].values()) == {None}
+    assert down.payload["canary"] == "not sent: the server is unreachable"
+    assert off.payload["canary"] == "not sent: turned off"
+
+
+async def test_busy_server_does_not_fail_the_run(
+    busy_server, registered_block_type, asserting_events_worker, reset_worker_events
+):
+    await save_block("it-busy", busy_server.openai_base)
+    async with long_generation(busy_server):
+        state = await llamacpp_health_flow("it-busy", first_byte_timeout=1, return_state=True)
+        strict = await llamacpp_health_flow(
+            "it-busy", first_byte_timeout=1, fail_when_busy=True, return_state=True
+        )
+    assert state.is_completed(), state.message
+    assert (await state.result()).state == "busy"
+    assert strict.is_failed() and "busy" in strict.message
+    record = await flow_run_record(state.state_details.flow_run_id)
+    (artifact,) = [a for a in record["artifacts"] if a.key == artifact_key("it-busy")]
+    assert "**busy**" in artifact.data and "Progress while the canary waited" in artifact.data
+    assert "1 / 1" in artifact.data  # the slot is taken
+    asserting_events_worker.drain()
+    event = events_named(asserting_events_worker)[0]
+    assert event.event == "llamacpp.server.busy"
+    assert event.payload["canary"] == "missed its first-byte deadline"
+    assert event.payload["latency"]["ttfb_s"] is None
+
+
+async def test_wedged_server_fails_the_run(
+    server, registered_block_type, asserting_events_worker, reset_worker_events
+):
+    # A real server behind a stalling proxy (tests/stalling_proxy.py): /health ok, completions hang.
+    with StallingProxy(server.url) as proxy:
+        await save_block("it-wedged", f"{proxy.url}/v1")
+        state = await llamacpp_health_flow("it-wedged", first_byte_timeout=1, return_state=True)
+    assert state.is_failed()
+    assert "wedged" in state.message and "nothing progresses" in state.message
+    asserting_events_worker.drain()
+    (event,) = events_named(asserting_events_worker)
+    assert event.event == "llamacpp.server.wedged"
+    assert event.resource.id == "llamacpp.server.it-wedged"
+    assert event.payload["latency"]["ttfb_s"] is None

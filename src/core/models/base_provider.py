@@ -15,6 +15,8 @@ class ServerState(StrEnum):
     UNAUTHORIZED = "unauthorized"  # reachable, the API key is missing or wrong
     UNREACHABLE = "unreachable"  # refused, DNS failure, timeout
     ERROR = "error"  # 5xx, or an answer llama-server would not send
+    BUSY = "busy"  # ready, the canary missed its deadline, but the server is making progress
+    WEDGED = "wedged"  # /health ok, the canary missed its deadline or failed, nothing progresses
 
 
 class ProviderHealthStatus(BaseModel):
@@ -31,5 +33,5 @@ class ProviderHealthStatus(BaseModel):
 
     @property
     def is_ready(self) -> bool:
-        """Ready to serve now, or asleep and woken by the next request."""
-        return self.state in (ServerState.READY, ServerState.SLEEPING)
+        """Ready to serve now, asleep and woken by the next request, or busy (slow, not stuck)."""
+        return self.state in (ServerState.READY, ServerState.SLEEPING, ServerState.BUSY)

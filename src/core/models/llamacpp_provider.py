@@ -25,6 +25,7 @@ from pydantic_ai.profiles.qwen import qwen_model_profile
 from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
 
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
+from src.core.models.canary import CanaryOptions, empty_latency, run_canary
 from src.core.utils.config import DEFAULT_BASE_URL, LlamaCppSettings, get_settings
 from src.core.utils.exceptions import (
     LlamaCppError,
@@ -205,9 +206,18 @@ async def detect_llamacpp_model(
     return model_id
 
 
-async def llamacpp_health_check(settings: LlamaCppSettings | None = None) -> ProviderHealthStatus:
-    """Ask the server in `settings` (default: env) what state it is in. Never raises for a fault."""
+async def llamacpp_health_check(
+    settings: LlamaCppSettings | None = None, *, canary: bool | CanaryOptions = False
+) -> ProviderHealthStatus:
+    """Ask the server in `settings` (default: env) what state it is in. Never raises for a fault.
+
+    `canary=True` (or `CanaryOptions(...)` for other deadlines) also sends a one-token
+    completion to a ready server and reports `metadata["latency"]`, and `busy` or `wedged`
+    when it misses a deadline (see `src.core.models.canary`). Off by default: without it the
+    check sends no completion at all.
+    """
     settings = settings or get_settings().llamacpp
+    options = CanaryOptions() if canary is True else (canary or None)
     try:
         server_url = settings.server_url
     except ModelError as exc:
@@ -217,17 +227,22 @@ async def llamacpp_health_check(settings: LlamaCppSettings | None = None) -> Pro
     async with LlamaCppClient(
         server_url.root, timeout=settings.timeout, api_key=settings.api_key
     ) as client:
-        return await check_server_health(client, model_name=settings.model_name)
+        return await check_server_health(client, model_name=settings.model_name, canary=options)
 
 
 async def check_server_health(
-    client: LlamaCppClient, model_name: str | None = None
+    client: LlamaCppClient, model_name: str | None = None, canary: CanaryOptions | None = None
 ) -> ProviderHealthStatus:
     """The health check on an open client: `/health`, then `/props`, then `/v1/models`.
 
     Reads `/props` (which does not wake a sleeping server) and never `/slots` (which does).
+    With `canary`, a ready server then gets the one-token canary; a sleeping one never does,
+    and in router mode only a loaded model does. `/slots` is read only when the canary missed
+    its deadline and `/metrics` is off.
     """
     status = _HealthReport(client.openai_base_url)
+    if canary is not None:
+        status.metadata["latency"] = empty_latency()
     try:
         health = await client.health_check()
         status.metadata["status"] = health.get("status") if isinstance(health, dict) else None
@@ -250,6 +265,7 @@ async def check_server_health(
     if props.get("is_sleeping"):
         # /v1/models would be served, but sleeping is the state to report; props names the model.
         model_id = props.get("model_alias") or _file_name(props.get("model_path"))
+        status.skip_canary("the server is asleep, and a completion would wake it")
         return status.build(ServerState.SLEEPING, model_id=model_id)
 
     try:
@@ -264,7 +280,10 @@ async def check_server_health(
         status.metadata["router_models"] = statuses
         loaded = [model for model, value in statuses.items() if value == "loaded"]
         chosen = model_name if model_name in loaded else (loaded[0] if loaded else None)
-        return status.build(ServerState.READY, model_id=chosen)
+        if chosen is None:
+            status.skip_canary("no model is loaded, and a check never loads one")
+            return status.build(ServerState.READY)
+        return await status.ready(client, chosen, canary, router=True)
 
     if not ids:
         return status.build(ServerState.ERROR, error="the server lists no model in /v1/models")
@@ -272,7 +291,7 @@ async def check_server_health(
         # Single-model servers answer any `model`, so this is a warning, not a failure.
         status.metadata["model_name_not_listed"] = model_name
         logger.warning("Configured model not listed", model_name=model_name, served=ids[0])
-    return status.build(ServerState.READY, model_id=ids[0])
+    return await status.ready(client, ids[0], canary)
 
 
 def summarize_props(props: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +336,38 @@ class _HealthReport:
             error=error,
         )
 
+    async def ready(
+        self,
+        client: LlamaCppClient,
+        model_id: str,
+        canary: CanaryOptions | None,
+        *,
+        router: bool = False,
+    ) -> ProviderHealthStatus:
+        """READY, or what the canary found instead when one is asked for."""
+        if canary is None:
+            return self.build(ServerState.READY, model_id=model_id)
+        try:
+            outcome = await run_canary(
+                client,
+                canary,
+                model=model_id,
+                # Router props say nothing about the child's endpoints: try, fall back.
+                metrics=router or bool(self.metadata.get("endpoint_metrics")),
+                slots=router or self.metadata.get("endpoint_slots", True) is not False,
+                router=router,
+            )
+        except LlamaCppError as exc:  # gone, restarted or locked between the reads
+            return self.from_error(exc)
+        self.metadata["latency"] = outcome.latency
+        self.metadata["canary"] = _canary_summary(outcome.state, outcome.detail)
+        self.metadata.update(outcome.detail)
+        return self.build(outcome.state, model_id=model_id, error=outcome.error)
+
+    def skip_canary(self, reason: str) -> None:
+        if "latency" in self.metadata:  # a canary was asked for
+            self.metadata["canary"] = f"not sent: {reason}"
+
     def from_error(self, exc: LlamaCppError) -> ProviderHealthStatus:
         if isinstance(exc, ServerUnreachableError):
             return self.build(ServerState.UNREACHABLE, error=str(exc), connected=False)
@@ -328,6 +379,16 @@ class _HealthReport:
         if isinstance(exc, UnauthorizedError):
             return self.build(ServerState.UNAUTHORIZED, error=str(exc))
         return self.build(ServerState.ERROR, error=str(exc))
+
+
+def _canary_summary(state: ServerState, detail: dict[str, Any]) -> str:
+    if "skipped" in detail:
+        return detail["skipped"]
+    if "deadline_missed" in detail:
+        return f"missed its {detail['deadline_missed'].replace('_', '-')} deadline"
+    if state == ServerState.READY:
+        return "answered"
+    return "failed"
 
 
 def _names_model(models: list[dict[str, Any]], model_name: str) -> bool:

@@ -11,6 +11,7 @@
     │   ├── NotSupportedError          501: endpoint switched off by a server flag
     │   └── UnexpectedResponseError    not what llama-server sends (a proxy's HTML page)
     ├── ServerNotReadyError            not ready before a deadline (transient)
+    ├── DeadlineExceededError          the health canary missed its first-byte or total deadline
     ├── BlockNotFoundError             no saved `llama.cpp Server` block of that name
     └── BatchError                     a batch cannot start or go on; finished work is saved
         ├── BatchAbortedError          stopped mid-run (wrong key, server gone past the deadline)
@@ -117,6 +118,24 @@ class NotSupportedError(ServerHTTPError):
 
 class UnexpectedResponseError(ServerHTTPError):
     """The answer is not what llama-server sends (e.g. a reverse proxy's HTML page)."""
+
+
+class DeadlineExceededError(LlamaCppError):
+    """A timed probe (the health canary) missed a deadline; `deadline` says which one.
+
+    `deadline` is "first_byte" (no streamed token within `limit_s`) or "total" (the answer did
+    not finish within `limit_s`). The request was cancelled. Whether the server is busy or
+    wedged is for the caller to find out (see `src.core.models.canary`).
+    """
+
+    transient = True
+
+    def __init__(
+        self, message: str, *, deadline: str, limit_s: float, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details={**(details or {}), "deadline": deadline})
+        self.deadline = deadline
+        self.limit_s = limit_s
 
 
 class ServerNotReadyError(LlamaCppError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ from pydantic import SecretStr
 
 from src.core.utils.config import get_settings
 from src.core.utils.exceptions import (
+    DeadlineExceededError,
     ModelError,
     NotSupportedError,
     ServerDisconnectedError,
@@ -384,6 +386,117 @@ class LlamaCppClient:
             status_code=status,
             url=url,
         )
+
+    # -- canary (deep health) ------------------------------------------------------------
+
+    async def probe_completion(
+        self,
+        model: str | None = None,
+        *,
+        first_byte_timeout: float = 10,
+        total_timeout: float = 30,
+        prompt: str = "Say OK.",
+    ) -> CompletionProbe:
+        """A one-token streamed `POST /v1/chat/completions`, timed; what a health canary sends.
+
+        Returns the time to the first streamed event (the answer's first byte: llama-server may
+        send its headers before the model has read the prompt, so they do not count) and to the
+        end of the answer. Raises `DeadlineExceededError` (`deadline` "first_byte" or "total")
+        when a deadline passes; the connection is then closed, which makes llama-server drop the
+        request. Raises the usual errors for a refused connection or an error status, and
+        `ServerHTTPError` when the stream itself carries an error. Naming `model` also sends
+        `autoload=false`, so in router mode a probe never loads a model.
+        """
+        path = "/v1/chat/completions"
+        url = self._server_url.endpoint(path)
+        payload: dict[str, Any] = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "stream": True,
+        }
+        if model:
+            payload["model"] = model
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline, limit = "first_byte", min(first_byte_timeout, total_timeout)
+        first_byte_s = None
+        finish_reason = None
+        try:
+            async with asyncio.timeout(limit) as timer:
+                async with self._http.stream(
+                    "POST",
+                    url,
+                    json=payload,
+                    params={"autoload": "false"} if model else None,
+                    # Our own deadlines decide; httpx's only guards against a lost timer.
+                    timeout=httpx.Timeout(total_timeout + 5),
+                ) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        raise self._status_error(path, url, response, None)
+                    async for chunk in self._sse_events(path, url, response):
+                        if first_byte_s is None:
+                            first_byte_s = loop.time() - started
+                            deadline, limit = "total", total_timeout
+                            timer.reschedule(started + total_timeout)
+                        for choice in chunk.get("choices") or []:
+                            finish_reason = choice.get("finish_reason") or finish_reason
+        except TimeoutError:
+            missed = "send a first token" if deadline == "first_byte" else "finish its answer"
+            raise DeadlineExceededError(
+                f"llama-server at {self.base_url} did not {missed} to a one-token request "
+                f"within {limit:g} s",
+                deadline=deadline,
+                limit_s=limit,
+                details={"url": url},
+            ) from None
+        except httpx.RequestError as exc:
+            raise ServerUnreachableError(
+                f"lost llama-server at {self.base_url} during {path} ({type(exc).__name__}); "
+                "is it running?",
+                details={"url": url},
+            ) from None
+        return CompletionProbe(
+            first_byte_s=first_byte_s,
+            total_s=loop.time() - started,
+            finish_reason=finish_reason,
+        )
+
+    async def _sse_events(self, path: str, url: str, response: httpx.Response):
+        """The JSON events of a llama-server SSE stream up to `[DONE]`; raises on an error event."""
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators and ": ping" comments
+            data = line.removeprefix("data:").strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise self._unexpected(path, response.status_code, "not an SSE JSON stream")
+            if chunk.get("error"):
+                error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+                message = error.get("message") or str(chunk["error"])
+                code = error.get("code")
+                raise ServerHTTPError(
+                    f"{url} failed in the middle of its answer: {message}",
+                    status_code=code if isinstance(code, int) else 500,
+                    url=url,
+                    server_message=message,
+                )
+            yield chunk
+        raise self._unexpected(path, response.status_code, "a stream that ended without [DONE]")
+
+
+@dataclass(frozen=True)
+class CompletionProbe:
+    """What `LlamaCppClient.probe_completion` measured, in seconds."""
+
+    first_byte_s: float  # to the first streamed token
+    total_s: float
+    finish_reason: str | None = None
 
 
 def router_model_status(entry: dict[str, Any]) -> str | None:

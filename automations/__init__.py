@@ -1,0 +1,1 @@
+"""Alert automations for the health flow, as code: llamacpp-alerts.yaml and its installer."""

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
 
-from blocks.llamacpp import DEFAULT_BLOCK_NAME, LlamaCppServer
+from blocks.llamacpp import LlamaCppServer
 from flows.report import markdown_table
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.canary import CanaryOptions, empty_latency
@@ -52,7 +52,7 @@ class ServerNotReadyFlowError(LlamaCppError):
     retries=0,
 )
 async def llamacpp_health_flow(
-    server: str = DEFAULT_BLOCK_NAME,
+    server: str | None = None,
     fail_when_not_ready: bool = True,
     read_slots: bool = True,
     canary: bool = True,
@@ -60,10 +60,11 @@ async def llamacpp_health_flow(
     total_timeout: float = 30.0,
     fail_when_busy: bool = False,
 ) -> ProviderHealthStatus:
-    """Check the server saved as block `server` (or the env settings when there is no such block).
+    """Check the server saved as block `server`.
 
     Args:
-        server: Name of a saved `llama.cpp Server` block; without one, the `LLAMACPP_*` settings.
+        server: Name of a saved `llama.cpp Server` block; it must exist. Left out: the block
+            saved as `llamacpp`, else the `LLAMACPP_*` settings (the run log says which).
         fail_when_not_ready: Fail the run when the server is not ready (busy and sleeping count
             as ready; wedged, loading, unreachable, unauthorized and error do not).
         read_slots: When metrics are off, read /slots for busy/total. /slots resets the
@@ -197,8 +198,6 @@ def artifact_key(label: str) -> str:
 
 if __name__ == "__main__":
     final = asyncio.run(
-        llamacpp_health_flow(
-            sys.argv[1] if len(sys.argv) > 1 else DEFAULT_BLOCK_NAME, return_state=True
-        )
+        llamacpp_health_flow(sys.argv[1] if len(sys.argv) > 1 else None, return_state=True)
     )
     sys.exit(0 if final.is_completed() else 1)

@@ -99,6 +99,11 @@ async def test_a_missing_named_block_never_falls_back_to_env(
     state = await llamacpp_health_flow("no-such-block", return_state=True)
     assert state.is_failed()
     assert "No llama.cpp Server block named 'no-such-block'" in state.message
+    # With no name and no `llamacpp` block saved, the environment is used, and said so.
+    state = await llamacpp_health_flow(canary=False, return_state=True)
+    assert state.is_completed(), state.message
+    record = await flow_run_record(state.state_details.flow_run_id)
+    assert "using the LLAMACPP_* environment settings" in record["logs"]
 
 
 # -- the canary: latency, busy, wedged ----------------------------------------------------

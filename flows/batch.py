@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
 from flows.batch_progress import BatchProgress
+from flows.fleet import FleetMember, gate_fleet, resolve_servers, server_names
 from flows.report import markdown_table
+from src.core.batch.dispatch import Lane
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines
 from src.core.batch.ledger import Ledger
 from src.core.batch.records import ResultLine, result_line
@@ -34,9 +37,20 @@ from src.core.batch.runner import DEFAULT_QUEUE_DEPTH, BatchOptions, BatchRunner
 from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME
 from src.core.models.llamacpp_request import schema_problem
 from src.core.utils.exceptions import BatchAbortedError, BatchPathError
-from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
+
+
+class ServerShare(BaseModel):
+    """One server's part of a run."""
+
+    server: str
+    capacity: int
+    succeeded: int = 0
+    failed: int = 0
+    completion_tokens_per_s: float = 0.0
+    taken_out: int = 0
+    rejoined: int = 0
 
 
 class BatchSummary(BaseModel):
@@ -62,6 +76,8 @@ class BatchSummary(BaseModel):
     max_in_flight: int = 0
     ledger_unreadable_lines: int = 0
     settings_changed: list[str] = Field(default_factory=list)
+    skipped_servers: dict[str, str] = Field(default_factory=dict)
+    servers: list[ServerShare] = Field(default_factory=list)
     abort_reason: str | None = None
 
 
@@ -85,7 +101,7 @@ async def run_chunk(number: int, items: list[BatchItem], runner: BatchRunner) ->
 async def llamacpp_batch_flow(
     input_path: str,
     output_path: str,
-    server: str | None = None,
+    server: str | list[str] | None = None,
     system_prompt: str | None = None,
     output_schema: dict[str, Any] | None = None,
     max_tokens: int | None = 512,
@@ -124,33 +140,16 @@ async def llamacpp_batch_flow(
         raise ValueError("max_tokens must be at least 1 (or None for the server's default)")
     if temperature is not None and not 0 <= temperature <= 100:  # also refuses NaN
         raise ValueError("temperature must be a number from 0 to 100")
-    if server is not None and not server.strip():
-        raise ValueError(
-            "server is an empty name: give the name of a llama.cpp Server block, or leave it out "
-            "to use the 'llamacpp' block (else the LLAMACPP_* settings)"
-        )
+    server_names(server)  # an empty or repeated name fails before anything is opened
     if max_attempts < 1 or max_crashes < 1:
         raise ValueError("max_attempts and max_crashes must be at least 1")
     if output_schema is not None and (problem := schema_problem(output_schema)):
         raise ValueError(f"output_schema is {problem}")
 
     with Ledger.open(target, source) as ledger:
-        block, label = await load_server_or_env(server)
-        await wait_until_ready(block, timeout=ready_timeout)
-        status = await check_health(block)
-        if not status.is_ready:
-            raise BatchAbortedError(
-                f"llama-server {label} is {status.state}: {status.error} No prompt was sent."
-            )
-        model = block.model_name or status.model_id
-        if status.metadata.get("role") == "router" and not model:
-            raise BatchAbortedError(
-                "llama-server runs in router mode with no model loaded: set model_name on the "
-                "block."
-            )
-        slots = status.metadata.get("total_slots")
+        members = await gate_fleet(await resolve_servers(server), ready_timeout)
         options = BatchOptions(
-            concurrency=concurrency or (slots or 4) + queue_depth,
+            concurrency=0,  # set per server below
             system_prompt=system_prompt,
             output_schema=output_schema,
             max_tokens=max_tokens,
@@ -161,25 +160,32 @@ async def llamacpp_batch_flow(
             request_timeout=request_timeout,
             extra_body=extra_body,
         )
+        lanes = [
+            _lane(member, concurrency, queue_depth, request_timeout)
+            for member in members
+            if member.skipped is None
+        ]
+        model = ",".join(sorted({lane.model for lane in lanes}))
+        options = replace(options, concurrency=sum(lane.capacity for lane in lanes))
         summary = BatchSummary(
             input_path=str(source),
             output_path=str(target),
-            server=label,
-            base_url=status.base_url,
-            model=model or DEFAULT_MODEL_NAME,
+            server=",".join(member.label for member in members),
+            base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
+            model=model,
             concurrency=options.concurrency,
             ledger_unreadable_lines=ledger.state.unreadable_lines,
+            skipped_servers={m.label: m.skipped for m in members if m.skipped},
         )
         summary.settings_changed = ledger.check_settings(
-            options.run_settings(summary.model), allow_change=allow_settings_change
+            options.run_settings(model), allow_change=allow_settings_change
         )
         logger.info(
-            "Batch %s -> %s on %s (%s, %s slots, %d in flight)",
+            "Batch %s -> %s on %s (%s; %d in flight)",
             source,
             target,
-            label,
+            ", ".join(f"{lane.name}: {lane.capacity}" for lane in lanes),
             summary.model,
-            slots or "?",
             options.concurrency,
         )
         _log_ledger_repairs(logger, ledger, target)
@@ -192,7 +198,7 @@ async def llamacpp_batch_flow(
             progress.advance(failed=result["error"] is not None)
 
         runner = BatchRunner(
-            block.settings(),
+            lanes,
             summary.model,
             options,
             on_result=finished,
@@ -232,6 +238,23 @@ async def llamacpp_batch_flow(
     if summary.outcome == "aborted":
         raise BatchAbortedError(summary.abort_reason or "batch aborted")
     return summary
+
+
+def _lane(
+    member: FleetMember, concurrency: int | None, queue_depth: int, request_timeout: float
+) -> Lane:
+    status = member.status
+    slots = status.metadata.get("total_slots") or 4
+    model = member.block.model_name or status.model_id or DEFAULT_MODEL_NAME
+    served = set(status.metadata.get("models") or [])
+    return Lane(
+        member.label,
+        member.block.settings(),
+        model,
+        min(concurrency, slots + queue_depth) if concurrency else slots + queue_depth,
+        served_models=frozenset(served),
+        request_timeout=request_timeout,
+    )
 
 
 def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
@@ -355,6 +378,20 @@ def _fill_summary(summary: BatchSummary, runner: BatchRunner, wall_time: float) 
         round(stats.completion_tokens / wall_time, 2) if wall_time else 0
     )
     summary.max_in_flight = runner.max_in_flight
+    summary.servers = [
+        ServerShare(
+            server=lane.name,
+            capacity=lane.capacity,
+            succeeded=lane.stats.succeeded,
+            failed=lane.stats.failed,
+            completion_tokens_per_s=round(lane.stats.completion_tokens / wall_time, 2)
+            if wall_time
+            else 0,
+            taken_out=lane.stats.taken_out,
+            rejoined=lane.stats.rejoined,
+        )
+        for lane in runner.lanes
+    ]
 
 
 def render_summary(summary: BatchSummary) -> str:
@@ -378,6 +415,18 @@ def render_summary(summary: BatchSummary) -> str:
         rows.append(("Unreadable ledger lines (skipped)", summary.ledger_unreadable_lines))
     if summary.settings_changed:
         rows.append(("Settings changed (allowed)", ", ".join(summary.settings_changed)))
+    for name, why in summary.skipped_servers.items():
+        rows.append((f"Skipped server {name}", why))
+    if len(summary.servers) > 1:
+        rows += [
+            (
+                f"Server {share.server}",
+                f"{share.succeeded} done, {share.failed} failed, "
+                f"{share.completion_tokens_per_s} tok/s, {share.capacity} in flight, "
+                f"out {share.taken_out}x, rejoined {share.rejoined}x",
+            )
+            for share in summary.servers
+        ]
     rows += [(f"Failed: {kind}", count) for kind, count in sorted(summary.failed_by_kind.items())]
     if summary.abort_reason:
         rows.append(("Aborted because", summary.abort_reason))
@@ -392,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="JSONL results file (appended; rerun to resume)")
     parser.add_argument(
         "--server",
-        help="llama.cpp Server block name (default: the block 'llamacpp', else LLAMACPP_* env)",
+        action="append",
+        help="llama.cpp Server block name; repeat it for a fleet "
+        "(default: the block 'llamacpp', else the LLAMACPP_* settings)",
     )
     parser.add_argument("--system-prompt")
     parser.add_argument("--schema", type=Path, help="JSON Schema file: answers become objects")
@@ -419,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         state = await llamacpp_batch_flow(
             args.input,
             args.output,
-            server=args.server,
+            server=args.server[0] if args.server and len(args.server) == 1 else args.server,
             system_prompt=args.system_prompt,
             output_schema=schema,
             max_tokens=args.max_tokens,

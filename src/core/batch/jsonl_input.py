@@ -42,13 +42,23 @@ class BatchItem:
     temperature: float | None = None
     output_schema: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None  # the line's own stop, seed, top_p, penalties
+    model: str | None = None  # the model the line asks for: only servers serving it run it
 
     @cached_property
     def input_fp(self) -> str:
-        """Fingerprint of what the line itself asks (messages and its own settings)."""
-        return fingerprint(
-            [self.messages, self.max_tokens, self.temperature, self.output_schema, self.sampling]
-        )
+        """Fingerprint of what the line itself asks (messages and its own settings).
+
+        Only the fields the line sets count, so a field added in a later version leaves the
+        fingerprints of existing ledgers as they were."""
+        asked = {
+            "messages": self.messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "output_schema": self.output_schema,
+            "sampling": self.sampling,
+            "model": self.model,
+        }
+        return fingerprint({key: value for key, value in asked.items() if value is not None})
 
 
 @dataclass(frozen=True)
@@ -308,6 +318,11 @@ def _number(value: Any) -> bool:
 
 def _settings(source: dict[str, Any]) -> dict[str, Any] | str | tuple[InputErrorKind, str]:
     settings: dict[str, Any] = {}
+    model = source.get("model")
+    if model is not None:
+        if not isinstance(model, str) or not model.strip():
+            return "model must be a non-empty string"
+        settings["model"] = model.strip()
     for name in _UNSUPPORTED:
         if source.get(name) is not None:
             return ("unsupported", f"{name!r} is not supported by this batch (tools are not run)")

@@ -16,7 +16,7 @@ that was answered; a rerun skips an id only when both still match. A failed item
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal, NotRequired, TypedDict, get_args
 
 InputErrorKind = Literal[
     "invalid_encoding",  # the line is not UTF-8
@@ -30,6 +30,7 @@ InputErrorKind = Literal[
 ]
 ItemErrorKind = Literal[
     "ledger_mismatch",  # the ledger answered a different request under this id
+    "no_server_for_model",  # the line names a model no server of the run serves
     "bad_request",  # 4xx for this request (e.g. the prompt exceeds the context)
     "validation",  # the answer does not fit the output schema (or could not be parsed)
     "invalid_response",  # the server's answer is not a chat completion
@@ -66,6 +67,7 @@ class ResultLine(TypedDict):
     attempts: int
     settings_fp: str | None
     input_fp: str | None
+    server: NotRequired[str]
     finished_at: str
 
 
@@ -81,9 +83,11 @@ def result_line(
     attempts: int = 0,
     settings_fp: str | None = None,
     input_fp: str | None = None,
+    server: str | None = None,
 ) -> ResultLine:
-    """The one constructor of a result line."""
-    return {
+    """The one constructor of a result line. `server` (the block that answered) is written when
+    the run has more than one server."""
+    line: ResultLine = {
         "custom_id": custom_id,
         "line": line,
         "output": output,
@@ -96,3 +100,6 @@ def result_line(
         "input_fp": input_fp,
         "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
     }
+    if server is not None:
+        line["server"] = server
+    return line

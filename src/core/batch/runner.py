@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from src.core.batch.dispatch import Dispatcher, Lane
 from src.core.batch.jsonl_input import BatchItem
 from src.core.batch.ledger import RunSettings
 from src.core.batch.records import ErrorKind, ResultLine, result_line
@@ -51,7 +52,7 @@ from src.core.utils.exceptions import (
     UnexpectedResponseError,
 )
 from src.core.utils.logging import get_logger_with_context
-from src.infrastructure.llm.llamacpp_client import KEY_HINT, LlamaCppClient
+from src.infrastructure.llm.llamacpp_client import KEY_HINT
 
 logger = get_logger_with_context("batch")
 
@@ -111,15 +112,18 @@ class BatchStats:
 
 
 class BatchRunner:
-    """Runs `BatchItem`s; `on_result` receives each finished result line (to write and count).
+    """Runs `BatchItem`s over one llama-server or a fleet; `on_result` receives each finished
+    result line (to write and count).
 
-    `already_done(custom_id)` is asked before an item is sent: an item answered earlier (a
-    Prefect-level retry of a chunk, say) is never sent or written again.
+    `servers` is one server's `LlamaCppSettings` (a lane named "server" serving `model_name`,
+    `options.concurrency` in flight) or a list of `Lane`s. `already_done(custom_id)` is asked
+    before an item is sent: an item answered earlier (a Prefect-level retry of a chunk, say) is
+    never sent or written again.
     """
 
     def __init__(
         self,
-        settings: LlamaCppSettings,
+        servers: LlamaCppSettings | list[Lane],
         model_name: str,
         options: BatchOptions,
         on_result: Callable[[ResultLine], None],
@@ -132,31 +136,37 @@ class BatchRunner:
         self.on_result = on_result
         self.already_done = already_done
         self.stats = BatchStats()
-        self.in_flight = 0
         self.max_in_flight = 0
-        self._slots = asyncio.Semaphore(options.concurrency)
-        self._solo = asyncio.Lock()  # one crash suspect at a time has the server to itself
-        self._suspects = 0
-        self._no_suspects = asyncio.Event()
-        self._no_suspects.set()
-        root = settings.server_url.root
-        self._client = LlamaCppClient(
-            root,
-            timeout=options.request_timeout,
-            api_key=settings.api_key,
-            max_connections=options.concurrency,
-            connect_timeout=10,
-        )
-        self._gate = LlamaCppClient(root, timeout=settings.timeout, api_key=settings.api_key)
-        self._gate_lock = asyncio.Lock()
-        self._epoch = 0  # bumped each time the server is back after going away
+        if isinstance(servers, LlamaCppSettings):
+            servers = [
+                Lane(
+                    "server",
+                    servers,
+                    model_name,
+                    options.concurrency,
+                    request_timeout=options.request_timeout,
+                )
+            ]
+        self.lanes = servers
+        self.dispatch = Dispatcher(servers, options.ready_timeout)
+        self._watchers: dict[Lane, asyncio.Task] = {}
+        self._checking: dict[Lane, asyncio.Task] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return self.dispatch.in_flight
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-        await self._gate.aclose()
+        for task in [*self._watchers.values(), *self._checking.values()]:
+            task.cancel()
+        await asyncio.gather(
+            *self._watchers.values(), *self._checking.values(), return_exceptions=True
+        )
+        for lane in self.lanes:
+            await lane.aclose()
 
     async def run(self, items: list[BatchItem]) -> None:
-        """Run `items` concurrently (bounded by the shared slots); raises `BatchAbortedError`."""
+        """Run `items` concurrently (bounded by the lanes' slots); raises `BatchAbortedError`."""
         async with asyncio.TaskGroup() as group:
             for item in items:
                 group.create_task(self.run_item(item))
@@ -172,12 +182,11 @@ class BatchRunner:
 
     # -- one item ------------------------------------------------------------------------------
 
-    async def _attempts(self, item: BatchItem) -> ResultLine:
-        started = time.monotonic()
+    def _request(self, item: BatchItem, model: str):
         options = self.options
-        request = build_chat_request(
+        return build_chat_request(
             item.messages,
-            model=self.model_name,
+            model=model,
             system_prompt=options.system_prompt,
             output_schema=item.output_schema
             if item.output_schema is not None
@@ -187,28 +196,56 @@ class BatchRunner:
             extra_body=options.extra_body,
             sampling=item.sampling,
         )
+
+    async def _attempts(self, item: BatchItem) -> ResultLine:
+        started = time.monotonic()
+        options = self.options
+        requests: dict[str, Any] = {}
         attempts = failures = crashes = 0
         limit = 2 * (options.max_attempts + options.max_crashes)
+        lane: Lane | None = None
 
         def line(**fields: Any) -> ResultLine:
-            return result_line(
+            result = result_line(
                 item.custom_id,
                 item.line,
                 attempts=attempts,
                 latency_s=time.monotonic() - started,
                 input_fp=item.input_fp,
                 settings_fp=self.settings_fp,
+                server=lane.name if lane and len(self.lanes) > 1 else None,
                 **fields,
             )
+            if lane is not None:
+                if result["error"] is None:
+                    lane.stats.succeeded += 1
+                else:
+                    lane.stats.failed += 1
+                if result["usage"]:
+                    lane.stats.completion_tokens += result["usage"]["completion_tokens"]
+            return result
 
+        if not self.dispatch.serves(item.model):
+            return line(
+                error=(
+                    "no_server_for_model",
+                    f"line {item.line}: no server of this run serves model {item.model!r} "
+                    f"(they serve {', '.join(sorted(self._served()))})",
+                )
+            )
         try:
             while True:
                 attempts += 1
-                epoch = self._epoch
                 alone = crashes > 0
-                await self._take_slot(alone)
+                lane = await self.dispatch.take(item.model, alone=alone)
+                self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
+                epoch = lane.epoch
+                model = item.model or lane.model
+                request = requests.get(model) or requests.setdefault(
+                    model, self._request(item, model)
+                )
                 try:
-                    body = await self._client.chat_completion(request.body)
+                    body = await lane.client.chat_completion(request.body)
                     fault = None
                 except LlamaCppError as exc:
                     fault = exc
@@ -218,7 +255,7 @@ class BatchRunner:
                         error=("invalid_response", f"the request failed ({type(exc).__name__})")
                     )
                 finally:
-                    self._give_slot(alone)
+                    self.dispatch.give(lane, alone=alone)
 
                 if fault is None:
                     try:
@@ -246,10 +283,11 @@ class BatchRunner:
                     crashes += 1
                     self.stats.crashes_seen += 1
                     if crashes == 1:
-                        self._add_suspect()
+                        self.dispatch.add_suspect()
                     logger.warning(
                         "llama-server dropped a request unanswered; it runs alone from now on",
                         custom_id=item.custom_id,
+                        server=lane.name,
                         crashes=crashes,
                     )
                     if crashes >= options.max_crashes:
@@ -263,7 +301,7 @@ class BatchRunner:
                         )
                     if attempts >= limit:
                         return line(error=("unreachable", str(fault)))
-                    await self._wait_for_server(epoch)
+                    await self._check_lane(lane, epoch)
                 elif isinstance(fault, ServerTimeoutError):
                     failures += 1
                     if failures >= options.max_attempts or attempts >= limit:
@@ -276,11 +314,9 @@ class BatchRunner:
                         if isinstance(fault, ServerHTTPError):
                             kind = "server_unavailable"
                         return line(error=(kind, str(fault)))
-                    await self._wait_for_server(epoch)
+                    await self._check_lane(lane, epoch)
                 elif isinstance(fault, UnauthorizedError):
-                    raise BatchAbortedError(
-                        f"llama-server rejected the API key mid-batch: {KEY_HINT}"
-                    ) from fault
+                    self._take_out_for_good(lane, fault)
                 elif isinstance(fault, ServerHTTPError) and not fault.transient:
                     return line(error=_status_fault(fault))
                 elif isinstance(fault, ServerHTTPError):
@@ -288,10 +324,9 @@ class BatchRunner:
                     if attempts >= limit:
                         return line(error=("server_unavailable", str(fault)))
                     if failures >= options.max_attempts:
-                        if not await self._server_is_down():
+                        if not await self._check_lane(lane, epoch):
                             return line(error=("server_unavailable", str(fault)))
                         failures = 0  # a proxy in front of a server that is gone: wait for it
-                        await self._wait_for_server(epoch)
                         continue
                     self.stats.retries += 1
                     await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
@@ -299,77 +334,65 @@ class BatchRunner:
                     raise fault
         finally:
             if crashes:
-                self._remove_suspect()
+                self.dispatch.remove_suspect()
 
-    # -- slots ---------------------------------------------------------------------------------
+    def _served(self) -> set[str]:
+        return {name for lane in self.lanes for name in (lane.model, *lane.served_models)}
 
-    async def _take_slot(self, alone: bool) -> None:
-        """One of `concurrency` slots; `alone`: all of them, so nothing else is in flight."""
-        if alone:
-            await self._solo.acquire()
-            for _ in range(self.options.concurrency):
-                await self._slots.acquire()
-            self.stats.run_alone += 1
-        else:
-            while True:
-                await self._slots.acquire()
-                if not self._suspects:
-                    break
-                self._slots.release()  # suspects first: they run alone
-                await self._no_suspects.wait()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+    # -- lanes going and coming ------------------------------------------------------------------
 
-    def _give_slot(self, alone: bool) -> None:
-        self.in_flight -= 1
-        if alone:
-            for _ in range(self.options.concurrency):
-                self._slots.release()
-            self._solo.release()
-        else:
-            self._slots.release()
+    async def _check_lane(self, lane: Lane, epoch: int) -> bool:
+        """After a failed request: is `lane` down? If so take it out and watch it come back.
 
-    def _add_suspect(self) -> None:
-        self._suspects += 1
-        self._no_suspects.clear()
+        One check per lane at a time; the others wait for its answer. Returns True when down.
+        """
+        if lane.epoch != epoch or not lane.up:
+            return not lane.up
+        check = self._checking.get(lane)
+        if check is None or check.done():
+            check = self._checking[lane] = asyncio.create_task(self._is_down(lane))
+        down = await asyncio.shield(check)
+        if down and lane.epoch == epoch and self.dispatch.lane_down(lane):
+            self.stats.server_waits += 1
+            logger.warning(
+                "llama-server went away mid-batch; its work goes to the others while it is watched",
+                server=lane.name,
+                url=lane.gate.base_url,
+            )
+            self._watchers[lane] = asyncio.create_task(self._watch(lane))
+        return down
 
-    def _remove_suspect(self) -> None:
-        self._suspects -= 1
-        if not self._suspects:
-            self._no_suspects.set()
-
-    # -- the server ----------------------------------------------------------------------------
-
-    async def _server_is_down(self) -> bool:
+    async def _is_down(self, lane: Lane) -> bool:
         try:
-            await self._gate.health_check()
+            await lane.gate.health_check()
         except (ServerUnreachableError, ServerLoadingError):
             return True
         except LlamaCppError:
             return False
         return False
 
-    async def _wait_for_server(self, epoch: int) -> None:
-        """One worker waits through the gate; the others wait for it. Raises past the deadline."""
-        async with self._gate_lock:
-            if epoch != self._epoch:
-                return  # another worker already saw the server come back
-            self.stats.server_waits += 1
-            logger.warning(
-                "llama-server went away mid-batch; waiting for it",
-                server=self._gate.base_url,
-                timeout_s=self.options.ready_timeout,
-            )
+    async def _watch(self, lane: Lane) -> None:
+        """Poll a lane that went away until it is ready again, then let it take work."""
+        while True:
             try:
-                await self._gate.wait_until_ready(timeout=self.options.ready_timeout)
+                await lane.gate.wait_until_ready(timeout=self.options.ready_timeout)
             except UnauthorizedError as exc:
-                raise BatchAbortedError(str(exc)) from exc
-            except LlamaCppError as exc:
-                raise BatchAbortedError(
-                    f"{exc} Every finished result is saved; rerun the batch to do the rest."
-                ) from exc
-            self._epoch += 1
-            logger.info("llama-server is back; resuming", server=self._gate.base_url)
+                self._take_out_for_good(lane, exc)
+                return
+            except LlamaCppError:
+                continue
+            logger.info("llama-server is back; it takes work again", server=lane.name)
+            self.dispatch.lane_up(lane)
+            return
+
+    def _take_out_for_good(self, lane: Lane, fault: LlamaCppError) -> None:
+        self.dispatch.lane_down(lane)
+        lane.epoch += 1
+        logger.error("llama-server rejected the API key mid-batch", server=lane.name)
+        if not any(other.up for other in self.lanes):
+            raise BatchAbortedError(
+                f"llama-server rejected the API key mid-batch: {KEY_HINT}"
+            ) from fault
 
 
 def _status_fault(exc: ServerHTTPError) -> tuple[ErrorKind, str]:

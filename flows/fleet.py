@@ -1,0 +1,104 @@
+"""One server or a fleet: resolving the `server` parameter and the readiness gate over several.
+
+`server` on the flows is a block name, a list of names, or None (the `llamacpp` block, else the
+`LLAMACPP_*` settings). Every named block must exist: a typo fails the run before anything is
+sent. The gate checks every server at once; servers not ready are skipped and reported, unless
+none is ready, in which case it waits (up to `ready_timeout`) for the first that is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from prefect import get_run_logger
+
+from blocks.llamacpp import LlamaCppServer
+from src.core.models.base_provider import ProviderHealthStatus
+from src.core.utils.exceptions import BatchAbortedError, LlamaCppError
+from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
+
+ServerNames = str | list[str] | None
+
+
+@dataclass
+class FleetMember:
+    label: str
+    block: LlamaCppServer
+    status: ProviderHealthStatus | None = None
+    skipped: str | None = None  # why it takes no work in this run
+
+
+def server_names(server: ServerNames) -> list[str | None]:
+    """`server` as a list of names (None: the default). Raises `ValueError` for an empty name, an
+    empty list, or a name given twice."""
+    names = [server] if server is None or isinstance(server, str) else list(server)
+    if not names:
+        raise ValueError("server is an empty list: name at least one llama.cpp Server block")
+    for name in names:
+        if name is not None and not name.strip():
+            raise ValueError(
+                "server is an empty name: give the name of a llama.cpp Server block, or leave it "
+                "out to use the 'llamacpp' block (else the LLAMACPP_* settings)"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"server names a block twice: {names}")
+    return names
+
+
+async def resolve_servers(server: ServerNames) -> list[FleetMember]:
+    """The blocks `server` names, each once, in order. Raises for an empty or missing name."""
+    names = server_names(server)
+    members = []
+    for name in names:
+        block, label = await load_server_or_env(name)
+        members.append(FleetMember(label, block))
+    return members
+
+
+async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[FleetMember]:
+    """Check every server at once; the ready ones, in order. Raises `BatchAbortedError`, saying
+    why each one is not ready, when none becomes ready within `ready_timeout`."""
+    logger = get_run_logger()
+    await _check_all(members)
+    ready = [member for member in members if member.skipped is None]
+    if not ready:
+        waiting = [
+            asyncio.create_task(wait_until_ready(member.block, timeout=ready_timeout))
+            for member in members
+            if member.status is None or member.status.state.value != "unauthorized"
+        ]
+        if waiting:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            await _check_all(members)
+            ready = [member for member in members if member.skipped is None]
+    if not ready:
+        reasons = "; ".join(f"{member.label}: {member.skipped}" for member in members)
+        raise BatchAbortedError(f"no llama-server is ready ({reasons}). No prompt was sent.")
+    for member in members:
+        if member.skipped:
+            logger.warning("Skipping llama-server %s: %s", member.label, member.skipped)
+    return ready
+
+
+async def _check_all(members: list[FleetMember]) -> None:
+    statuses = await asyncio.gather(
+        *(check_health(member.block) for member in members), return_exceptions=True
+    )
+    for member, status in zip(members, statuses, strict=True):
+        if isinstance(status, BaseException):
+            if not isinstance(status, LlamaCppError):
+                raise status
+            member.status, member.skipped = None, str(status)
+            continue
+        member.status = status
+        model = member.block.model_name or status.model_id
+        if not status.is_ready:
+            member.skipped = f"{status.state}: {status.error}"
+        elif status.metadata.get("role") == "router" and not model:
+            member.skipped = "router mode with no model loaded: set model_name on the block"
+        else:
+            member.skipped = None

@@ -115,6 +115,7 @@ async def llamacpp_batch_flow(
     request_timeout: float = 600,
     extra_body: dict[str, Any] | None = None,
     allow_settings_change: bool = False,
+    ignore_line_models: bool = False,
 ) -> BatchSummary:
     """Run every line of `input_path` through the server saved as block `server`.
 
@@ -159,6 +160,7 @@ async def llamacpp_batch_flow(
             ready_timeout=ready_timeout,
             request_timeout=request_timeout,
             extra_body=extra_body,
+            ignore_line_models=ignore_line_models,
         )
         lanes = [
             _lane(member, concurrency, queue_depth, request_timeout)
@@ -459,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-crashes", type=int, default=2)
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument(
+        "--ignore-line-models",
+        action="store_true",
+        help="send every line to any server, whatever model it names",
+    )
+    parser.add_argument(
         "--allow-settings-change",
         action="store_true",
         help="resume a ledger written with other settings, keeping its answers",
@@ -483,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             max_crashes=args.max_crashes,
             request_timeout=args.request_timeout,
             allow_settings_change=args.allow_settings_change,
+            ignore_line_models=args.ignore_line_models,
             return_state=True,
         )
         if state.is_failed():

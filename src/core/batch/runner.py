@@ -77,6 +77,8 @@ class BatchOptions:
     request_timeout: float = 600
     # llama-server request fields beyond OpenAI's: top_k, min_p, repeat_penalty, ignore_eos, ...
     extra_body: dict[str, Any] | None = None
+    # Send every line to any server whatever model it names (OpenAI files name OpenAI models).
+    ignore_line_models: bool = False
 
     def run_settings(self, model: str) -> RunSettings:
         return RunSettings(
@@ -225,22 +227,24 @@ class BatchRunner:
                     lane.stats.completion_tokens += result["usage"]["completion_tokens"]
             return result
 
-        if not self.dispatch.serves(item.model):
+        wanted = None if options.ignore_line_models else item.model
+        if not self.dispatch.serves(wanted):
             return line(
                 error=(
                     "no_server_for_model",
-                    f"line {item.line}: no server of this run serves model {item.model!r} "
-                    f"(they serve {', '.join(sorted(self._served()))})",
+                    f"line {item.line}: no server of this run serves model {wanted!r} (they "
+                    f"serve {', '.join(sorted(self._served()))}); add a server that does, or "
+                    "pass ignore_line_models to send the line to any server",
                 )
             )
         try:
             while True:
                 attempts += 1
                 alone = crashes > 0
-                lane = await self.dispatch.take(item.model, alone=alone)
+                lane = await self.dispatch.take(wanted, alone=alone)
                 self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
                 epoch = lane.epoch
-                model = item.model or lane.model
+                model = wanted or lane.model
                 request = requests.get(model) or requests.setdefault(
                     model, self._request(item, model)
                 )

@@ -206,6 +206,7 @@ async def llamacpp_batch_flow(
             on_result=finished,
             already_done=ledger.succeeded.__contains__,
         )
+        runner.names_servers = isinstance(server, list)
         try:
             await _run_chunks(
                 _pending_items(source, ledger, runner.settings_fp, summary, progress),
@@ -332,15 +333,21 @@ async def _run_chunks(
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 ledger.sync()  # a chunk's end: its lines are on disk, not only in the OS
-                for finished_chunk in done:
-                    finished_chunk.result()  # re-raise an aborted chunk now
+                faults = [task.exception() for task in done]  # each retrieved, none left unseen
+                for fault in faults:
+                    if fault is not None:
+                        raise fault  # an aborted chunk stops the run now
             # quote(): Prefect would otherwise walk every item of every chunk looking for task
             # inputs (the largest Prefect cost in a cProfile of a 1,000-prompt run).
             in_flight.add(asyncio.create_task(run_chunk(number, quote(chunk), runner)))
             summary.chunks = number
-        for finished_chunk in asyncio.as_completed(in_flight):
-            await finished_chunk
+        while in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             ledger.sync()
+            faults = [task.exception() for task in done]
+            for fault in faults:
+                if fault is not None:
+                    raise fault
     finally:
         for pending in in_flight:
             pending.cancel()

@@ -57,8 +57,9 @@ async def resolve_servers(server: ServerNames) -> list[FleetMember]:
 
 
 async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[FleetMember]:
-    """Check every server at once; the ready ones, in order. Raises `BatchAbortedError`, saying
-    why each one is not ready, when none becomes ready within `ready_timeout`."""
+    """Check every server at once; returns them all, `skipped` saying why one takes no work.
+    Raises `BatchAbortedError`, saying why each one is not ready, when none becomes ready within
+    `ready_timeout`."""
     logger = get_run_logger()
     await _check_all(members)
     ready = [member for member in members if member.skipped is None]
@@ -81,7 +82,7 @@ async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[F
     for member in members:
         if member.skipped:
             logger.warning("Skipping llama-server %s: %s", member.label, member.skipped)
-    return ready
+    return members
 
 
 async def _check_all(members: list[FleetMember]) -> None:

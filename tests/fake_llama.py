@@ -35,9 +35,14 @@ def completion(text: str = "ok", tokens: int = 2) -> tuple[int, dict[str, str], 
 
 
 class FakeLlamaServer:
-    def __init__(self, answer: Callable[[dict], Answer], delay: float = 0.05) -> None:
+    def __init__(
+        self, answer: Callable[[dict], Answer], delay: float = 0.05, slots: int | None = None
+    ) -> None:
         self.answer = answer
         self.delay = delay
+        # With `slots`, at most that many requests are processed at once (the rest wait), so
+        # throughput is proportional to the slots, as on servers of their own.
+        self._slots = asyncio.Semaphore(slots) if slots else None
         self.requests: list[dict] = []
         self.in_flight: set[asyncio.StreamWriter] = set()
         self.most_in_flight = 0
@@ -73,7 +78,11 @@ class FakeLlamaServer:
                 self.requests.append(request)
                 self.in_flight.add(writer)
                 self.most_in_flight = max(self.most_in_flight, len(self.in_flight))
-                await asyncio.sleep(self.delay)
+                if self._slots:
+                    async with self._slots:
+                        await asyncio.sleep(self.delay)
+                else:
+                    await asyncio.sleep(self.delay)
                 outcome = self.answer(request)
                 if outcome == "crash":
                     for victim in list(self.in_flight):

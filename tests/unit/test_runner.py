@@ -172,3 +172,37 @@ async def test_a_deeply_nested_body_does_not_escape_the_error_mapping():
 
         with pytest.raises(UnexpectedResponseError, match="not JSON"):
             await client.chat_completion(b"{}")
+
+
+async def test_over_a_fleet_free_slots_pull_the_work():
+    # Three scripted servers with 1, 2 and 4 slots and the same time per request: throughput in
+    # proportion to the slots, which real servers sharing this 2-core machine cannot show.
+    from src.core.batch.dispatch import Lane
+
+    servers = [
+        FakeLlamaServer(lambda request: completion(), delay=0.02, slots=n) for n in (1, 2, 4)
+    ]
+    for server in servers:
+        await server.__aenter__()
+    try:
+        lanes = [
+            Lane(f"s{n}", LlamaCppSettings(base_url=server.url, timeout=5), "fake", n + 1)
+            for n, server in zip((1, 2, 4), servers, strict=True)
+        ]
+        results = {}
+        runner = BatchRunner(
+            lanes,
+            "fake",
+            BatchOptions(concurrency=10),
+            on_result=lambda line: results.__setitem__(line["custom_id"], line),
+        )
+        await runner.run(items(*[f"p{i}" for i in range(700)]))
+        await runner.aclose()
+    finally:
+        for server in servers:
+            await server.__aexit__()
+    assert len(results) == 700 and all(line["error"] is None for line in results.values())
+    shares = {lane.name: lane.stats.succeeded / 700 for lane in lanes}
+    for lane, slots in zip(lanes, (1, 2, 4), strict=True):
+        assert abs(shares[lane.name] - slots / 7) <= 0.05, shares
+    assert {line["server"] for line in results.values()} == {"s1", "s2", "s4"}

@@ -150,6 +150,7 @@ class BatchRunner:
                 )
             ]
         self.lanes = servers
+        self.names_servers = len(servers) > 1  # result lines say which server answered
         self.dispatch = Dispatcher(servers, options.ready_timeout)
         self._watchers: dict[Lane, asyncio.Task] = {}
         self._checking: dict[Lane, asyncio.Task] = {}
@@ -215,7 +216,7 @@ class BatchRunner:
                 latency_s=time.monotonic() - started,
                 input_fp=item.input_fp,
                 settings_fp=self.settings_fp,
-                server=lane.name if lane and len(self.lanes) > 1 else None,
+                server=lane.name if lane and self.names_servers else None,
                 **fields,
             )
             if lane is not None:

@@ -7,7 +7,7 @@ the server as its resource and the latency figures in its payload, so the automa
 `automations/llamacpp-alerts.yaml` can alert on it. A run fails when the server is not ready;
 `busy` (slow but progressing) and `sleeping` count as ready, `wedged` does not.
 
-    python -m flows.health [BLOCK_NAME]
+    python -m flows.health [BLOCK_NAME ...]      # several names: a fleet
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
 
 from blocks.llamacpp import LlamaCppServer
+from flows.fleet import server_names
 from flows.report import markdown_table
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.canary import CanaryOptions, empty_latency
@@ -52,19 +53,22 @@ class ServerNotReadyFlowError(LlamaCppError):
     retries=0,
 )
 async def llamacpp_health_flow(
-    server: str | None = None,
+    server: str | list[str] | None = None,
     fail_when_not_ready: bool = True,
     read_slots: bool = True,
     canary: bool = True,
     first_byte_timeout: float = 10.0,
     total_timeout: float = 30.0,
     fail_when_busy: bool = False,
-) -> ProviderHealthStatus:
+    min_ready: int | None = None,
+) -> ProviderHealthStatus | list[ProviderHealthStatus]:
     """Check the server saved as block `server`.
 
     Args:
-        server: Name of a saved `llama.cpp Server` block; it must exist. Left out: the block
-            saved as `llamacpp`, else the `LLAMACPP_*` settings (the run log says which).
+        server: Name of a saved `llama.cpp Server` block (it must exist), or a list of names
+            for a fleet: all are checked at once, one event each and one artifact with a row
+            per server and fleet totals. Left out: the block saved as `llamacpp`, else the
+            `LLAMACPP_*` settings (the run log says which).
         fail_when_not_ready: Fail the run when the server is not ready (busy and sleeping count
             as ready; wedged, loading, unreachable, unauthorized and error do not).
         read_slots: When metrics are off, read /slots for busy/total. /slots resets the
@@ -74,13 +78,42 @@ async def llamacpp_health_flow(
             router model. A completion counts as activity for --sleep-idle-seconds.
         first_byte_timeout: Seconds the canary waits for its first token.
         total_timeout: Seconds the canary waits for its whole answer.
-        fail_when_busy: Also fail the run when the server is busy.
+        fail_when_busy: Also fail the run when the server (any server of a fleet) is busy.
+        min_ready: For a fleet, how many servers must be ready (busy and sleeping count);
+            default: all of them.
     """
+    names = server_names(server)
+    members = [await load_server_or_env(name) for name in names]
+    options = (
+        CanaryOptions(first_byte_timeout=first_byte_timeout, total_timeout=total_timeout)
+        if canary
+        else None
+    )
+    checks = await asyncio.gather(
+        *(_check_server(block, label, options, read_slots) for block, label in members)
+    )
+    if isinstance(server, list):
+        return await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
+    ((label, status, load),) = checks
+    await acreate_markdown_artifact(
+        markdown=render_report(label, status, load),
+        key=artifact_key(label),
+        description=f"llama.cpp server health: {status.state}",
+    )
+    if fail_when_busy and status.state == ServerState.BUSY:
+        raise ServerNotReadyFlowError(f"llama-server {label} is busy: {status.error}")
+    if fail_when_not_ready and not status.is_ready:
+        raise ServerNotReadyFlowError(f"llama-server {label} is {status.state}: {status.error}")
+    return status
+
+
+async def _check_server(
+    block: LlamaCppServer, label: str, canary: CanaryOptions | None, read_slots: bool
+) -> tuple[str, ProviderHealthStatus, dict[str, Any]]:
+    """One server's check: state (with the canary when given), slot load, a log line, an event."""
     logger = get_run_logger()
-    block, label = await load_server_or_env(server)
-    if canary:
-        options = CanaryOptions(first_byte_timeout=first_byte_timeout, total_timeout=total_timeout)
-        status = await check_health_with_canary(block, options)
+    if canary is not None:
+        status = await check_health_with_canary(block, canary)
     else:
         status = await check_health(block)
     healthy = status.state in (ServerState.READY, ServerState.BUSY)
@@ -91,11 +124,6 @@ async def llamacpp_health_flow(
         status.state,
         status.model_id or "-",
         f": {status.error}" if status.error else "",
-    )
-    await acreate_markdown_artifact(
-        markdown=render_report(label, status, load),
-        key=artifact_key(label),
-        description=f"llama.cpp server health: {status.state}",
     )
     emit_event(
         event=f"{EVENT_PREFIX}.{status.state}",
@@ -111,14 +139,62 @@ async def llamacpp_health_flow(
             "total_slots": status.metadata.get("total_slots"),
             **{key: value for key, value in load.items() if key in ("busy_slots",)},
             "latency": status.metadata.get("latency") or empty_latency(),
-            "canary": canary_note(status, canary),
+            "canary": canary_note(status, canary is not None),
         },
     )
-    if fail_when_busy and status.state == ServerState.BUSY:
-        raise ServerNotReadyFlowError(f"llama-server {label} is busy: {status.error}")
-    if fail_when_not_ready and not status.is_ready:
-        raise ServerNotReadyFlowError(f"llama-server {label} is {status.state}: {status.error}")
-    return status
+    return label, status, load
+
+
+async def _fleet_outcome(
+    checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]],
+    min_ready: int | None,
+    fail_when_not_ready: bool,
+    fail_when_busy: bool,
+) -> list[ProviderHealthStatus]:
+    """One artifact for the fleet (a row per server, then totals); fail below `min_ready`."""
+    ready = [label for label, status, _ in checks if status.is_ready]
+    busy = [label for label, status, _ in checks if status.state == ServerState.BUSY]
+    not_ready = {label: status for label, status, _ in checks if not status.is_ready}
+    await acreate_markdown_artifact(
+        markdown=render_fleet_report(checks),
+        key="llamacpp-health-fleet",
+        description=f"llama.cpp fleet health: {len(ready)} of {len(checks)} ready",
+    )
+    wanted = len(checks) if min_ready is None else min_ready
+    if fail_when_busy and busy:
+        raise ServerNotReadyFlowError(f"llama-servers busy: {', '.join(busy)}")
+    if fail_when_not_ready and len(ready) < wanted:
+        problems = "; ".join(
+            f"{label} is {status.state}: {status.error}" for label, status in not_ready.items()
+        )
+        raise ServerNotReadyFlowError(
+            f"{len(ready)} of {len(checks)} llama-servers ready (at least {wanted} wanted): "
+            f"{problems}"
+        )
+    return [status for _, status, _ in checks]
+
+
+def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]]) -> str:
+    header = "| Server | State | Model | Slots busy / total | Canary first byte | Problem |"
+    lines = ["# llama.cpp fleet", "", header, "|---|---|---|---|---|---|"]
+    total_slots = busy_slots = 0
+    for label, status, load in checks:
+        slots = status.metadata.get("total_slots")
+        busy = load.get("busy_slots")
+        total_slots += slots or 0
+        busy_slots += busy or 0
+        latency = status.metadata.get("latency") or {}
+        problem = (status.error or "-").replace("|", "/").replace("\n", " ")
+        lines.append(
+            f"| {label} | **{status.state}** | {status.model_id or '-'} | "
+            f"{busy if busy is not None else '?'} / {slots or '?'} | "
+            f"{_seconds(latency.get('ttfb_s'))} | {problem} |"
+        )
+    ready = sum(1 for _, status, _ in checks if status.is_ready)
+    lines.append(
+        f"| **fleet** | **{ready} of {len(checks)} ready** | | {busy_slots} / {total_slots} | | |"
+    )
+    return "\n".join(lines) + "\n"
 
 
 async def _slot_load(
@@ -197,7 +273,11 @@ def artifact_key(label: str) -> str:
 
 
 if __name__ == "__main__":
+    # python -m flows.health [BLOCK ...]: one name checks one server, several a fleet.
+    names = sys.argv[1:]
     final = asyncio.run(
-        llamacpp_health_flow(sys.argv[1] if len(sys.argv) > 1 else None, return_state=True)
+        llamacpp_health_flow(
+            names if len(names) > 1 else (names[0] if names else None), return_state=True
+        )
     )
     sys.exit(0 if final.is_completed() else 1)

@@ -58,7 +58,7 @@ async def test_prefect_deploy_all_creates_both_deployments(prefect_harness):
         batch = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch")
     assert health.work_pool_name == "llamacpp-process"
     assert health.schedules[0].schedule.interval.total_seconds() == 300
-    assert health.parameters == {"server": "llamacpp"}
+    assert health.parameters == {"server": ["llamacpp"]}
     assert batch.parameters["input_path"] == "examples/prompts.jsonl"
     assert not batch.schedules
     assert health.pull_steps[0]["prefect.deployments.steps.set_working_directory"][

@@ -215,3 +215,34 @@ async def test_lines_naming_a_model_go_only_to_servers_that_serve_it(
     assert by_id["nobody"]["error"]["kind"] == "no_server_for_model"
     assert "ignore_line_models" in by_id["nobody"]["error"]["message"]
     assert summary.failed_by_kind == {"no_server_for_model": 1}
+
+
+async def test_health_over_a_fleet_one_down(
+    fleet, registered_block_type, asserting_events_worker, reset_worker_events
+):
+    from flows.health import llamacpp_health_flow
+
+    names = await save_fleet("fleet-health", fleet)
+    fleet[1].kill()
+    state = await llamacpp_health_flow(names, return_state=True)
+    assert state.is_failed()
+    assert "2 of 3 llama-servers ready" in state.message and names[1] in state.message
+    assert names[0] not in state.message.split("ready (")[1]
+    record = await flow_run_record(state.state_details.flow_run_id)
+    (artifact,) = [a for a in record["artifacts"] if a.key == "llamacpp-health-fleet"]
+    rows = [line for line in artifact.data.splitlines() if line.startswith("| fleet-health")]
+    assert len(rows) == 3 and "**unreachable**" in rows[1]
+    assert "**2 of 3 ready**" in artifact.data and "/ 5 |" in artifact.data  # 1 + 4 slots up
+    asserting_events_worker.drain()
+    events = [
+        e for e in asserting_events_worker._client.events if e.event.startswith("llamacpp.server.")
+    ]
+    by_server = {e.resource.name: e.event for e in events}
+    assert by_server == {
+        names[0]: "llamacpp.server.ready",
+        names[1]: "llamacpp.server.unreachable",
+        names[2]: "llamacpp.server.ready",
+    }
+
+    state = await llamacpp_health_flow(names, min_ready=2, canary=False, return_state=True)
+    assert state.is_completed(), state.message

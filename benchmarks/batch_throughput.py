@@ -10,7 +10,9 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
 5. Prefect task runs per 1,000 prompts;
 6. short answers (tiny model, 8 tokens, 1,000 prompts): flow / raw requests per second, and
    the client CPU per request of the flow's process against the raw client's process (each runs
-   in a process of its own, so its CPU time is its own), with the flow at queue depths 0, 1, 2.
+   in a process of its own, so its CPU time is its own), with the flow at queue depths 0, 1, 2;
+7. a fleet of one (`server=[block]`) / the single-server flow, and, for two servers with
+   different `-np`, each server's share of the items against its share of the slots.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -261,6 +263,73 @@ def measure_short_answers(requests: int, rounds: int, work: Path) -> dict[str, f
     }
 
 
+async def measure_fleet(requests: int, rounds: int, work: Path) -> dict[str, float]:
+    """Fleet of one vs the same block named alone; then two servers with 1 and 3 slots."""
+    from blocks.llamacpp import LlamaCppServer
+    from flows.batch import llamacpp_batch_flow
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+
+    texts = prompts(requests)
+    source = write_jsonl(work / "fleet.jsonl", texts)
+
+    async def run(server) -> float:
+        summary = await llamacpp_batch_flow(
+            str(source),
+            str(work / f"fleet-out-{time.monotonic_ns()}.jsonl"),
+            server=server,
+            max_tokens=32,
+            extra_body=EXTRA,
+        )
+        assert summary.failed == 0, summary.failed_by_kind
+        return summary.completion_tokens_per_s
+
+    figures: dict[str, float] = {}
+    args = ["-np", str(SLOTS), "-c", str(SLOTS * 1024), "--alias", "tiny"]
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
+        await LlamaCppServer(base_url=server.url).save("bench-fleet", overwrite=True)
+        await run("bench-fleet")  # warm-up
+        ratios = []
+        for round_number in range(rounds):
+            sides = [("single", "bench-fleet"), ("fleet", ["bench-fleet"])]
+            results = {}
+            for label, server_param in sides if round_number % 2 == 0 else sides[::-1]:
+                results[label] = await run(server_param)
+            ratios.append(results["fleet"] / results["single"])
+            print(f"[bench] fleet of one round {round_number + 1}: {results}", flush=True)
+        figures["fleet_of_one_ratio"] = median(ratios)
+
+    # Two servers of the 340 MB model, one thread each, so a step costs about the same for 1 or
+    # 3 sequences and throughput follows the slots (see tests/flows/test_fleet.py).
+    servers = [
+        LlamaServer(
+            ensure_model("bench"),
+            ["-np", str(slots), "-c", str(512 * slots), "-t", "1", "--alias", f"bench-{slots}"],
+            log_dir=work,
+        )
+        for slots in (1, 3)
+    ]
+    try:
+        names = []
+        for server, slots in zip(servers, (1, 3), strict=True):
+            server.start()
+            names.append(f"bench-np{slots}")
+            await LlamaCppServer(base_url=server.url).save(names[-1], overwrite=True)
+        shares_source = write_jsonl(work / "fleet-shares.jsonl", prompts(80))
+        target = work / "fleet-shares.out.jsonl"
+        summary = await llamacpp_batch_flow(
+            str(shares_source), str(target), server=names, max_tokens=8, extra_body=EXTRA
+        )
+        done = {share.server: share.succeeded for share in summary.servers}
+        total = sum(done.values())
+        for name, slots in zip(names, (1, 3), strict=True):
+            figures[f"share_{slots}"] = done[name] / total
+    finally:
+        for server in servers:
+            server.stop()
+    return figures
+
+
 def memory_child(lines: int, url: str, work: Path) -> None:
     """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
     from prefect.client.orchestration import get_client
@@ -374,6 +443,7 @@ def main() -> None:
             )
         )
         memory = measure_memory(small, large, work)
+        fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
     task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small
@@ -391,6 +461,11 @@ def main() -> None:
         f"(RSS when done: {memory[small]['end_rss_mb']:.0f} and {memory[large]['end_rss_mb']:.0f} MB)"
     )
     print(f"Prefect task runs per 1,000 prompts: {task_runs_per_1000:.0f}")
+    print(
+        f"fleet of two (1 and 3 slots, 340 MB model): item shares {fleet['share_1']:.2f} and "
+        f"{fleet['share_3']:.2f} against slot shares 0.25 and 0.75"
+    )
+    print(f"fleet of one / single-server flow: {fleet['fleet_of_one_ratio']:.2f} (tiny model)")
     print(
         f"short answers: raw {short['raw_rps']:.0f} req/s ({short['raw_cpu_ms']:.2f} ms CPU each), "
         f"flow {short['flow_rps']:.0f} req/s ({short['flow_cpu_ms']:.2f} ms CPU each); flow at "

@@ -119,10 +119,15 @@ class Dispatcher:
                     if waiter.future.done():
                         return waiter.future.result()
                     if self._all_down_too_long():
+                        names = ", ".join(lane.name for lane in self.lanes)
+                        what = (
+                            f"llama-server {names} was not usable"
+                            if len(self.lanes) == 1
+                            else f"no llama-server of the fleet was usable ({names})"
+                        )
                         raise BatchAbortedError(
-                            f"no llama-server of the fleet was usable for {self.ready_timeout:g} s"
-                            f" ({', '.join(lane.name for lane in self.lanes)}). Every finished "
-                            "result is saved; rerun the batch to do the rest."
+                            f"{what} for {self.ready_timeout:g} s: it stopped answering. Every "
+                            "finished result is saved; rerun the batch to do the rest."
                         ) from None
                     self._hand_out()  # a lane may have come back meanwhile
         except BaseException:

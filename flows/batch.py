@@ -167,7 +167,9 @@ async def llamacpp_batch_flow(
             for member in members
             if member.skipped is None
         ]
-        model = ",".join(sorted({lane.model for lane in lanes}))
+        # A fleet's answers come from whichever server is free, and its members come and go
+        # between runs: lines pin a model by naming it, so the run's settings name none.
+        model = lanes[0].model if not isinstance(server, list) else "(fleet)"
         options = replace(options, concurrency=sum(lane.capacity for lane in lanes))
         summary = BatchSummary(
             input_path=str(source),
@@ -249,7 +251,7 @@ def _lane(
     status = member.status
     slots = status.metadata.get("total_slots") or 4
     model = member.block.model_name or status.model_id or DEFAULT_MODEL_NAME
-    served = set(status.metadata.get("models") or [])
+    served = {*(status.metadata.get("models") or []), *(status.metadata.get("model_aliases") or [])}
     return Lane(
         member.label,
         member.block.settings(),

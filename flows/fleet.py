@@ -69,8 +69,12 @@ async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[F
             for member in members
             if member.status is None or member.status.state.value != "unauthorized"
         ]
+        pending = set(waiting)
+        while pending:  # until one is ready, or every one has given up
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not task.cancelled() and task.exception() is None for task in done):
+                break
         if waiting:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             for task in waiting:
                 task.cancel()
             await asyncio.gather(*waiting, return_exceptions=True)

@@ -206,3 +206,34 @@ async def test_over_a_fleet_free_slots_pull_the_work():
     for lane, slots in zip(lanes, (1, 2, 4), strict=True):
         assert abs(shares[lane.name] - slots / 7) <= 0.05, shares
     assert {line["server"] for line in results.values()} == {"s1", "s2", "s4"}
+
+
+async def test_lines_whose_only_server_is_gone_fail_after_the_deadline_the_rest_finish():
+    from harness.server import free_port
+    from src.core.batch.dispatch import Lane
+
+    async with FakeLlamaServer(lambda request: completion()) as alive:
+        gone = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused
+        lanes = [
+            Lane("a", LlamaCppSettings(base_url=gone, timeout=2), "m1", 2),
+            Lane("b", LlamaCppSettings(base_url=alive.url, timeout=2), "m2", 2),
+        ]
+        batch = [
+            BatchItem(f"m1-{i}", i, [{"role": "user", "content": "x"}], model="m1")
+            for i in range(3)
+        ] + items("p0", "p1", "p2", "p3")
+        results = {}
+        runner = BatchRunner(
+            lanes,
+            "fleet",
+            BatchOptions(concurrency=4, ready_timeout=1),
+            on_result=lambda line: results.__setitem__(line["custom_id"], line),
+        )
+        started = time.monotonic()
+        await runner.run(batch)
+        await runner.aclose()
+    assert time.monotonic() - started < 10, "no hang"
+    assert all(results[f"m1-{i}"]["error"]["kind"] == "unreachable" for i in range(3))
+    assert "model 'm1'" in results["m1-0"]["error"]["message"]
+    assert all(results[f"id-{i}"]["error"] is None for i in range(4))
+    assert lanes[0].stats.taken_out == 1

@@ -4,10 +4,13 @@ Each server is a `Lane` with its own HTTP pool and at most `capacity` requests i
 (`total_slots` plus a small queue depth). A request takes a free slot of the least loaded lane
 that serves its model; when none is free it waits in one FIFO and the next slot freed on an
 eligible lane is handed to it, so work follows capacity without a central plan and a faster or
-larger server simply does more. A lane that goes down stops taking work until its watcher sees it
-ready again. A crash suspect takes a lane to itself (waits until nothing else is in flight there).
+larger server simply does more.
 
-With every lane down for `ready_timeout`, `take` raises `BatchAbortedError`.
+A crash suspect (`alone=True`) runs on a lane with nothing else in flight: while it waits, no
+new request starts on the lanes it could use, so they drain to it; other lanes go on working.
+A lane that goes down stops taking work until the runner's watcher sees it ready again; one
+retired (wrong key) never comes back. A waiter whose lanes have all been down for
+`ready_timeout` gets `NoServerError` (no polling: one timer per outage).
 """
 
 from __future__ import annotations
@@ -18,8 +21,17 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import BatchAbortedError
+from src.core.utils.exceptions import LlamaCppError
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+
+
+class NoServerError(LlamaCppError):
+    """No lane that can run the request has been usable for `ready_timeout`. `whole_fleet` says
+    whether that is every lane (the batch stops) or only those serving the line's model."""
+
+    def __init__(self, message: str, *, whole_fleet: bool) -> None:
+        super().__init__(message)
+        self.whole_fleet = whole_fleet
 
 
 @dataclass
@@ -46,8 +58,11 @@ class Lane:
     gate: LlamaCppClient = field(init=False)
     stats: LaneStats = field(default_factory=LaneStats)
     up: bool = True
+    retired: bool = False  # out for good (wrong key): never watched back
+    down_since: float = 0.0
     epoch: int = 0
     in_flight: int = 0
+    solo: bool = False  # a crash suspect has it to itself
     _busy_since: float = 0.0
 
     def __post_init__(self) -> None:
@@ -63,7 +78,11 @@ class Lane:
         self.gate = LlamaCppClient(root, timeout=self.settings.timeout, api_key=key)
 
     def serves(self, model: str | None) -> bool:
-        return model is None or model in self.served_models or model == self.model
+        return model is None or model == self.model or model in self.served_models
+
+    @property
+    def has_room(self) -> bool:
+        return self.up and not self.solo and self.in_flight < self.capacity
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -75,64 +94,48 @@ class _Waiter:
     model: str | None
     alone: bool
     future: asyncio.Future
+    queued: bool = True
 
 
 class Dispatcher:
-    """Hands out lane slots; `take` / `give` around every request.
-
-    Crash suspects (`alone=True`) run one at a time, each on a lane with nothing else in flight;
-    while any suspect waits or runs, no other request starts, so a crash can only be blamed on
-    the request that ran alone.
-    """
+    """Hands out lane slots; `take` / `give` around every request."""
 
     def __init__(self, lanes: list[Lane], ready_timeout: float) -> None:
         self.lanes = lanes
         self.ready_timeout = ready_timeout
-        self.suspects = 0
-        self._solo_running = False
         self._waiters: deque[_Waiter] = deque()
-        self._all_down_since: float | None = None
+        self._alone_waiting: list[_Waiter] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def in_flight(self) -> int:
         return sum(lane.in_flight for lane in self.lanes)
 
     def serves(self, model: str | None) -> bool:
-        return any(lane.serves(model) for lane in self.lanes)
+        """Some lane not retired serves `model`."""
+        return any(lane.serves(model) and not lane.retired for lane in self.lanes)
 
     async def take(self, model: str | None, *, alone: bool = False) -> Lane:
-        """A lane with a slot for a request (for `alone`: a lane with nothing in flight).
+        """A lane with a slot for a request (`alone`: a lane with nothing else in flight).
 
-        Raises `BatchAbortedError` once every lane has been down for `ready_timeout`.
+        Raises `NoServerError` once every lane that serves `model` has been down for
+        `ready_timeout`.
         """
         lane = self._pick(model, alone)
         if lane is not None:
             self._enter(lane, alone)
             return lane
+        self._raise_if_expired(model)
         waiter = _Waiter(model, alone, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
+        if alone:
+            self._alone_waiting.append(waiter)
         try:
-            while True:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(waiter.future), self._deadline())
-                except TimeoutError:
-                    if waiter.future.done():
-                        return waiter.future.result()
-                    if self._all_down_too_long():
-                        names = ", ".join(lane.name for lane in self.lanes)
-                        what = (
-                            f"llama-server {names} was not usable"
-                            if len(self.lanes) == 1
-                            else f"no llama-server of the fleet was usable ({names})"
-                        )
-                        raise BatchAbortedError(
-                            f"{what} for {self.ready_timeout:g} s: it stopped answering. Every "
-                            "finished result is saved; rerun the batch to do the rest."
-                        ) from None
-                    self._hand_out()  # a lane may have come back meanwhile
+            return await waiter.future
         except BaseException:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.give(waiter.future.result(), alone=alone)  # handed over as we left
+                if waiter.future.exception() is None:
+                    self.give(waiter.future.result(), alone=alone)  # handed over as we left
             raise
         finally:
             self._drop(waiter)
@@ -143,35 +146,34 @@ class Dispatcher:
         if not lane.in_flight:
             lane.stats.busy_s += time.monotonic() - lane._busy_since
         if alone:
-            self._solo_running = False
+            lane.solo = False
         self._hand_out()
 
-    def add_suspect(self) -> None:
-        self.suspects += 1
-
-    def remove_suspect(self) -> None:
-        self.suspects -= 1
-        if not self.suspects:
-            self._hand_out()
-
-    def lane_down(self, lane: Lane) -> bool:
-        """Mark `lane` down (True if it was up); its watcher brings it back."""
+    def lane_down(self, lane: Lane, *, retire: bool = False) -> bool:
+        """Take `lane` out (True if it was up); `retire`: for good."""
+        lane.retired = lane.retired or retire
         if not lane.up:
+            self._expire()  # a retired lane may leave some waiters with nothing to wait for
             return False
         lane.up = False
+        lane.down_since = time.monotonic()
         lane.stats.taken_out += 1
-        if not any(other.up for other in self.lanes):
-            self._all_down_since = time.monotonic()
+        self._arm_timer()
+        self._expire()
         return True
 
     def lane_up(self, lane: Lane) -> None:
-        if lane.up:
+        if lane.up or lane.retired:
             return
         lane.up = True
         lane.epoch += 1
         lane.stats.rejoined += 1
-        self._all_down_since = None
         self._hand_out()
+        self._arm_timer()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -181,54 +183,126 @@ class Dispatcher:
             if not lane.up or not lane.serves(model):
                 continue
             if alone:
-                if not self._solo_running and lane.in_flight == 0:
+                if lane.in_flight == 0 and not lane.solo:
                     return lane
             elif (
-                not self.suspects
-                and lane.in_flight < lane.capacity
+                lane.has_room
+                and not self._reserved(lane)
                 and (
-                    best is None or lane.in_flight / lane.capacity < best.in_flight / best.capacity
+                    best is None or lane.in_flight * best.capacity < best.in_flight * lane.capacity
                 )
             ):
                 best = lane
         return best
+
+    def _reserved(self, lane: Lane) -> bool:
+        """A suspect waits for this lane to drain: nothing new starts there."""
+        return any(
+            waiter.model is None or lane.serves(waiter.model) for waiter in self._alone_waiting
+        )
 
     def _enter(self, lane: Lane, alone: bool) -> None:
         if not lane.in_flight:
             lane._busy_since = time.monotonic()
         lane.in_flight += 1
         if alone:
-            self._solo_running = True
+            lane.solo = True
 
     def _hand_out(self) -> None:
         """Give free slots to waiters, oldest first, each to a lane that serves its model."""
         index = 0
-        while index < len(self._waiters):
+        while index < len(self._waiters) and any(lane.has_room for lane in self.lanes):
             waiter = self._waiters[index]
-            lane = None if waiter.future.done() else self._pick(waiter.model, waiter.alone)
+            if waiter.future.done():  # cancelled as it waited: it leaves through take()
+                self._unqueue(waiter, index)
+                continue
+            lane = self._pick(waiter.model, waiter.alone)
             if lane is None:
-                if waiter.model is None and not waiter.alone and not self.suspects:
+                if waiter.model is None and not waiter.alone and not self._alone_waiting:
                     return  # no slot for a request that fits anywhere: none for the rest either
                 index += 1
                 continue
-            del self._waiters[index]
+            self._unqueue(waiter, index)
             self._enter(lane, waiter.alone)
             waiter.future.set_result(lane)
+            if waiter.alone:
+                index = 0  # the lanes it held back are open again: look from the start
+
+    def _unqueue(self, waiter: _Waiter, index: int | None = None) -> None:
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        if index is not None:
+            del self._waiters[index]
+        else:
+            self._waiters.remove(waiter)
+        if waiter.alone:
+            self._alone_waiting.remove(waiter)
 
     def _drop(self, waiter: _Waiter) -> None:
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
-            pass
+        """A waiter that left (cancelled, failed): the lanes it held back are open again."""
+        if waiter.queued:
+            self._unqueue(waiter)
+            if waiter.alone:
+                self._hand_out()
 
-    def _deadline(self) -> float:
-        if self._all_down_since is None:
-            return 1.0  # look again now and then
-        left = self.ready_timeout - (time.monotonic() - self._all_down_since)
-        return max(left, 0.0) + 0.01
+    # -- outages -------------------------------------------------------------------------------
 
-    def _all_down_too_long(self) -> bool:
-        return (
-            self._all_down_since is not None
-            and time.monotonic() - self._all_down_since >= self.ready_timeout
+    def _down_for(self, model: str | None) -> float | None:
+        """How long every lane serving `model` has been unusable, or None if one is usable."""
+        lanes = [lane for lane in self.lanes if lane.serves(model)]
+        if any(lane.up for lane in lanes):
+            return None
+        if not lanes or all(lane.retired for lane in lanes):
+            return float("inf")
+        return time.monotonic() - max(lane.down_since for lane in lanes)
+
+    def _raise_if_expired(self, model: str | None) -> None:
+        error = self._expired_error(model)
+        if error is not None:
+            raise error
+
+    def _expired_error(self, model: str | None) -> NoServerError | None:
+        down_for = self._down_for(model)
+        if down_for is None or down_for < self.ready_timeout:
+            return None
+        whole = self._down_for(None)
+        whole_fleet = whole is not None and whole >= self.ready_timeout
+        names = ", ".join(lane.name for lane in self.lanes if lane.serves(model))
+        if whole_fleet:
+            what = (
+                f"llama-server {names} was not usable"
+                if len(self.lanes) == 1
+                else f"no llama-server of the fleet was usable ({names})"
+            )
+        else:
+            what = f"no llama-server serving model {model!r} was usable ({names})"
+        return NoServerError(
+            f"{what} for {self.ready_timeout:g} s: it stopped answering or refused the key. "
+            "Every finished result is saved; rerun the batch to do the rest.",
+            whole_fleet=whole_fleet,
         )
+
+    def _expire(self) -> None:
+        """Fail the waiters whose lanes have all been down for `ready_timeout`."""
+        for waiter in list(self._waiters):
+            error = self._expired_error(waiter.model)
+            if error is not None and not waiter.future.done():
+                self._unqueue(waiter)
+                waiter.future.set_exception(error)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        down = [lane for lane in self.lanes if not lane.up and not lane.retired]
+        if not down:
+            return
+        # The next outage to reach ready_timeout; past that, look again each second for
+        # waiters that come later (one timer, not one per waiter).
+        now = time.monotonic()
+        dues = [lane.down_since + self.ready_timeout - now for lane in down]
+        ahead = [due for due in dues if due > 0]
+        delay = min(ahead) + 0.01 if ahead else 1.0
+        self._timer = asyncio.get_running_loop().call_later(delay, self._expire)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.core.batch.dispatch import Dispatcher, Lane
+from src.core.batch.dispatch import Dispatcher, Lane, NoServerError
 from src.core.batch.jsonl_input import BatchItem
 from src.core.batch.ledger import RunSettings
 from src.core.batch.records import ErrorKind, ResultLine, result_line
@@ -165,6 +165,7 @@ class BatchRunner:
         await asyncio.gather(
             *self._watchers.values(), *self._checking.values(), return_exceptions=True
         )
+        self.dispatch.close()
         for lane in self.lanes:
             await lane.aclose()
 
@@ -238,108 +239,113 @@ class BatchRunner:
                     "pass ignore_line_models to send the line to any server",
                 )
             )
-        try:
-            while True:
-                attempts += 1
-                alone = crashes > 0
+        while True:
+            attempts += 1
+            alone = crashes > 0
+            try:
                 lane = await self.dispatch.take(wanted, alone=alone)
-                self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
-                epoch = lane.epoch
-                model = wanted or lane.model
-                request = requests.get(model) or requests.setdefault(
-                    model, self._request(item, model)
+            except NoServerError as exc:
+                if exc.whole_fleet:
+                    raise BatchAbortedError(str(exc)) from exc
+                lane = None
+                return line(error=("unreachable", str(exc)))
+            self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
+            epoch = lane.epoch
+            model = wanted or lane.model
+            request = requests.get(model) or requests.setdefault(model, self._request(item, model))
+            try:
+                body = await lane.client.chat_completion(request.body)
+                fault = None
+            except LlamaCppError as exc:
+                fault = exc
+            except Exception as exc:  # nothing one answer does may stop the batch
+                logger.exception("Unexpected fault on one item", custom_id=item.custom_id)
+                return line(
+                    error=("invalid_response", f"the request failed ({type(exc).__name__})")
                 )
+            finally:
+                self.dispatch.give(lane, alone=alone)
+
+            if fault is None:
                 try:
-                    body = await lane.client.chat_completion(request.body)
-                    fault = None
-                except LlamaCppError as exc:
-                    fault = exc
+                    answer = read_chat_answer(body)
+                except AnswerError as exc:
+                    return line(error=(exc.kind, str(exc)))
                 except Exception as exc:  # nothing one answer does may stop the batch
-                    logger.exception("Unexpected fault on one item", custom_id=item.custom_id)
                     return line(
-                        error=("invalid_response", f"the request failed ({type(exc).__name__})")
+                        error=("invalid_response", f"unreadable answer ({type(exc).__name__})")
                     )
-                finally:
-                    self.dispatch.give(lane, alone=alone)
+                usage = {
+                    "prompt_tokens": answer.prompt_tokens,
+                    "completion_tokens": answer.completion_tokens,
+                }
+                try:
+                    if request.output_schema:
+                        output = structured_output(answer, request.output_schema)
+                    else:
+                        output = answer.text
+                except AnswerError as exc:  # the tokens were still spent: keep the usage
+                    return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
+                return line(output=output, usage=usage, model=answer.model)
 
-                if fault is None:
-                    try:
-                        answer = read_chat_answer(body)
-                    except AnswerError as exc:
-                        return line(error=(exc.kind, str(exc)))
-                    except Exception as exc:  # nothing one answer does may stop the batch
-                        return line(
-                            error=("invalid_response", f"unreadable answer ({type(exc).__name__})")
+            if isinstance(fault, ServerDisconnectedError):
+                crashes += 1
+                self.stats.crashes_seen += 1
+                logger.warning(
+                    "llama-server dropped a request unanswered; it runs alone from now on",
+                    custom_id=item.custom_id,
+                    server=lane.name,
+                    crashes=crashes,
+                )
+                # Only a crash with nothing else in flight is this request's own doing.
+                if alone and crashes >= options.max_crashes:
+                    return line(
+                        error=(
+                            "server_crash",
+                            f"llama-server went down {crashes} times while this request ran "
+                            f"(the last time alone): {fault}. The prompt likely crashes the "
+                            "server; see its log, shorten the prompt or lower max_tokens.",
                         )
-                    usage = {
-                        "prompt_tokens": answer.prompt_tokens,
-                        "completion_tokens": answer.completion_tokens,
-                    }
-                    try:
-                        if request.output_schema:
-                            output = structured_output(answer, request.output_schema)
-                        else:
-                            output = answer.text
-                    except AnswerError as exc:  # the tokens were still spent: keep the usage
-                        return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
-                    return line(output=output, usage=usage, model=answer.model)
-
-                if isinstance(fault, ServerDisconnectedError):
-                    crashes += 1
-                    self.stats.crashes_seen += 1
-                    if crashes == 1:
-                        self.dispatch.add_suspect()
-                    logger.warning(
-                        "llama-server dropped a request unanswered; it runs alone from now on",
-                        custom_id=item.custom_id,
-                        server=lane.name,
-                        crashes=crashes,
                     )
-                    if crashes >= options.max_crashes:
-                        return line(
-                            error=(
-                                "server_crash",
-                                f"llama-server went down {crashes} times while this request ran "
-                                f"(the last time alone): {fault}. The prompt likely crashes the "
-                                "server; see its log, shorten the prompt or lower max_tokens.",
-                            )
-                        )
+                if attempts >= limit:
+                    return line(error=("unreachable", str(fault)))
+                await self._check_lane(lane, epoch)
+            elif isinstance(fault, ServerTimeoutError):
+                if await self._check_lane(lane, epoch):
                     if attempts >= limit:
-                        return line(error=("unreachable", str(fault)))
-                    await self._check_lane(lane, epoch)
-                elif isinstance(fault, ServerTimeoutError):
-                    failures += 1
-                    if failures >= options.max_attempts or attempts >= limit:
                         return line(error=("timeout", str(fault)))
-                    self.stats.retries += 1
-                    await asyncio.sleep(_backoff(failures))
-                elif isinstance(fault, ServerUnreachableError | ServerLoadingError):
-                    if attempts >= limit:
-                        kind = "unreachable"
-                        if isinstance(fault, ServerHTTPError):
-                            kind = "server_unavailable"
-                        return line(error=(kind, str(fault)))
-                    await self._check_lane(lane, epoch)
-                elif isinstance(fault, UnauthorizedError):
-                    self._take_out_for_good(lane, fault)
-                elif isinstance(fault, ServerHTTPError) and not fault.transient:
-                    return line(error=_status_fault(fault))
-                elif isinstance(fault, ServerHTTPError):
-                    failures += 1
-                    if attempts >= limit:
+                    continue  # the server stopped answering: another one runs it
+                failures += 1
+                if failures >= options.max_attempts or attempts >= limit:
+                    return line(error=("timeout", str(fault)))
+                self.stats.retries += 1
+                await asyncio.sleep(_backoff(failures))
+            elif isinstance(fault, ServerUnreachableError | ServerLoadingError):
+                if attempts >= limit:
+                    kind = "unreachable"
+                    if isinstance(fault, ServerHTTPError):
+                        kind = "server_unavailable"
+                    return line(error=(kind, str(fault)))
+                await self._check_lane(lane, epoch)
+            elif isinstance(fault, UnauthorizedError):
+                self._retire(lane, fault)
+                if attempts >= limit:
+                    return line(error=("unreachable", str(fault)))
+            elif isinstance(fault, ServerHTTPError) and not fault.transient:
+                return line(error=_status_fault(fault))
+            elif isinstance(fault, ServerHTTPError):
+                failures += 1
+                if attempts >= limit:
+                    return line(error=("server_unavailable", str(fault)))
+                if failures >= options.max_attempts:
+                    if not await self._check_lane(lane, epoch):
                         return line(error=("server_unavailable", str(fault)))
-                    if failures >= options.max_attempts:
-                        if not await self._check_lane(lane, epoch):
-                            return line(error=("server_unavailable", str(fault)))
-                        failures = 0  # a proxy in front of a server that is gone: wait for it
-                        continue
-                    self.stats.retries += 1
-                    await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
-                else:
-                    raise fault
-        finally:
-            if crashes:
-                self.dispatch.remove_suspect()
+                    failures = 0  # a proxy in front of a server that is gone: wait for it
+                    continue
+                self.stats.retries += 1
+                await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
+            else:
+                raise fault
 
     def _served(self) -> set[str]:
         return {name for lane in self.lanes for name in (lane.model, *lane.served_models)}
@@ -371,7 +377,9 @@ class BatchRunner:
         try:
             await lane.gate.health_check()
         except (ServerUnreachableError, ServerLoadingError):
-            return True
+            return True  # refused, timed out, or loading
+        except ServerHTTPError as exc:
+            return exc.transient  # a proxy answering 502/503/504 for a server that is gone
         except LlamaCppError:
             return False
         return False
@@ -381,8 +389,10 @@ class BatchRunner:
         while True:
             try:
                 await lane.gate.wait_until_ready(timeout=self.options.ready_timeout)
-            except UnauthorizedError as exc:
-                self._take_out_for_good(lane, exc)
+            except UnauthorizedError:
+                # Out for good; the dispatcher fails whatever only this lane could run.
+                logger.error("llama-server now refuses the API key", server=lane.name)
+                self.dispatch.lane_down(lane, retire=True)
                 return
             except LlamaCppError:
                 continue
@@ -390,11 +400,12 @@ class BatchRunner:
             self.dispatch.lane_up(lane)
             return
 
-    def _take_out_for_good(self, lane: Lane, fault: LlamaCppError) -> None:
-        self.dispatch.lane_down(lane)
-        lane.epoch += 1
-        logger.error("llama-server rejected the API key mid-batch", server=lane.name)
-        if not any(other.up for other in self.lanes):
+    def _retire(self, lane: Lane, fault: LlamaCppError) -> None:
+        """A lane that refuses the key is out for good; with none left, the batch stops."""
+        if not lane.retired:
+            logger.error("llama-server rejected the API key mid-batch", server=lane.name)
+        self.dispatch.lane_down(lane, retire=True)
+        if all(other.retired for other in self.lanes):
             raise BatchAbortedError(
                 f"llama-server rejected the API key mid-batch: {KEY_HINT}"
             ) from fault

@@ -274,6 +274,9 @@ async def check_server_health(
         return status.from_error(exc)
     ids = [entry.get("id") for entry in models if entry.get("id")]
     status.metadata["models"] = ids
+    aliases = [alias for entry in models for alias in entry.get("aliases") or [] if alias]
+    if aliases:
+        status.metadata["model_aliases"] = aliases
 
     if props.get("role") == "router":
         statuses = {entry.get("id"): router_model_status(entry) for entry in models}

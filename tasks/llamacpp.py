@@ -61,13 +61,20 @@ async def resolve_server(server: ServerRef) -> LlamaCppServer:
 
 def _invalid_block(name: str, exc: ValidationError) -> LlamaCppError:
     problems = "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'block'}: {error['msg']}"
+        f"{_field_label(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
         for error in exc.errors(include_input=False, include_url=False)
     )
     return LlamaCppError(
         f"The llama.cpp Server block {name!r} is saved with invalid values ({problems}); "
         "fix them in the Prefect UI (Blocks) or save the block again."
     )
+
+
+def _field_label(loc: tuple) -> str:
+    """The field as the block form shows it, and as Python names it: `Base URL [base_url]`."""
+    path = ".".join(str(part) for part in loc)
+    field = LlamaCppConnection.model_fields.get(str(loc[0])) if loc else None
+    return f"{field.title} [{path}]" if field and field.title else path or "block"
 
 
 async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:

@@ -33,12 +33,20 @@ test: lint server
 	$(UV) run pytest
 	$(MAKE) --no-print-directory test-3.13
 
-# The unit and flow tests on Python 3.13, in their own environment (.venv-3.13).
+# The unit and flow tests on Python 3.13, in their own environment (.venv-3.13), less four
+# that kill processes or run the Prefect CLI (about a minute of the run's four here); they run
+# on 3.11 above. CI has 90 minutes for everything on a shared 2-core machine.
+PY313_DESELECT := \
+	tests/flows/test_batch_hardening.py::test_sigkill_of_the_flow_process_loses_and_repeats_nothing \
+	tests/flows/test_batch_flow.py::test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing \
+	tests/flows/test_deployments.py::test_prefect_deploy_all_creates_both_deployments \
+	tests/flows/test_block.py::test_register_cli
 test-3.13: setup
 	@py="$$(PYTHON313='$(PYTHON313)' UV='$(UV)' bash harness/python313.sh)" && \
 	echo "Python 3.13: $$py" && \
 	UV_PROJECT_ENVIRONMENT=.venv-3.13 $(UV) sync --locked --python "$$py" && \
-	UV_PROJECT_ENVIRONMENT=.venv-3.13 $(UV) run --no-sync --python "$$py" pytest tests/unit tests/flows
+	UV_PROJECT_ENVIRONMENT=.venv-3.13 $(UV) run --no-sync --python "$$py" \
+	  pytest tests/unit tests/flows $(addprefix --deselect ,$(PY313_DESELECT))
 
 demo: server
 	$(UV) run python -m demo

@@ -21,14 +21,20 @@ DEFAULT_BLOCK_NAME = "llamacpp"
 class LlamaCppServer(Block, LlamaCppConnection):
     """Connection settings for one llama.cpp `llama-server` (base URL, API key, timeout, model).
 
+    Create one in the Prefect UI (Blocks -> + -> llama.cpp Server) or in Python with
+    `.save(name)`. An empty API key means the server has none; an empty model name means the
+    model the server reports. A saved block is validated when it is loaded.
+
     Example:
-        Load a saved server and ask it what it serves:
+        Load a saved block (the Prefect UI fills in its name) and ask its server a question:
         ```python
+        from pydantic_ai import Agent
+
         from blocks.llamacpp import LlamaCppServer
 
         server = LlamaCppServer.load("BLOCK_NAME")
-        async with server.get_client() as client:
-            props = await client.get_props()
+        agent = Agent(server.create_model())
+        print(agent.run_sync("Say hello in five words.").output)
         ```
     """
 
@@ -44,10 +50,13 @@ class LlamaCppServer(Block, LlamaCppConnection):
     _documentation_url = "https://github.com/ggml-org/llama.cpp/tree/master/tools/server"
     _code_example = """
 ```python
+from pydantic_ai import Agent
+
 from blocks.llamacpp import LlamaCppServer
 
 server = LlamaCppServer.load("BLOCK_NAME")
-model = server.create_model()
+agent = Agent(server.create_model())
+print(agent.run_sync("Say hello in five words.").output)
 ```
 """
 

@@ -26,11 +26,18 @@ from tasks.llamacpp import ServerRef, resolve_server
 async def check_health_with_canary(
     server: ServerRef = None, canary: CanaryOptions | None = None
 ) -> ProviderHealthStatus:
-    """The server's state with latency figures in `metadata["latency"]`.
+    """The server's state with the canary's latency figures; a server fault is reported.
 
     Args:
-        server: A `LlamaCppServer` block, the name of a saved one, or None for the env settings.
-        canary: Deadlines for the canary; None for the defaults.
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+        canary: The canary's deadlines (first byte, whole answer, progress interval); None
+            for the defaults.
+
+    Returns:
+        A `ProviderHealthStatus`: `state` ready, busy, wedged, sleeping, loading,
+        unauthorized, unreachable or error; `metadata["latency"]` has `ttfb_s`, `total_s` and
+        tokens/s when the canary answered.
     """
     block = await resolve_server(server)
     async with block.get_client() as client:

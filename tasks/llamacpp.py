@@ -61,13 +61,20 @@ async def resolve_server(server: ServerRef) -> LlamaCppServer:
 
 def _invalid_block(name: str, exc: ValidationError) -> LlamaCppError:
     problems = "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'block'}: {error['msg']}"
+        f"{_field_label(error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
         for error in exc.errors(include_input=False, include_url=False)
     )
     return LlamaCppError(
         f"The llama.cpp Server block {name!r} is saved with invalid values ({problems}); "
         "fix them in the Prefect UI (Blocks) or save the block again."
     )
+
+
+def _field_label(loc: tuple) -> str:
+    """The field as the block form shows it, and as Python names it: `Base URL [base_url]`."""
+    path = ".".join(str(part) for part in loc)
+    field = LlamaCppConnection.model_fields.get(str(loc[0])) if loc else None
+    return f"{field.title} [{path}]" if field and field.title else path or "block"
 
 
 async def load_server_or_env(server: str | None) -> tuple[LlamaCppServer, str]:
@@ -125,6 +132,16 @@ RETRY_OPTIONS: dict[str, Any] = {
     cache_policy=NO_CACHE,
 )
 async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
+    """The server's state, model and `/props` summary; a server fault is reported, not raised.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+
+    Returns:
+        A `ProviderHealthStatus` whose `state` says ready, loading, sleeping, unauthorized,
+        unreachable or error, and whose `error` says what to fix.
+    """
     block = await resolve_server(server)
     async with block.get_client() as client:
         return await check_server_health(client, model_name=block.model_name)
@@ -136,6 +153,16 @@ async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
     **RETRY_OPTIONS,
 )
 async def detect_model(server: ServerRef = None) -> str | None:
+    """The id of the model the server serves.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+
+    Returns:
+        The first id `/v1/models` lists, or None when it lists none. Raises a `LlamaCppError`
+        (after retries, when transient) when the server cannot answer.
+    """
     async with server_client(server) as client:
         return await client.served_model_id()
 
@@ -147,6 +174,17 @@ async def detect_model(server: ServerRef = None) -> str | None:
     **RETRY_OPTIONS,
 )
 async def get_props(server: ServerRef = None, model: str | None = None) -> dict[str, Any]:
+    """The server's `/props`; does not wake a sleeping server.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+        model: In router mode, the model to ask about; it is never loaded for this
+            (`autoload=false`). None: the server itself.
+
+    Returns:
+        `/props` as llama-server sends it: `total_slots`, `is_sleeping`, `build_info`, ...
+    """
     async with server_client(server) as client:
         return await client.get_props(model=model)
 
@@ -158,6 +196,17 @@ async def get_props(server: ServerRef = None, model: str | None = None) -> dict[
     **RETRY_OPTIONS,
 )
 async def get_slots(server: ServerRef = None, model: str | None = None) -> list[dict[str, Any]]:
+    """The server's `/slots`. Wakes a sleeping server and resets its idle timer.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+        model: In router mode, the model to ask about; it is never loaded for this
+            (`autoload=false`). None: the server itself.
+
+    Returns:
+        One dict per slot. Raises `NotSupportedError` when the server runs with --no-slots.
+    """
     async with server_client(server) as client:
         return await client.get_slots(model=model)
 
@@ -168,6 +217,17 @@ async def get_slots(server: ServerRef = None, model: str | None = None) -> list[
     **RETRY_OPTIONS,
 )
 async def get_metrics(server: ServerRef = None, model: str | None = None) -> dict[str, float]:
+    """The server's Prometheus `/metrics` as numbers.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+        model: In router mode, the model to ask about; it is never loaded for this
+            (`autoload=false`). None: the server itself.
+
+    Returns:
+        `{"requests_processing": 0.0, ...}`. Raises `NotSupportedError` without --metrics.
+    """
     async with server_client(server) as client:
         return await client.get_metrics(model=model)
 
@@ -179,5 +239,16 @@ async def get_metrics(server: ServerRef = None, model: str | None = None) -> dic
     cache_policy=NO_CACHE,  # the deadline is the retry policy
 )
 async def wait_until_ready(server: ServerRef = None, timeout: float = 300) -> dict[str, Any]:
+    """Wait through "connection refused" and 503 "Loading model" until the server is ready.
+
+    Args:
+        server: A `LlamaCppServer` block, the name of a saved one, or None for the
+            `LLAMACPP_*` environment settings.
+        timeout: Seconds to wait in all before failing, saying what the server was doing.
+
+    Returns:
+        The server's `/health` answer once it is ready (`{"status": "ok"}`). Fails at once
+        on a wrong or missing key (`UnauthorizedError`).
+    """
     async with server_client(server) as client:
         return await client.wait_until_ready(timeout=timeout)

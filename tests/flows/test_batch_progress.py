@@ -7,7 +7,12 @@ import sys
 
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 from flows import batch_progress
 from flows.batch_progress import BatchProgress
@@ -31,11 +36,16 @@ async def test_progress_artifact_and_terminal_bar(monkeypatch):
         await progress.finish()
         return progress.finished
 
-    assert await watched() == 10
+    state = await watched(return_state=True)
+    assert await state.result() == 10
     async with get_client() as client:
+        # This run's artifact only: other batch tests in the session write the same key.
         artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["llamacpp-batch-progress"]))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["llamacpp-batch-progress"])),
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            ),
         )
-    assert artifacts and artifacts[-1].data == 100.0
+    assert len(artifacts) == 1 and artifacts[0].data == 100.0
     assert "llama.cpp batch" in terminal.getvalue()
     assert "10/10" in terminal.getvalue() and "1 failed" in terminal.getvalue()

@@ -123,3 +123,30 @@ async def test_no_server_means_env_settings(monkeypatch):
 
 async def test_loading_error_is_transient():
     assert ServerLoadingError("x", status_code=503, url="u").transient
+
+
+def every_task():
+    from prefect.tasks import Task
+
+    from tasks import canary
+
+    found = [
+        value
+        for module in (tasks, canary)
+        for value in vars(module).values()
+        if isinstance(value, Task) and value.fn.__module__ == module.__name__
+    ]
+    assert len(found) >= 7
+    return found
+
+
+@pytest.mark.parametrize("task", every_task(), ids=lambda task: task.name)
+def test_every_task_documents_each_parameter_as_prefect_reads_it(task):
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(task.fn)
+    assert schema.properties, task.name
+    for name, field in schema.properties.items():
+        # Prefect turns a Google `Args:` section into these descriptions (run forms, docs).
+        assert field.get("description", "").strip(), f"{task.name}: {name} has no description"
+    assert "Returns:" in task.fn.__doc__, task.name

@@ -70,7 +70,7 @@ def test_settings_read_dotenv(tmp_path):
     )
     settings = LlamaCppSettings()
     assert settings.base_url == "http://from-dotenv:1234"
-    assert settings.model_name is None
+    assert settings.model_name == ""  # empty: the model the server reports
 
 
 def test_get_settings_is_cached_and_resettable(monkeypatch):

@@ -16,28 +16,48 @@ from src.core.utils.exceptions import ModelError
 from src.core.utils.server_url import ServerURL, parse_server_url
 
 DEFAULT_BASE_URL = "http://localhost:8080/v1"
+# What a form may accept as a base URL: http(s)://host[:port][/path], no inner space, credentials,
+# query or fragment. `parse_server_url` decides; this is never stricter (a test holds it to that),
+# so the UI can refuse obvious mistakes before saving. ECMA-262 syntax: no inline flags.
+BASE_URL_PATTERN = r"^\s*[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@;]+(/[^\s?#;]*)?[?#]*\s*$"
 
 
 class LlamaCppConnection(BaseModel):
-    """How to reach one llama-server: the field list shared by the settings and the Prefect block."""
+    """How to reach one llama-server: the field list shared by the settings and the Prefect block.
+
+    Every field has a value (no `None`), so Prefect's UIs show each as a plain input: the key a
+    password input, the model name a text input. An empty key means "send no key"; an empty model
+    name means "the model the server reports".
+    """
 
     # A rejected value may hold a key (`http://admin:KEY@host`); validation errors never echo it.
     model_config = ConfigDict(hide_input_in_errors=True)
 
     base_url: str = Field(
         default=DEFAULT_BASE_URL,
-        description="The server's root or OpenAI base URL, e.g. http://localhost:8080/v1.",
+        title="Base URL",
+        description="The server's root or its OpenAI base URL: http://gpu-1:8080/v1, "
+        "http://gpu-1:8080, or behind a reverse proxy https://gw.example.com/llama/v1.",
+        # For the UI only (it checks a pattern before saving); the validator below is the rule.
+        json_schema_extra={"pattern": BASE_URL_PATTERN},
     )
-    api_key: SecretStr | None = Field(
-        default=None,
-        description="The key the server was started with (--api-key); leave empty if none.",
+    api_key: SecretStr = Field(
+        default=SecretStr(""),
+        title="API key",
+        description="The key llama-server was started with (--api-key). Leave empty if it has "
+        "none. Stored encrypted and shown masked.",
     )
     timeout: float = Field(
-        default=30.0, gt=0, description="Seconds to wait for one HTTP answer from the server."
+        default=30.0,
+        gt=0,
+        title="Timeout (seconds)",
+        description="How long to wait for one HTTP answer from the server; more than 0.",
     )
-    model_name: str | None = Field(
-        default=None,
-        description="Model id to request; leave empty to use the model the server reports.",
+    model_name: str = Field(
+        default="",
+        title="Model name",
+        description="The model id to request (--alias or the GGUF file name; router mode needs "
+        "one). Leave empty to use the model the server reports.",
     )
 
     @field_validator("base_url")
@@ -51,21 +71,22 @@ class LlamaCppConnection(BaseModel):
 
     @field_validator("api_key", "model_name", mode="before")
     @classmethod
-    def _blank_is_none(cls, value):
+    def _trimmed_and_none_is_empty(cls, value):
+        # None: a block saved before these fields had empty defaults, or a caller meaning "none".
+        if value is None:
+            return ""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        if isinstance(value, str) and not value.strip():
-            return None
         return value.strip() if isinstance(value, str) else value
 
     @field_validator("api_key")
     @classmethod
-    def _key_fits_a_header(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().isprintable():
+    def _key_fits_a_header(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().isprintable():
             raise ValueError(
                 "the API key contains a line break or another control character; paste it again"
             )
-        if value is not None and any(char.isspace() for char in value.get_secret_value()):
+        if any(char.isspace() for char in value.get_secret_value()):
             raise ValueError("the API key contains a space; paste it again without it")
         return value
 
@@ -74,8 +95,8 @@ class LlamaCppConnection(BaseModel):
         return parse_server_url(self.base_url)
 
     def api_key_value(self) -> str | None:
-        """The key in clear text: only for building an HTTP client's headers."""
-        return self.api_key.get_secret_value() if self.api_key else None
+        """The key in clear text, None when empty: only for building an HTTP client's headers."""
+        return self.api_key.get_secret_value() or None
 
 
 class LlamaCppSettings(LlamaCppConnection, BaseSettings):

@@ -1,0 +1,87 @@
+"""A real `prefect server start` on 127.0.0.1 for the end-to-end and browser tests.
+
+Its own home and SQLite database, analytics off, started as a user would start it, stopped (the
+whole process group) at the end. With `ui=True` it serves both Prefect UIs: the new one under
+`/v2` and the classic one at the root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from harness.server import free_port
+
+START_TIMEOUT_S = 180  # measured 20 to 45 s on the shared 2-core machine
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    url: str
+    """The server root, e.g. http://127.0.0.1:4321 (the classic UI is served here)."""
+    home: Path
+
+    @property
+    def api(self) -> str:
+        return f"{self.url}/api"
+
+
+@contextmanager
+def prefect_server(home: Path, *, ui: bool = False) -> Iterator[PrefectServer]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true" if ui else "false",
+        # The UI asks the API at this address (else the default port 4200, not ours).
+        "PREFECT_UI_API_URL": f"{url}/api",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log_path = home / "server.log"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--analytics-off"] + ([] if ui else ["--no-ui"])
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, (
+                    f"prefect server did not start in {START_TIMEOUT_S} s; log: {log_path}"
+                )
+                time.sleep(0.3)
+            yield PrefectServer(url=url, home=home)
+        finally:
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    # The server runs its services in child processes: stop the group it leads.
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)

@@ -117,17 +117,37 @@ async def llamacpp_batch_flow(
     allow_settings_change: bool = False,
     ignore_line_models: bool = False,
 ) -> BatchSummary:
-    """Run every line of `input_path` through the server saved as block `server`.
+    """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
-    `output_schema` (a JSON Schema) makes every answer a validated object. `extra_body` adds
-    llama-server sampling fields to every request (`{"top_k": 20, "min_p": 0.05}`). At most
-    `concurrency` requests are in flight: by default the server's `total_slots` plus
-    `queue_depth` (requests llama-server queues and starts the moment a slot frees, hiding the
-    client's round trip). Fails before sending anything when the output is in
-    use by another run, the named block does not exist, the server is not ready within
-    `ready_timeout` seconds, the key is wrong, or the settings differ from the ledger's (unless
-    `allow_settings_change`); fails mid-run, with every finished result saved, if the server goes
-    away for longer than `ready_timeout`.
+    Fails before sending anything when the output is in use by another run, the named block does
+    not exist, no server is ready within `ready_timeout`, or the settings differ from the
+    ledger's (unless `allow_settings_change`); fails mid-run, with every finished result saved,
+    when no server has been usable for `ready_timeout`. Rerun to finish.
+
+    Args:
+        input_path: JSONL file of prompts: `{"custom_id", "prompt"}`, `{"custom_id",
+            "messages"}` or OpenAI Batch API request lines.
+        output_path: JSONL results file, the ledger: appended to, one line per input line; a
+            rerun skips what is answered. Never the input file.
+        server: Name of a saved llama.cpp Server block, or a list of names for a fleet. Left
+            out: the block saved as `llamacpp`, else the LLAMACPP_* settings.
+        system_prompt: System message for lines that bring none.
+        output_schema: JSON Schema: every answer becomes a validated object.
+        max_tokens: Most tokens per answer (a line's own value wins).
+        temperature: Sampling temperature, 0 to 100 (a line's own value wins).
+        concurrency: Most requests in flight per server; default its total_slots + queue_depth.
+        queue_depth: Requests beyond total_slots that llama-server queues, to hide the round trip.
+        ready_timeout: Seconds to wait for a server to be ready, at the start and when it goes.
+        chunk_size: Prompts per Prefect task run.
+        max_attempts: Tries per prompt on a timeout or a 408/429/5xx from a proxy.
+        max_crashes: Server crashes a prompt may cause (running alone) before it is given up.
+        request_timeout: Seconds to wait for one answer.
+        extra_body: llama-server fields for every request, e.g. {"top_k": 20, "min_p": 0.05}.
+        allow_settings_change: Resume a ledger written with other settings, keeping its answers.
+        ignore_line_models: Send every line to any server, whatever model it names.
+
+    Returns:
+        The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
     """
     logger = get_run_logger()
     source, target = Path(input_path), Path(output_path)

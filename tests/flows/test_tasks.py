@@ -150,3 +150,15 @@ def test_every_task_documents_each_parameter_as_prefect_reads_it(task):
         # Prefect turns a Google `Args:` section into these descriptions (run forms, docs).
         assert field.get("description", "").strip(), f"{task.name}: {name} has no description"
     assert "Returns:" in task.fn.__doc__, task.name
+
+
+@pytest.mark.parametrize(
+    "flow_path", ["flows.batch:llamacpp_batch_flow", "flows.health:llamacpp_health_flow"]
+)
+def test_every_flow_documents_each_parameter_as_the_run_form_shows_it(flow_path):
+    import importlib
+
+    module, name = flow_path.split(":")
+    flow = getattr(importlib.import_module(module), name)
+    for parameter, field in flow.parameters.properties.items():
+        assert field.get("description", "").strip(), f"{flow.name}: {parameter} has no description"

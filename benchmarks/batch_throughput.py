@@ -381,6 +381,8 @@ def _current_rss_mb() -> float:
 
 
 def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
+    from prefect.settings import PREFECT_API_URL
+
     from harness.models import ensure_model
     from harness.server import LlamaServer
 
@@ -390,7 +392,8 @@ def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
     args = ["-np", str(SLOTS), "--cache-ram", "0"]
     with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
         for lines in (small, large):
-            env = {**os.environ, "PREFECT_HOME": str(work / f"prefect-{lines}")}
+            # Reports to this run's Prefect API: an ephemeral one per child timed out starting.
+            env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
             child = subprocess.run(
                 [
                     sys.executable,

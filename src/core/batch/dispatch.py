@@ -39,7 +39,6 @@ class LaneStats:
     succeeded: int = 0
     failed: int = 0
     completion_tokens: int = 0
-    busy_s: float = 0.0  # wall time with at least one request in flight
     taken_out: int = 0
     rejoined: int = 0
 
@@ -63,7 +62,6 @@ class Lane:
     epoch: int = 0
     in_flight: int = 0
     solo: bool = False  # a crash suspect has it to itself
-    _busy_since: float = 0.0
 
     def __post_init__(self) -> None:
         root = self.settings.server_url.root
@@ -143,8 +141,6 @@ class Dispatcher:
     def give(self, lane: Lane, *, alone: bool = False) -> None:
         """Return a slot taken with `take`."""
         lane.in_flight -= 1
-        if not lane.in_flight:
-            lane.stats.busy_s += time.monotonic() - lane._busy_since
         if alone:
             lane.solo = False
         self._hand_out()
@@ -202,8 +198,6 @@ class Dispatcher:
         )
 
     def _enter(self, lane: Lane, alone: bool) -> None:
-        if not lane.in_flight:
-            lane._busy_since = time.monotonic()
         lane.in_flight += 1
         if alone:
             lane.solo = True

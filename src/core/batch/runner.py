@@ -100,7 +100,6 @@ class BatchStats:
     retries: int = 0
     server_waits: int = 0
     crashes_seen: int = 0
-    run_alone: int = 0
 
     def record(self, result: ResultLine) -> None:
         if result["error"] is None:

@@ -15,16 +15,16 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 from pydantic_ai.models import ModelRequestParameters
-from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.output import OutputObjectDefinition
 
-from src.core.models.llamacpp_provider import LlamaCppProvider
+from src.core.models.llamacpp_provider import LlamaCppModel, LlamaCppProvider
 from src.core.models.llamacpp_request import (
     AnswerError,
     build_chat_request,
     read_chat_answer,
     structured_output,
 )
+from src.core.utils.exceptions import ModelError
 
 SCHEMA = {"type": "object", "properties": {"stars": {"type": "integer"}}, "required": ["stars"]}
 COMPLETION = {
@@ -43,7 +43,9 @@ COMPLETION = {
 }
 
 
-async def pydantic_ai_body(messages, schema, max_tokens, temperature, extra_body) -> dict:
+async def pydantic_ai_body(
+    messages, schema, max_tokens, temperature, extra_body, chat_template_kwargs=None
+) -> dict:
     """What pydantic-ai sends through LlamaCppProvider for the same request."""
     sent = []
 
@@ -53,8 +55,10 @@ async def pydantic_ai_body(messages, schema, max_tokens, temperature, extra_body
 
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(answer))
     provider = LlamaCppProvider(base_url="http://llama:8080/v1", http_client=client)
-    model = OpenAIChatModel("qwen3-8b", provider=provider)
+    model = LlamaCppModel("qwen3-8b", provider=provider)
     settings = {"max_tokens": max_tokens, "extra_body": extra_body}
+    if chat_template_kwargs is not None:
+        settings["llamacpp_chat_template_kwargs"] = chat_template_kwargs
     if temperature is not None:
         settings["temperature"] = temperature
     parameters = (
@@ -73,7 +77,8 @@ async def pydantic_ai_body(messages, schema, max_tokens, temperature, extra_body
 
 
 @pytest.mark.parametrize("schema", [None, SCHEMA])
-async def test_the_body_is_what_pydantic_ai_sends(schema):
+@pytest.mark.parametrize("chat_template_kwargs", [None, {"enable_thinking": False}])
+async def test_the_body_is_what_pydantic_ai_sends(schema, chat_template_kwargs):
     ours = json.loads(
         build_chat_request(
             [
@@ -87,6 +92,7 @@ async def test_the_body_is_what_pydantic_ai_sends(schema):
             max_tokens=9,
             temperature=0.5,
             extra_body={"top_k": 20},
+            chat_template_kwargs=chat_template_kwargs,
         ).body
     )
     theirs = await pydantic_ai_body(
@@ -100,7 +106,9 @@ async def test_the_body_is_what_pydantic_ai_sends(schema):
         9,
         0.5,
         {"top_k": 20},
+        chat_template_kwargs,
     )
+    assert ("chat_template_kwargs" in ours) == (chat_template_kwargs is not None)
     # pydantic-ai names the limit max_completion_tokens; llama-server reads both.
     theirs["max_tokens"] = theirs.pop("max_completion_tokens")
     assert ours == theirs
@@ -130,6 +138,36 @@ def test_extra_body_cannot_replace_the_request():
     )
     assert body["model"] == "m" and body["max_tokens"] == 5 and body["min_p"] == 0.1
     assert body["messages"] == [{"role": "user", "content": "q"}]
+
+
+async def test_chat_template_kwargs_replace_those_in_extra_body_on_both_paths():
+    extra = {"top_k": 20, "chat_template_kwargs": {"enable_thinking": True, "other": 1}}
+    kwargs = {"enable_thinking": False}
+    ours = json.loads(
+        build_chat_request(
+            [{"role": "user", "content": "q"}],
+            model="qwen3-8b",
+            max_tokens=3,
+            extra_body=extra,
+            chat_template_kwargs=kwargs,
+        ).body
+    )
+    theirs = await pydantic_ai_body(
+        [ModelRequest(parts=[UserPromptPart("q")])], None, 3, None, extra, kwargs
+    )
+    theirs["max_tokens"] = theirs.pop("max_completion_tokens")
+    assert ours == theirs
+    assert ours["chat_template_kwargs"] == kwargs and ours["top_k"] == 20
+    assert extra["chat_template_kwargs"] == {"enable_thinking": True, "other": 1}  # not mutated
+
+
+@pytest.mark.parametrize("bad", ["enable_thinking=false", ["enable_thinking"], {1: True}])
+async def test_chat_template_kwargs_that_are_not_an_object_are_refused_on_both_paths(bad):
+    # llama-server would ignore them silently, and the user would never know.
+    with pytest.raises(ModelError, match="JSON object"):
+        build_chat_request([{"role": "user", "content": "q"}], model="m", chat_template_kwargs=bad)
+    with pytest.raises(ModelError, match="JSON object"):
+        await pydantic_ai_body([ModelRequest(parts=[UserPromptPart("q")])], None, 3, None, {}, bad)
 
 
 def test_answers_are_read_and_checked_against_the_schema():

@@ -171,8 +171,8 @@ COMMANDS = [
         "Client OK",
     ),
     (
-        "from src.core.models.llamacpp_provider import create_llamacpp_model; m = create_llamacpp_model(model_name='test'); print(type(m).__name__)",
-        "OpenAIChatModel",
+        "from pydantic_ai.models.openai import OpenAIChatModel; from src.core.models.llamacpp_provider import create_llamacpp_model; m = create_llamacpp_model(model_name='test'); print(type(m).__name__, isinstance(m, OpenAIChatModel))",
+        "LlamaCppModel True",
     ),
     (
         "import asyncio; from src.core.models.llamacpp_provider import llamacpp_health_check; h = asyncio.run(llamacpp_health_check()); print(f'connected={h.connected}, provider={h.provider_type}')",

@@ -2,6 +2,8 @@
 
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.llamacpp_provider import (
+    LlamaCppModel,
+    LlamaCppModelSettings,
     LlamaCppProvider,
     create_llamacpp_model,
     create_llamacpp_model_async,
@@ -10,6 +12,8 @@ from src.core.models.llamacpp_provider import (
 )
 
 __all__ = [
+    "LlamaCppModel",
+    "LlamaCppModelSettings",
     "LlamaCppProvider",
     "ProviderHealthStatus",
     "ServerState",

@@ -3,18 +3,21 @@
 status = await llamacpp_health_check()          # never raises for a server fault
 model = await create_llamacpp_model_async()     # raises ModelError unless the server is ready
 agent = Agent(model)
+agent.run_sync("Hi", model_settings=LlamaCppModelSettings(
+    llamacpp_chat_template_kwargs={"enable_thinking": False}))
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import PurePath
-from typing import Any
+from typing import Any, cast
 
 from openai import AsyncOpenAI
 from pydantic import SecretStr
 from pydantic_ai.exceptions import UserError
-from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.models import ModelRequestParameters
+from pydantic_ai.models.openai import OpenAIChatModel, OpenAIChatModelSettings
 from pydantic_ai.profiles import ModelProfile, merge_profile
 from pydantic_ai.profiles.deepseek import deepseek_model_profile
 from pydantic_ai.profiles.google import google_model_profile
@@ -23,6 +26,7 @@ from pydantic_ai.profiles.mistral import mistral_model_profile
 from pydantic_ai.profiles.openai import OpenAIJsonSchemaTransformer, OpenAIModelProfile
 from pydantic_ai.profiles.qwen import qwen_model_profile
 from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
+from pydantic_ai.settings import ModelSettings
 
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.canary import CanaryOptions, empty_latency, run_canary
@@ -78,8 +82,54 @@ def llamacpp_model_profile(model_name: str) -> ModelProfile:
             openai_supports_strict_tool_definition=False,
             openai_chat_supports_document_input=False,
             supports_tool_return_schema=False,
+            # llama-server puts a reasoning model's thoughts in `reasoning_content` (its default
+            # --reasoning-format) and reads that field back from assistant messages.
+            openai_chat_thinking_field="reasoning_content",
+            openai_chat_send_back_thinking_parts="field",
         ),
     )
+
+
+class LlamaCppModelSettings(OpenAIChatModelSettings, total=False):
+    """Model settings for llama-server; every field is `llamacpp_`-prefixed, so they merge with
+    pydantic-ai's own settings."""
+
+    llamacpp_chat_template_kwargs: dict[str, Any]
+    """Variables for the model's chat template, sent as llama-server's `chat_template_kwargs`:
+    `{"enable_thinking": False}` turns a Qwen3 model's thinking off. Replaces any
+    `chat_template_kwargs` in `extra_body`."""
+
+
+def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
+    """`value` if it can be sent as `chat_template_kwargs`; `ModelError` naming the fix if not."""
+    # llama-server silently ignores a chat_template_kwargs that is not an object.
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ModelError(
+            "chat_template_kwargs must be a JSON object with string keys, such as "
+            f'{{"enable_thinking": false}}; got {type(value).__name__}'
+        )
+    return value
+
+
+class LlamaCppModel(OpenAIChatModel):
+    """`OpenAIChatModel` that also sends `LlamaCppModelSettings` fields to llama-server."""
+
+    def prepare_request(
+        self,
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> tuple[ModelSettings | None, ModelRequestParameters]:
+        merged, parameters = super().prepare_request(model_settings, model_request_parameters)
+        if not merged or "llamacpp_chat_template_kwargs" not in merged:
+            return merged, parameters
+        # A copy: the merged settings may be the model's own dict, reused by the next request.
+        settings = cast(dict[str, Any], dict(merged))
+        kwargs = checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs"))
+        settings["extra_body"] = {
+            **(settings.get("extra_body") or {}),
+            "chat_template_kwargs": kwargs,
+        }
+        return cast(ModelSettings, settings), parameters
 
 
 class LlamaCppProvider(OpenAICompatibleProvider):
@@ -134,19 +184,24 @@ def create_llamacpp_model(
     settings: LlamaCppSettings | None = None,
     *,
     http_client: Any | None = None,
-) -> OpenAIChatModel:
-    """An `OpenAIChatModel` for the server in `settings` (default: env). Needs no server to build.
+) -> LlamaCppModel:
+    """A chat model (an `OpenAIChatModel`) for the server in `settings` (default: env).
 
-    Raises `ModelError` when the base URL is invalid.
+    Needs no server to build. It takes `LlamaCppModelSettings` as model settings, and a reasoning
+    model's `reasoning_content` comes back as `ThinkingPart`s. Raises `ModelError` when the base
+    URL is invalid.
     """
     settings = settings or get_settings().llamacpp
-    provider = LlamaCppProvider(
+    name = model_name or settings.model_name or DEFAULT_MODEL_NAME
+    return LlamaCppModel(name, provider=_provider_for(settings, http_client))
+
+
+def _provider_for(settings: LlamaCppSettings, http_client: Any | None) -> LlamaCppProvider:
+    return LlamaCppProvider(
         base_url=settings.server_url.openai_base,
         api_key=settings.api_key_value() or PLACEHOLDER_API_KEY,
         http_client=http_client,
     )
-    name = model_name or settings.model_name or DEFAULT_MODEL_NAME
-    return OpenAIChatModel(name, provider=provider)
 
 
 async def create_llamacpp_model_async(
@@ -156,7 +211,7 @@ async def create_llamacpp_model_async(
     test_connection: bool = True,
     *,
     http_client: Any | None = None,
-) -> OpenAIChatModel:
+) -> LlamaCppModel:
     """Like `create_llamacpp_model`, but checks the server first and names the model it serves.
 
     Raises `ModelError` saying the server's state (loading, unauthorized, unreachable, ...) when

@@ -9,6 +9,7 @@ validated against the caller's schema with `jsonschema`.
 
     request = build_chat_request(messages, model="qwen3", max_tokens=64, output_schema=schema)
     answer = read_chat_answer(await client.chat_completion(request.body))
+
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import jsonschema
 from pydantic_ai.profiles import DEFAULT_PROMPTED_OUTPUT_TEMPLATE
 
-from src.core.models.llamacpp_provider import llamacpp_model_profile
+from src.core.models.llamacpp_provider import checked_chat_template_kwargs, llamacpp_model_profile
 
 OUTPUT_NAME = "output"  # the json_schema name pydantic-ai gives native output
 
@@ -75,6 +76,7 @@ def build_chat_request(
     temperature: float | None = None,
     extra_body: dict[str, Any] | None = None,
     sampling: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> ChatRequest:
     """The body of a chat completion for llama-server.
 
@@ -83,6 +85,8 @@ def build_chat_request(
     grammar-enforced JSON answer. `extra_body` adds llama-server fields (`top_k`, `min_p`,
     `ignore_eos`, ...) and `sampling` the OpenAI fields of one request (`stop`, `seed`, `top_p`,
     ...), which win over `extra_body`; neither can replace the fields above.
+    `chat_template_kwargs` are variables for the model's chat template (`{"enable_thinking":
+    False}`); they replace any in `extra_body`, and anything but an object raises `ModelError`.
     """
     sent: list[dict[str, str]] = []
     leading_system = 0
@@ -109,6 +113,8 @@ def build_chat_request(
         body["max_tokens"] = max_tokens
     if temperature is not None:
         body["temperature"] = temperature
+    if chat_template_kwargs is not None:
+        body["chat_template_kwargs"] = checked_chat_template_kwargs(chat_template_kwargs)
     return ChatRequest(canonical_json(body).encode(), schema_key)
 
 

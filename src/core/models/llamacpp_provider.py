@@ -5,13 +5,14 @@ model = await create_llamacpp_model_async()     # raises ModelError unless the s
 agent = Agent(model)
 agent.run_sync("Hi", model_settings=LlamaCppModelSettings(
     llamacpp_chat_template_kwargs={"enable_thinking": False}))
+embedder = Embedder(create_llamacpp_embedding_model())  # server started with --embeddings
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import PurePath
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from openai import AsyncOpenAI
 from pydantic import SecretStr
@@ -42,6 +43,10 @@ from src.core.utils.exceptions import (
 from src.core.utils.logging import get_logger_with_context
 from src.core.utils.server_url import parse_server_url
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient, router_model_status
+
+if TYPE_CHECKING:
+    from pydantic_ai.embeddings import EmbeddingSettings
+    from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
 
 # pydantic-ai's OpenAI client insists on a key; llama-server without --api-key ignores it.
 PLACEHOLDER_API_KEY = "llamacpp-no-key"
@@ -194,6 +199,31 @@ def create_llamacpp_model(
     settings = settings or get_settings().llamacpp
     name = model_name or settings.model_name or DEFAULT_MODEL_NAME
     return LlamaCppModel(name, provider=_provider_for(settings, http_client))
+
+
+def create_llamacpp_embedding_model(
+    model_name: str | None = None,
+    settings: LlamaCppSettings | None = None,
+    *,
+    http_client: Any | None = None,
+    embedding_settings: EmbeddingSettings | None = None,
+) -> OpenAIEmbeddingModel:
+    """An embedding model for `/v1/embeddings` of the server in `settings` (default: env).
+
+    Use it with `pydantic_ai.Embedder`. Needs no server to build; the server must run with
+    `--embeddings` (and a pooling type: the model's own, or `--pooling mean`), else each call
+    fails with HTTP 501 or 400 (`LlamaCppClient.check_embeddings` says which before you send
+    work). llama-server ignores `dimensions`: vectors have the model's `n_embd`. Raises
+    `ModelError` when the base URL is invalid.
+    """
+    # Imported here: it brings tiktoken, which chat-only programs never need.
+    from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
+
+    settings = settings or get_settings().llamacpp
+    name = model_name or settings.model_name or DEFAULT_MODEL_NAME
+    return OpenAIEmbeddingModel(
+        name, provider=_provider_for(settings, http_client), settings=embedding_settings
+    )
 
 
 def _provider_for(settings: LlamaCppSettings, http_client: Any | None) -> LlamaCppProvider:

@@ -10,12 +10,22 @@ validated against the caller's schema with `jsonschema`.
     request = build_chat_request(messages, model="qwen3", max_tokens=64, output_schema=schema)
     answer = read_chat_answer(await client.chat_completion(request.body))
 
+Embeddings the same way, as pydantic-ai's `OpenAIEmbeddingModel` sends them (the server must run
+with `--embeddings`):
+
+    request = build_embedding_request(["first", "second"], model="bge")
+    answer = read_embedding_answer(await client.embeddings(request.body), request.count)
 """
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import hashlib
 import json
+import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -168,6 +178,98 @@ def structured_output(answer: ChatAnswer, schema_key: str) -> Any:
             "validation", f"output does not match the schema at {where}: {errors[0].message}"
         )
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    body: bytes
+    """The encoded JSON body, ready to POST to `/v1/embeddings`."""
+    count: int
+    """How many inputs it carries: the answer must hold as many vectors."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingAnswer:
+    vectors: list[list[float]]
+    """One vector per input, in input order, each of the model's `n_embd` floats."""
+    model: str | None
+    prompt_tokens: int
+
+
+def build_embedding_request(
+    inputs: str | list[str], *, model: str, extra_body: dict[str, Any] | None = None
+) -> EmbeddingRequest:
+    """The body of a `/v1/embeddings` request: one vector per text in `inputs`.
+
+    It asks for base64 vectors, as the OpenAI SDK under pydantic-ai does: llama-server sends
+    float32 bytes, lossless and a third the size of JSON numbers. `extra_body` adds fields (an
+    `encoding_format` of its own included); it cannot replace `model` or `input`. Raises
+    `ValueError` for no inputs (llama-server answers 400) or an input that is not text.
+    """
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not texts:
+        raise ValueError("an embedding request needs at least one input text")
+    if not all(isinstance(text, str) for text in texts):
+        raise ValueError("embedding inputs must be strings")
+    body: dict[str, Any] = {"encoding_format": "base64", **(extra_body or {})}
+    body["model"] = model
+    body["input"] = texts
+    return EmbeddingRequest(canonical_json(body).encode(), len(texts))
+
+
+def read_embedding_answer(body: Any, count: int) -> EmbeddingAnswer:
+    """The vectors (in input order), model and prompt tokens of a `/v1/embeddings` answer.
+
+    Vectors may be JSON numbers or base64 float32. Raises `AnswerError("invalid_response", ...)`
+    unless `body` is an OpenAI embeddings list with exactly one finite, non-empty vector per
+    index 0..count-1, all of one length.
+    """
+    try:
+        vectors: dict[int, list[float]] = {}
+        for item in body["data"]:
+            index = item["index"]
+            if type(index) is not int or index in vectors:
+                raise ValueError("bad index")
+            vectors[index] = _vector(item["embedding"])
+        usage = body.get("usage") or {}
+        model = body.get("model")
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        raise AnswerError(
+            "invalid_response", f"the answer is not an embeddings list ({type(exc).__name__})"
+        ) from exc
+    if sorted(vectors) != list(range(count)):
+        raise AnswerError(
+            "invalid_response",
+            f"the answer holds vectors for indexes {sorted(vectors)[:10]}, not one for each of "
+            f"the {count} inputs",
+        )
+    ordered = [vectors[index] for index in range(count)]
+    if len({len(vector) for vector in ordered}) > 1:
+        raise AnswerError("invalid_response", "the answer's vectors differ in length")
+    return EmbeddingAnswer(ordered, model if isinstance(model, str) else None, prompt_tokens)
+
+
+def _vector(value: Any) -> list[float]:
+    """A list of JSON numbers or base64 float32 bytes as floats; ValueError if neither."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise ValueError("not base64") from exc
+        if len(raw) % 4:
+            raise ValueError("not float32 bytes")
+        floats = array.array("f", raw)
+        if sys.byteorder == "big":  # llama-server sends little-endian float32
+            floats.byteswap()
+        vector = floats.tolist()
+    elif isinstance(value, list) and all(type(x) in (float, int) for x in value):
+        vector = [float(x) for x in value]
+    else:
+        raise ValueError("not numbers")
+    if not vector or not all(map(math.isfinite, vector)):
+        raise ValueError("empty or not finite")
+    return vector
 
 
 def schema_problem(schema: Any) -> str | None:

@@ -8,7 +8,7 @@
     ├── ServerHTTPError                an answer with a status we did not want
     │   ├── ServerLoadingError         503 "Loading model" (transient)
     │   ├── UnauthorizedError          401: key missing or wrong
-    │   ├── NotSupportedError          501: endpoint switched off by a server flag
+    │   ├── NotSupportedError          501: endpoint switched off by a server flag (400: no pooling)
     │   └── UnexpectedResponseError    not what llama-server sends (a proxy's HTML page)
     ├── ServerNotReadyError            not ready before a deadline (transient)
     ├── DeadlineExceededError          the health canary missed its first-byte or total deadline
@@ -113,7 +113,8 @@ class UnauthorizedError(ServerHTTPError):
 
 
 class NotSupportedError(ServerHTTPError):
-    """501: the endpoint is switched off by a server flag (`--no-slots`, no `--metrics`)."""
+    """501: the endpoint is switched off by a server flag (`--no-slots`, no `--metrics`, no
+    `--embeddings`); also the 400 of `/v1/embeddings` on a server whose pooling is `none`."""
 
 
 class UnexpectedResponseError(ServerHTTPError):

@@ -6,9 +6,10 @@
 
 Faults surface as the errors in `src.core.utils.exceptions`: `ServerUnreachableError` (no answer),
 `ServerLoadingError` (503 while the model loads), `UnauthorizedError` (401), `NotSupportedError`
-(501, an endpoint switched off by a server flag), `ServerHTTPError` (any other status), and
-`UnexpectedResponseError` (an answer llama-server would not send). In router mode, monitoring
-calls that name a model send `autoload=false`, so that looking never loads a model.
+(501, an endpoint switched off by a server flag; also embeddings without pooling, a 400),
+`ServerHTTPError` (any other status), and `UnexpectedResponseError` (an answer llama-server would
+not send). In router mode, monitoring calls that name a model send `autoload=false`, so that
+looking never loads a model.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from src.core.utils.server_url import parse_server_url
 _UNSET: Any = object()
 
 KEY_HINT = "set LLAMACPP_API_KEY (or the block's api_key) to the key llama-server was started with"
+EMBEDDINGS_OFF = "embeddings are disabled on this server (start llama-server with --embeddings)"
+POOLING_NONE = (
+    "embeddings are on but the model names no pooling type, so llama-server cannot give one "
+    "vector per input (start it with --pooling mean, or the pooling your embedding model needs)"
+)
 
 
 class LlamaCppClient:
@@ -244,6 +250,55 @@ class LlamaCppClient:
             headers={"Content-Type": "application/json"},
         )
         return self._json("/v1/chat/completions", response)
+
+    async def embeddings(self, body: bytes) -> dict[str, Any]:
+        """`POST /v1/embeddings` with a JSON `body` already encoded; the parsed answer.
+
+        Build the body with `build_embedding_request` and read the answer with
+        `read_embedding_answer` (`src/core/models/llamacpp_request.py`). Raises
+        `NotSupportedError` naming the flag to add when the server does not serve embeddings,
+        and otherwise the errors of `chat_completion`.
+        """
+        path = "/v1/embeddings"
+        try:
+            response = await self._request(
+                "POST",
+                path,
+                content=body,
+                headers={"Content-Type": "application/json"},
+                not_supported=EMBEDDINGS_OFF,
+            )
+        except ServerHTTPError as exc:
+            # Verified (b1-0c1e570): --embeddings on a model that names no pooling type answers
+            # 400 "Pooling type 'none' is not OAI compatible" to every /v1/embeddings request.
+            if exc.status_code == 400 and "pooling" in (exc.server_message or "").lower():
+                raise NotSupportedError(
+                    f"{POOLING_NONE} (HTTP 400, {exc.url}: {exc.server_message})",
+                    status_code=400,
+                    url=exc.url,
+                    server_message=exc.server_message,
+                ) from exc
+            raise
+        return self._json(path, response)
+
+    async def check_embeddings(self, model: str | None = None) -> None:
+        """Send one tiny `/v1/embeddings` request; return if the server serves embeddings.
+
+        Raises `NotSupportedError`, naming the flag to add, when it does not, and the usual
+        errors when it cannot be asked. Cheap either way: a one-word input.
+        """
+        # Verified (b1-0c1e570): /props is the same with and without --embeddings, so only a
+        # request tells; without --embeddings the server answers 501 before computing anything.
+        payload = {"input": ["ping"], **({"model": model} if model else {})}
+        await self.embeddings(json.dumps(payload).encode())
+
+    async def supports_embeddings(self, model: str | None = None) -> bool:
+        """True when the server serves `/v1/embeddings`; `check_embeddings` says why not."""
+        try:
+            await self.check_embeddings(model)
+        except NotSupportedError:
+            return False
+        return True
 
     # -- router mode ---------------------------------------------------------------------
 

@@ -58,6 +58,50 @@ def no_slots_server(llama_server_bin, tiny_model, tmp_path_factory):
         yield running
 
 
+# The tiny model's ChatML template, plus a line for each template variable the tests set. The
+# server always defines `enable_thinking` (false unless --reasoning on); a request's
+# `chat_template_kwargs` override it and add others.
+ECHO_TEMPLATE = (
+    "{% if enable_thinking is defined %}[enable_thinking={{ enable_thinking }}]\n{% endif %}"
+    "{% if greeting is defined %}[greeting={{ greeting }}]\n{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def template_server(llama_server_bin, tiny_model, tmp_path_factory):
+    """One slot, alias `tiny-echo`, a jinja chat template that echoes its variables
+    (`ECHO_TEMPLATE`)."""
+    template = tmp_path_factory.mktemp("templates") / "echo.jinja"
+    template.write_text(ECHO_TEMPLATE)
+    args = ["-np", "1", "--alias", "tiny-echo", "--jinja", "--chat-template-file", str(template)]
+    with _server(llama_server_bin, tiny_model, args, tmp_path_factory) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def embedding_server(llama_server_bin, tiny_model, tmp_path_factory):
+    """`--embeddings --pooling mean`, 2 slots sharing one KV cache, alias `tiny-embed`.
+
+    The tiny model names no pooling type, and with pooling `none` /v1/embeddings answers 400.
+    `-kvu`: with `-np 2` alone (b1-0c1e570), the middle input of a three-input request got a
+    different vector than the same text sent alone; with `-kvu` (the default without `-np`)
+    every input's vector is the same either way."""
+    args = ["-np", "2", "-kvu", "--alias", "tiny-embed", "--embeddings", "--pooling", "mean"]
+    with _server(llama_server_bin, tiny_model, args, tmp_path_factory) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def no_pooling_server(llama_server_bin, tiny_model, tmp_path_factory):
+    """`--embeddings` without a pooling type (the tiny model names none)."""
+    with _server(llama_server_bin, tiny_model, ["--embeddings"], tmp_path_factory) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def busy_server(llama_server_bin, tmp_path_factory):
     """One slot of the 340 MB `bench` model, metrics on: tokens cost real time, so a long

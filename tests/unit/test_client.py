@@ -297,3 +297,14 @@ async def test_sent_but_unanswered_is_told_apart_from_never_sent():
         with pytest.raises(ServerUnreachableError) as refused:
             await c.chat_completion(b"{}")
         assert not isinstance(refused.value, ServerDisconnectedError | ServerTimeoutError)
+
+
+@respx.mock
+async def test_apply_template_posts_the_chat_body_and_returns_the_prompt():
+    route = respx.post(f"{ROOT}/apply-template").respond(json={"prompt": "<|im_start|>user\n"})
+    async with client() as c:
+        assert await c.apply_template(b'{"messages": []}') == "<|im_start|>user\n"
+        assert route.calls.last.request.content == b'{"messages": []}'
+        route.respond(json={"no": "prompt"})
+        with pytest.raises(UnexpectedResponseError, match="without a 'prompt'"):
+            await c.apply_template(b"{}")

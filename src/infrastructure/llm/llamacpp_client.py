@@ -251,6 +251,21 @@ class LlamaCppClient:
         )
         return self._json("/v1/chat/completions", response)
 
+    async def apply_template(self, body: bytes) -> str:
+        """`POST /apply-template`: the prompt the model's chat template makes of a chat body.
+
+        Takes the same encoded body as `chat_completion` (llama-server ignores the fields it
+        does not template), so it shows what `chat_template_kwargs` change. Generates nothing.
+        """
+        response = await self._request(
+            "POST", "/apply-template", content=body, headers={"Content-Type": "application/json"}
+        )
+        answer = self._json("/apply-template", response)
+        prompt = answer.get("prompt") if isinstance(answer, dict) else None
+        if not isinstance(prompt, str):
+            raise self._unexpected("/apply-template", response.status_code, "without a 'prompt'")
+        return prompt
+
     async def embeddings(self, body: bytes) -> dict[str, Any]:
         """`POST /v1/embeddings` with a JSON `body` already encoded; the parsed answer.
 

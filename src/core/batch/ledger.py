@@ -231,6 +231,8 @@ class Ledger:
                 logger.warning("Refused a second success line", custom_id=record["custom_id"])
                 return False
             self.succeeded.add(record["custom_id"])
+        if "response" in record:  # the server's raw answer: only the OpenAI format keeps it
+            record = {key: value for key, value in record.items() if key != "response"}
         try:
             text = json.dumps(record, ensure_ascii=False)
             data = text.encode("utf-8")

@@ -68,7 +68,16 @@ class ResultLine(TypedDict):
     settings_fp: str | None
     input_fp: str | None
     server: NotRequired[str]
+    reasoning: NotRequired[str]  # a reasoning model's thoughts, apart from `output`
     finished_at: str
+    # What the server answered (`body` as it came, or an HTTP error's), for the OpenAI Batch
+    # output format; in memory only, the native format does not write it.
+    response: NotRequired[ServerResponse]
+
+
+class ServerResponse(TypedDict):
+    status_code: int
+    body: Any
 
 
 def result_line(
@@ -84,9 +93,11 @@ def result_line(
     settings_fp: str | None = None,
     input_fp: str | None = None,
     server: str | None = None,
+    reasoning: str | None = None,
+    response: ServerResponse | None = None,
 ) -> ResultLine:
     """The one constructor of a result line. `server` (the block that answered) is written when
-    the run has more than one server."""
+    the run has more than one server, `reasoning` when the model gave some."""
     line: ResultLine = {
         "custom_id": custom_id,
         "line": line,
@@ -102,4 +113,8 @@ def result_line(
     }
     if server is not None:
         line["server"] = server
+    if reasoning:
+        line["reasoning"] = reasoning
+    if response is not None:
+        line["response"] = response
     return line

@@ -4,7 +4,15 @@ import json
 
 import pytest
 
-from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines, parse_line
+from src.core.batch.jsonl_input import (
+    MAX_EMBEDDING_INPUTS,
+    BatchItem,
+    InputError,
+    InputReader,
+    count_lines,
+    parse_line,
+    scan_input,
+)
 
 
 def test_prompt_line():
@@ -80,9 +88,9 @@ def test_missing_id_gets_the_line_number():
             "only text parts",
         ),
         (
-            '{"custom_id": "a", "url": "/v1/embeddings", "body": {"input": "x"}}',
+            '{"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x"}}',
             "unsupported",
-            "embeddings",
+            "/v1/embeddings",
         ),
         ('{"custom_id": "a", "prompt": "x", "max_tokens": 0}', "invalid_settings", "max_tokens"),
         (
@@ -229,3 +237,76 @@ def test_sampling_fields_of_a_line_are_sent_and_fingerprinted():
     )
     assert (body["stop"], body["seed"], body["top_p"]) == (["\n"], 7, 0.5)
     assert item.input_fp != parse_line(json.dumps({**line, "seed": 8}), 1).input_fp
+
+
+# -- embedding lines ---------------------------------------------------------------------------
+
+
+def test_openai_embedding_lines_are_items_in_any_run():
+    one = parse_line(
+        '{"custom_id": "e1", "method": "POST", "url": "/v1/embeddings", '
+        '"body": {"model": "m", "input": "hello"}}',
+        1,
+    )
+    many = parse_line(
+        '{"custom_id": "e2", "url": "/v1/embeddings", "body": {"input": ["a", "b"]}}', 2
+    )
+    assert one.embeddings and one.inputs == ("hello",) and one.single_input and one.model == "m"
+    assert one.encoding_format == "float"  # OpenAI's default, so the body is what OpenAI gives
+    assert many.inputs == ("a", "b") and not many.single_input
+    assert one.input_fp != parse_line('{"custom_id": "e1", "prompt": "hello"}', 1).input_fp
+
+
+def test_native_input_lines_need_the_embeddings_option():
+    item = parse_line('{"custom_id": "n", "input": "text"}', 3, embeddings=True)
+    assert item.embeddings and item.encoding_format is None  # native: vectors, any encoding
+    refused = parse_line('{"custom_id": "n", "input": "text"}', 3)
+    assert refused.kind == "missing_prompt" and "embeddings=True" in refused.message
+    chat = parse_line('{"custom_id": "c", "prompt": "hi"}', 4, embeddings=True)
+    assert not chat.embeddings and chat.messages[0]["content"] == "hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "kind", "words"),
+    [
+        ('{"input": []}', "missing_prompt", "non-empty"),
+        ('{"input": ["a", ""]}', "missing_prompt", "empty text"),
+        ('{"input": [1, 2, 3]}', "unsupported", "token arrays"),
+        ('{"input": "a", "dimensions": 8}', "unsupported", "dimensions"),
+        ('{"input": "a", "encoding_format": "hex"}', "invalid_settings", "encoding_format"),
+        ('{"input": "a", "model": 3}', "invalid_settings", "model"),
+        ('{"input": ["a"], "user": "u"}', None, None),
+    ],
+)
+def test_bad_embedding_lines(body, kind, words):
+    entry = parse_line(f'{{"custom_id": "e", "url": "/v1/embeddings", "body": {body}}}', 5)
+    if kind is None:
+        assert entry.embeddings
+        return
+    assert isinstance(entry, InputError) and entry.kind == kind and words in entry.message
+
+
+def test_too_many_inputs_on_one_line():
+    texts = json.dumps(["t"] * (MAX_EMBEDDING_INPUTS + 1))
+    entry = parse_line(f'{{"custom_id": "e", "input": {texts}}}', 1, embeddings=True)
+    assert entry.kind == "too_large"
+
+
+def test_chat_template_kwargs_on_a_line_are_part_of_what_it_asks():
+    plain = parse_line('{"custom_id": "a", "prompt": "x"}', 1)
+    kw = parse_line(
+        '{"custom_id": "a", "prompt": "x", "chat_template_kwargs": {"enable_thinking": false}}', 1
+    )
+    assert kw.chat_template_kwargs == {"enable_thinking": False}
+    assert kw.input_fp != plain.input_fp
+    bad = parse_line('{"custom_id": "a", "prompt": "x", "chat_template_kwargs": [1]}', 1)
+    assert bad.kind == "invalid_settings" and "chat_template_kwargs" in bad.message
+
+
+def test_scan_input_finds_embedding_lines(tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"prompt": "a"}\n{"prompt": "b"}')
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a"}\n{"url": "/v1/embeddings", "body": {"input": "x"}}\n')
+    assert scan_input(chat) == (2, False)
+    assert scan_input(mixed) == (2, True)

@@ -6,6 +6,10 @@ Accepted lines (one JSON object each):
     {"custom_id": "a2", "messages": [{"role": "system", "content": "..."}, {"role": "user", ...}]}
     {"custom_id": "a3", "method": "POST", "url": "/v1/chat/completions",
      "body": {"messages": [...], "max_tokens": 64, "temperature": 0, "response_format": {...}}}
+    {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings", "body": {"input": "text"}}
+    {"custom_id": "e2", "input": ["text", "more text"]}          (read with `embeddings=True`)
+
+Chat lines may carry `chat_template_kwargs` (e.g. `{"enable_thinking": false}`).
 
 `max_tokens`, `temperature` and `response_format` may also sit at the top level of the first two
 forms. A line without `custom_id` is named after its line number (`line-7`). Blank lines are
@@ -29,6 +33,8 @@ from src.core.models.llamacpp_request import fingerprint, schema_problem
 
 ROLES = ("system", "developer", "user", "assistant")
 CHAT_COMPLETIONS_URLS = ("/v1/chat/completions", "/chat/completions")
+EMBEDDINGS_URLS = ("/v1/embeddings", "/embeddings")
+MAX_EMBEDDING_INPUTS = 2048  # per line, as OpenAI allows per request
 MAX_LINE_BYTES = 32 * 1024 * 1024  # one prompt line; the reader never holds more than this
 _BOM = b"\xef\xbb\xbf"
 
@@ -43,6 +49,16 @@ class BatchItem:
     output_schema: dict[str, Any] | None = None
     sampling: dict[str, Any] | None = None  # the line's own stop, seed, top_p, penalties
     model: str | None = None  # the model the line asks for: only servers serving it run it
+    chat_template_kwargs: dict[str, Any] | None = None  # variables for the chat template
+    # An embedding line: its texts (`messages` is empty), whether it gave one text or a list
+    # (its output is one vector or a list), and the vector encoding the line asked for.
+    inputs: tuple[str, ...] | None = None
+    single_input: bool = False
+    encoding_format: str | None = None
+
+    @property
+    def embeddings(self) -> bool:
+        return self.inputs is not None
 
     @cached_property
     def input_fp(self) -> str:
@@ -50,6 +66,13 @@ class BatchItem:
 
         Only the fields the line sets count, so a field added in a later version leaves the
         fingerprints of existing ledgers as they were."""
+        if self.inputs is not None:
+            asked = {
+                "input": self.inputs[0] if self.single_input else list(self.inputs),
+                "model": self.model,
+                "encoding_format": self.encoding_format,
+            }
+            return fingerprint({key: value for key, value in asked.items() if value is not None})
         asked = {
             "messages": self.messages,
             "max_tokens": self.max_tokens,
@@ -57,6 +80,7 @@ class BatchItem:
             "output_schema": self.output_schema,
             "sampling": self.sampling,
             "model": self.model,
+            "chat_template_kwargs": self.chat_template_kwargs,
         }
         return fingerprint({key: value for key, value in asked.items() if value is not None})
 
@@ -71,14 +95,17 @@ class InputError:
 
 @dataclass
 class InputReader:
-    """Yields `BatchItem`s and `InputError`s from a JSONL file, streaming."""
+    """Yields `BatchItem`s and `InputError`s from a JSONL file, streaming. `embeddings`: lines
+    of the native form are `{"custom_id", "input"}` texts to embed (OpenAI lines name their url).
+    """
 
     path: Path
     first_line_of: dict[str, int] = field(default_factory=dict)
+    embeddings: bool = False
 
     def __iter__(self) -> Iterator[BatchItem | InputError]:
         for number, raw in _raw_lines(self.path):
-            entry = _entry(raw, number)
+            entry = _entry(raw, number, self.embeddings)
             if entry is None:
                 continue
             first = self.first_line_of.setdefault(entry.custom_id, number)
@@ -96,13 +123,25 @@ class InputReader:
 
 def count_lines(path: Path) -> int:
     """Line count, read in blocks (for progress totals)."""
+    return scan_input(path)[0]
+
+
+def scan_input(path: Path) -> tuple[int, bool]:
+    """Line count (for progress totals) and whether any line may ask for embeddings (so the
+    gate checks the servers for them before anything is sent), read in blocks."""
     count = 0
     last = b"\n"
+    embeddings = False
+    tail = b""
     with open(path, "rb") as data:
         while block := data.read(1 << 20):
             count += block.count(b"\n")
             last = block[-1:]
-    return count + (last != b"\n")
+            embeddings = embeddings or any(
+                url.encode() in tail + block for url in EMBEDDINGS_URLS
+            )
+            tail = block[-32:]
+    return count + (last != b"\n"), embeddings
 
 
 def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
@@ -124,7 +163,7 @@ def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
             yield number, raw
 
 
-def _entry(raw: bytes | None, number: int) -> BatchItem | InputError | None:
+def _entry(raw: bytes | None, number: int, embeddings: bool) -> BatchItem | InputError | None:
     if raw is None:
         return InputError(
             f"line-{number}",
@@ -139,7 +178,7 @@ def _entry(raw: bytes | None, number: int) -> BatchItem | InputError | None:
     if not text.strip():
         return None
     try:
-        entry = parse_line(text, number)
+        entry = parse_line(text, number, embeddings=embeddings)
         if isinstance(entry, BatchItem):
             entry.input_fp  # noqa: B018 -- computed here, inside the safety net
         return entry
@@ -173,8 +212,9 @@ def _encoding_error(raw: bytes, number: int, exc: UnicodeDecodeError) -> InputEr
     )
 
 
-def parse_line(text: str, number: int) -> BatchItem | InputError:
-    """One input line as an item or an input error. Raises nothing for any text."""
+def parse_line(text: str, number: int, *, embeddings: bool = False) -> BatchItem | InputError:
+    """One input line as an item or an input error. Raises nothing for any text. `embeddings`:
+    a native line is a text to embed (`input`), not a prompt."""
     fallback_id = f"line-{number}"
     try:
         obj = json.loads(text, parse_constant=_no_constants)
@@ -211,9 +251,10 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
     source = obj
     if "body" in obj:
         url = obj.get("url")
-        if url is not None and url not in CHAT_COMPLETIONS_URLS:
+        if url is not None and url not in CHAT_COMPLETIONS_URLS + EMBEDDINGS_URLS:
             return error(
-                "unsupported", f"url {_shown(url)} is not supported; use /v1/chat/completions"
+                "unsupported",
+                f"url {_shown(url)} is not supported; use /v1/chat/completions or /v1/embeddings",
             )
         method = obj.get("method")
         if method is not None and method != "POST":
@@ -221,6 +262,11 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
         source = obj["body"]
         if not isinstance(source, dict):
             return error("invalid_messages", "body must be a JSON object")
+        embeddings = url in EMBEDDINGS_URLS
+    elif embeddings and "input" not in obj and ("prompt" in obj or "messages" in obj):
+        embeddings = False  # a chat line in an embeddings run: run it as one
+    if embeddings:
+        return _embedding_item(source, custom_id, number, error, openai="body" in obj)
 
     if "messages" in source:
         messages = _messages(source["messages"])
@@ -230,6 +276,12 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
         messages = [{"role": "user", "content": source["prompt"]}]
     elif "prompt" in source:
         return error("missing_prompt", '"prompt" must be a non-empty string')
+    elif "input" in source and "body" not in obj:
+        return error(
+            "missing_prompt",
+            'no prompt: "input" is a text to embed, read as such only in an embeddings run '
+            "(embeddings=True, CLI --embeddings); a chat line gives \"prompt\" or \"messages\"",
+        )
     else:
         return error(
             "missing_prompt",
@@ -243,6 +295,46 @@ def parse_line(text: str, number: int) -> BatchItem | InputError:
     if isinstance(settings, str):
         return error("invalid_settings", settings)
     return BatchItem(custom_id, number, messages, **settings)
+
+
+def _embedding_item(
+    source: dict[str, Any], custom_id: str, number: int, error, *, openai: bool
+) -> BatchItem | InputError:
+    """An embedding line (`input`: a text or a list of texts) as an item."""
+    value = source.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        return error("missing_prompt", '"input" must be a non-empty string or list of strings')
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        return error(
+            "too_large", f'"input" holds {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS}'
+        )
+    for text in texts:
+        if not isinstance(text, str):
+            return error(
+                "unsupported",
+                '"input" must be text: token arrays are not supported by this batch',
+            )
+        if not text.strip():
+            return error("missing_prompt", '"input" holds an empty text')
+    if source.get("dimensions") is not None:
+        return error("unsupported", "'dimensions' is not supported: llama-server ignores it")
+    encoding = source.get("encoding_format")
+    if encoding not in (None, "float", "base64"):
+        return error("invalid_settings", "encoding_format must be float or base64")
+    model = source.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        return error("invalid_settings", "model must be a non-empty string")
+    return BatchItem(
+        custom_id,
+        number,
+        [],
+        model=model.strip() if model else None,
+        inputs=tuple(texts),
+        single_input=isinstance(value, str),
+        # An OpenAI line gets its answer in the encoding it asked for (OpenAI's default: float).
+        encoding_format=(encoding or "float") if openai else encoding,
+    )
 
 
 def _no_constants(name: str) -> None:
@@ -330,6 +422,11 @@ def _settings(source: dict[str, Any]) -> dict[str, Any] | str | tuple[InputError
         return ("unsupported", "'n' must be 1: one answer per line")
     if source.get("stream") not in (None, False):
         return ("unsupported", "'stream' is not supported in a batch")
+    kwargs = source.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+            return "chat_template_kwargs must be an object (e.g. {\"enable_thinking\": false})"
+        settings["chat_template_kwargs"] = kwargs
     sampling = {}
     for name, valid in _SAMPLING.items():
         if source.get(name) is not None:

@@ -30,13 +30,18 @@ from flows.batch_progress import BatchProgress
 from flows.fleet import FleetMember, gate_fleet, resolve_servers, server_names
 from flows.report import markdown_table
 from src.core.batch.dispatch import Lane
-from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, count_lines
+from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
 from src.core.batch.ledger import Ledger
 from src.core.batch.records import ResultLine, result_line
-from src.core.batch.runner import DEFAULT_QUEUE_DEPTH, BatchOptions, BatchRunner
-from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME
+from src.core.batch.runner import (
+    DEFAULT_EMBEDDING_BATCH,
+    DEFAULT_QUEUE_DEPTH,
+    BatchOptions,
+    BatchRunner,
+)
+from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME, checked_chat_template_kwargs
 from src.core.models.llamacpp_request import schema_problem
-from src.core.utils.exceptions import BatchAbortedError, BatchPathError
+from src.core.utils.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 
@@ -116,6 +121,9 @@ async def llamacpp_batch_flow(
     extra_body: dict[str, Any] | None = None,
     allow_settings_change: bool = False,
     ignore_line_models: bool = False,
+    embeddings: bool = False,
+    embedding_batch: int = DEFAULT_EMBEDDING_BATCH,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
@@ -145,6 +153,12 @@ async def llamacpp_batch_flow(
         extra_body: llama-server fields for every request, e.g. {"top_k": 20, "min_p": 0.05}.
         allow_settings_change: Resume a ledger written with other settings, keeping its answers.
         ignore_line_models: Send every line to any server, whatever model it names.
+        embeddings: Lines of the native form are `{"custom_id", "input"}` texts to embed
+            (OpenAI lines with url /v1/embeddings are embedded in any run). The servers need
+            `--embeddings`.
+        embedding_batch: Most texts per /v1/embeddings request; lines share requests up to it.
+        chat_template_kwargs: Variables for the chat template, e.g. {"enable_thinking": false}
+            for a reasoning model (a line's own win).
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
@@ -164,6 +178,11 @@ async def llamacpp_batch_flow(
     server_names(server)  # an empty or repeated name fails before anything is opened
     if max_attempts < 1 or max_crashes < 1:
         raise ValueError("max_attempts and max_crashes must be at least 1")
+    if embedding_batch < 1:
+        raise ValueError("embedding_batch must be at least 1")
+    if chat_template_kwargs is not None:
+        chat_template_kwargs = checked_chat_template_kwargs(chat_template_kwargs)
+    total_lines, embedding_lines = scan_input(source)
     if output_schema is not None and (problem := schema_problem(output_schema)):
         raise ValueError(f"output_schema is {problem}")
 
@@ -181,12 +200,16 @@ async def llamacpp_batch_flow(
             request_timeout=request_timeout,
             extra_body=extra_body,
             ignore_line_models=ignore_line_models,
+            chat_template_kwargs=chat_template_kwargs,
+            embedding_batch=embedding_batch,
         )
         lanes = [
             _lane(member, concurrency, queue_depth, request_timeout)
             for member in members
             if member.skipped is None
         ]
+        if embeddings or embedding_lines:
+            await _gate_embeddings(lanes, members, logger)
         # A fleet's answers come from whichever server is free, and its members come and go
         # between runs: lines pin a model by naming it, so the run's settings name none.
         model = lanes[0].model if not isinstance(server, list) else "(fleet)"
@@ -214,7 +237,7 @@ async def llamacpp_batch_flow(
         )
         _log_ledger_repairs(logger, ledger, target)
 
-        progress = await BatchProgress.start(count_lines(source), done=len(ledger.state.done))
+        progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
         started = time.monotonic()
 
         def finished(result: ResultLine) -> None:
@@ -231,7 +254,7 @@ async def llamacpp_batch_flow(
         runner.names_servers = isinstance(server, list)
         try:
             await _run_chunks(
-                _pending_items(source, ledger, runner.settings_fp, summary, progress),
+                _pending_items(source, ledger, runner.settings_fp, summary, progress, embeddings),
                 chunk_size,
                 runner,
                 summary,
@@ -282,6 +305,33 @@ def _lane(
     )
 
 
+async def _gate_embeddings(lanes: list[Lane], members: list[FleetMember], logger) -> None:
+    """Ask every server whether it serves /v1/embeddings, before any line is sent: embedding
+    lines go only to those that do; with none, the run stops here saying which flag is missing."""
+
+    async def check(lane: Lane) -> NotSupportedError | None:
+        try:
+            await lane.gate.check_embeddings(lane.model)
+        except NotSupportedError as exc:
+            return exc
+        lane.embeddings = True
+        return None
+
+    problems = await asyncio.gather(*(check(lane) for lane in lanes))
+    refused = {lane.name: exc for lane, exc in zip(lanes, problems, strict=True) if exc}
+    if len(refused) == len(lanes):
+        first = next(iter(refused.values()))
+        raise NotSupportedError(
+            "the input has embedding lines but no server of this run serves embeddings: "
+            + "; ".join(f"{name}: {exc}" for name, exc in refused.items()),
+            status_code=first.status_code,
+            url=first.url,
+            server_message=first.server_message,
+        )
+    for name, exc in refused.items():
+        logger.warning("Server %s runs no embedding lines: %s", name, exc)
+
+
 def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
     state = ledger.state
     if state.dropped_partial_line:
@@ -303,11 +353,13 @@ def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
         )
 
 
-def _pending_items(source, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress):
+def _pending_items(
+    source, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress, embeddings: bool
+):
     """Input items still to run. Input errors and changed requests get an error line (once);
     ids already answered for the same request are skipped."""
     state = ledger.state
-    for entry in InputReader(source):
+    for entry in InputReader(source, embeddings=embeddings):
         if isinstance(entry, InputError):
             _count(summary, entry.kind)
             if (entry.custom_id, entry.line) not in state.written_input_errors:
@@ -499,6 +551,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="resume a ledger written with other settings, keeping its answers",
     )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help='native lines are {"custom_id", "input"} texts to embed (servers need --embeddings)',
+    )
+    parser.add_argument("--embedding-batch", type=int, default=DEFAULT_EMBEDDING_BATCH)
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=json.loads,
+        help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}'",
+    )
     args = parser.parse_args(argv)
     schema = json.loads(args.schema.read_text()) if args.schema else None
 
@@ -520,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=args.request_timeout,
             allow_settings_change=args.allow_settings_change,
             ignore_line_models=args.ignore_line_models,
+            embeddings=args.embeddings,
+            embedding_batch=args.embedding_batch,
+            chat_template_kwargs=args.chat_template_kwargs,
             return_state=True,
         )
         if state.is_failed():

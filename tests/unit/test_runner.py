@@ -4,6 +4,7 @@ tests/flows/test_batch_hardening.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -237,3 +238,52 @@ async def test_lines_whose_only_server_is_gone_fail_after_the_deadline_the_rest_
     assert "model 'm1'" in results["m1-0"]["error"]["message"]
     assert all(results[f"id-{i}"]["error"] is None for i in range(4))
     assert lanes[0].stats.taken_out == 1
+
+
+# -- reasoning models ------------------------------------------------------------------------------
+
+
+async def test_reasoning_goes_apart_and_structured_output_is_read_from_the_answer_only():
+    import httpx
+    import respx
+
+    body = {
+        "model": "qwen3",
+        "choices": [
+            {
+                "message": {
+                    "role": "assistant",
+                    # JSON-looking thoughts that do not fit the schema: parsing them would fail.
+                    "reasoning_content": 'Maybe {"stars": "many"}? No: {"stars": 4}.',
+                    "content": '{"stars": 4}',
+                },
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 30},
+    }
+    schema = {"type": "object", "properties": {"stars": {"type": "integer"}}, "required": ["stars"]}
+    results = []
+    with respx.mock:
+        route = respx.post("http://llama.test/v1/chat/completions").mock(
+            return_value=httpx.Response(200, json=body)
+        )
+        runner = BatchRunner(
+            LlamaCppSettings(base_url="http://llama.test"),
+            "qwen3",
+            BatchOptions(
+                concurrency=1,
+                output_schema=schema,
+                chat_template_kwargs={"enable_thinking": True},
+            ),
+            on_result=results.append,
+        )
+        await runner.run(items("rate it"))
+        await runner.aclose()
+        sent = json.loads(route.calls[0].request.content)
+
+    (result,) = results
+    assert result["output"] == {"stars": 4} and result["error"] is None
+    assert result["reasoning"] == body["choices"][0]["message"]["reasoning_content"]
+    assert result["response"] == {"status_code": 200, "body": body}
+    assert sent["chat_template_kwargs"] == {"enable_thinking": True}

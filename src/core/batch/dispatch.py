@@ -56,6 +56,7 @@ class Lane:
     client: LlamaCppClient = field(init=False)
     gate: LlamaCppClient = field(init=False)
     stats: LaneStats = field(default_factory=LaneStats)
+    embeddings: bool = False  # serves /v1/embeddings (the gate asked it)
     up: bool = True
     retired: bool = False  # out for good (wrong key): never watched back
     down_since: float = 0.0
@@ -75,8 +76,11 @@ class Lane:
         )
         self.gate = LlamaCppClient(root, timeout=self.settings.timeout, api_key=key)
 
-    def serves(self, model: str | None) -> bool:
-        return model is None or model == self.model or model in self.served_models
+    def serves(self, model: str | Route | None) -> bool:
+        route = _route(model)
+        if route.embeddings and not self.embeddings:
+            return False
+        return route.model is None or route.model in (self.model, *self.served_models)
 
     @property
     def has_room(self) -> bool:
@@ -87,9 +91,29 @@ class Lane:
         await self.gate.aclose()
 
 
+@dataclass(frozen=True)
+class Route:
+    """What a request needs of a server: a model (None: any) and, for embeddings, the
+    `/v1/embeddings` endpoint."""
+
+    model: str | None = None
+    embeddings: bool = False
+
+    def __str__(self) -> str:
+        what = f"model {self.model!r}" if self.model is not None else "any model"
+        return f"{what} with embeddings" if self.embeddings else what
+
+
+ANY = Route()
+
+
+def _route(model: str | Route | None) -> Route:
+    return model if isinstance(model, Route) else Route(model)
+
+
 @dataclass(eq=False)
 class _Waiter:
-    model: str | None
+    model: Route
     alone: bool
     future: asyncio.Future
     queued: bool = True
@@ -109,16 +133,17 @@ class Dispatcher:
     def in_flight(self) -> int:
         return sum(lane.in_flight for lane in self.lanes)
 
-    def serves(self, model: str | None) -> bool:
-        """Some lane not retired serves `model`."""
+    def serves(self, model: str | Route | None) -> bool:
+        """Some lane not retired serves `model` (a model name or a `Route`)."""
         return any(lane.serves(model) and not lane.retired for lane in self.lanes)
 
-    async def take(self, model: str | None, *, alone: bool = False) -> Lane:
+    async def take(self, model: str | Route | None, *, alone: bool = False) -> Lane:
         """A lane with a slot for a request (`alone`: a lane with nothing else in flight).
 
         Raises `NoServerError` once every lane that serves `model` has been down for
         `ready_timeout`.
         """
+        model = _route(model)
         lane = self._pick(model, alone)
         if lane is not None:
             self._enter(lane, alone)
@@ -173,7 +198,7 @@ class Dispatcher:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _pick(self, model: str | None, alone: bool) -> Lane | None:
+    def _pick(self, model: Route, alone: bool) -> Lane | None:
         best = None
         for lane in self.lanes:
             if not lane.up or not lane.serves(model):
@@ -193,9 +218,7 @@ class Dispatcher:
 
     def _reserved(self, lane: Lane) -> bool:
         """A suspect waits for this lane to drain: nothing new starts there."""
-        return any(
-            waiter.model is None or lane.serves(waiter.model) for waiter in self._alone_waiting
-        )
+        return any(lane.serves(waiter.model) for waiter in self._alone_waiting)
 
     def _enter(self, lane: Lane, alone: bool) -> None:
         lane.in_flight += 1
@@ -212,7 +235,7 @@ class Dispatcher:
                 continue
             lane = self._pick(waiter.model, waiter.alone)
             if lane is None:
-                if waiter.model is None and not waiter.alone and not self._alone_waiting:
+                if waiter.model == ANY and not waiter.alone and not self._alone_waiting:
                     return  # no slot for a request that fits anywhere: none for the rest either
                 index += 1
                 continue
@@ -242,7 +265,7 @@ class Dispatcher:
 
     # -- outages -------------------------------------------------------------------------------
 
-    def _down_for(self, model: str | None) -> float | None:
+    def _down_for(self, model: Route) -> float | None:
         """How long every lane serving `model` has been unusable, or None if one is usable."""
         lanes = [lane for lane in self.lanes if lane.serves(model)]
         if any(lane.up for lane in lanes):
@@ -251,16 +274,16 @@ class Dispatcher:
             return float("inf")
         return time.monotonic() - max(lane.down_since for lane in lanes)
 
-    def _raise_if_expired(self, model: str | None) -> None:
+    def _raise_if_expired(self, model: Route) -> None:
         error = self._expired_error(model)
         if error is not None:
             raise error
 
-    def _expired_error(self, model: str | None) -> NoServerError | None:
+    def _expired_error(self, model: Route) -> NoServerError | None:
         down_for = self._down_for(model)
         if down_for is None or down_for < self.ready_timeout:
             return None
-        whole = self._down_for(None)
+        whole = self._down_for(ANY)
         whole_fleet = whole is not None and whole >= self.ready_timeout
         names = ", ".join(lane.name for lane in self.lanes if lane.serves(model))
         if whole_fleet:
@@ -270,7 +293,7 @@ class Dispatcher:
                 else f"no llama-server of the fleet was usable ({names})"
             )
         else:
-            what = f"no llama-server serving model {model!r} was usable ({names})"
+            what = f"no llama-server serving {model} was usable ({names})"
         return NoServerError(
             f"{what} for {self.ready_timeout:g} s: it stopped answering or refused the key. "
             "Every finished result is saved; rerun the batch to do the rest.",

@@ -58,9 +58,10 @@ class RunSettings:
     max_tokens: int | None = None
     temperature: float | None = None
     extra_body: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        settings = {
             "model": self.model,
             "system_prompt": self.system_prompt,
             "output_schema": self.output_schema,
@@ -68,6 +69,10 @@ class RunSettings:
             "temperature": self.temperature,
             "extra_body": self.extra_body,
         }
+        # Added later: only when set, so the fingerprints of existing ledgers stay as they were.
+        if self.chat_template_kwargs is not None:
+            settings["chat_template_kwargs"] = self.chat_template_kwargs
+        return settings
 
     @property
     def fingerprint(self) -> str:

@@ -25,18 +25,22 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.core.batch.dispatch import Dispatcher, Lane, NoServerError
+from src.core.batch.dispatch import Dispatcher, Lane, NoServerError, Route
 from src.core.batch.jsonl_input import BatchItem
 from src.core.batch.ledger import RunSettings
-from src.core.batch.records import ErrorKind, ResultLine, result_line
+from src.core.batch.records import ErrorKind, ResultLine, ServerResponse, result_line
 from src.core.models.llamacpp_request import (
     AnswerError,
+    ChatRequest,
+    EmbeddingRequest,
     build_chat_request,
+    build_embedding_request,
     read_chat_answer,
+    read_embedding_answer,
     structured_output,
 )
 from src.core.utils.config import LlamaCppSettings
@@ -59,9 +63,13 @@ logger = get_logger_with_context("batch")
 # Requests beyond total_slots that llama-server queues and starts the moment a slot frees: they
 # hide the client's round trip between one answer and the next request (see the README's bench).
 DEFAULT_QUEUE_DEPTH = 1
+# Texts per /v1/embeddings request: several lines share one request, sparing a round trip each.
+DEFAULT_EMBEDDING_BATCH = 32
 
 # llama-server's chat parser could not read the model's output back (seen with json_schema).
 _UNPARSED_OUTPUT = "does not match the expected"
+# llama-server answers 500 to an embedding input longer than its physical batch (b1-0c1e570).
+_INPUT_TOO_LARGE = "too large to process"
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,9 @@ class BatchOptions:
     extra_body: dict[str, Any] | None = None
     # Send every line to any server whatever model it names (OpenAI files name OpenAI models).
     ignore_line_models: bool = False
+    # Variables for the chat template of every chat request (a line's own win).
+    chat_template_kwargs: dict[str, Any] | None = None
+    embedding_batch: int = DEFAULT_EMBEDDING_BATCH  # most texts per /v1/embeddings request
 
     def run_settings(self, model: str) -> RunSettings:
         return RunSettings(
@@ -88,6 +99,7 @@ class BatchOptions:
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             extra_body=self.extra_body,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
 
@@ -171,22 +183,57 @@ class BatchRunner:
     async def run(self, items: list[BatchItem]) -> None:
         """Run `items` concurrently (bounded by the lanes' slots); raises `BatchAbortedError`."""
         async with asyncio.TaskGroup() as group:
-            for item in items:
-                group.create_task(self.run_item(item))
+            for job in self._jobs(items):
+                group.create_task(self.run_job(job))
 
     async def run_item(self, item: BatchItem) -> ResultLine | None:
         """Run one item to its result line (also handed to `on_result`); None if done already."""
-        if self.already_done(item.custom_id):
-            return None
-        result = await self._attempts(item)
-        self.stats.record(result)
-        self.on_result(result)
-        return result
+        results = await self.run_job([item])
+        return results[0] if results else None
 
-    # -- one item ------------------------------------------------------------------------------
+    async def run_job(self, items: list[BatchItem]) -> list[ResultLine]:
+        """Run one request's items (one chat line, or embedding lines packed together) to their
+        result lines, each handed to `on_result`. Items answered already are left out."""
+        items = [item for item in items if not self.already_done(item.custom_id)]
+        if not items:
+            return []
+        results = await self._attempts(items)
+        for result in results:
+            self.stats.record(result)
+            self.on_result(result)
+        return results
 
-    def _request(self, item: BatchItem, model: str):
+    def _jobs(self, items: list[BatchItem]) -> Iterator[list[BatchItem]]:
+        """One job per chat line; embedding lines packed, up to `embedding_batch` texts a
+        request, with lines that ask for the same model and vector encoding."""
+        packs: dict[tuple[str | None, str | None], list[BatchItem]] = {}
+        sizes: dict[tuple[str | None, str | None], int] = {}
+        for item in items:
+            if not item.embeddings:
+                yield [item]
+                continue
+            key = (None if self.options.ignore_line_models else item.model, item.encoding_format)
+            count = len(item.inputs or ())
+            pack = packs.get(key)
+            if pack and sizes[key] + count > self.options.embedding_batch:
+                yield packs.pop(key)
+                pack = None
+            if not pack:
+                pack = packs[key] = []
+                sizes[key] = 0
+            pack.append(item)
+            sizes[key] += count
+        yield from packs.values()
+
+    # -- one request -----------------------------------------------------------------------------
+
+    def _request(self, items: list[BatchItem], model: str) -> ChatRequest | EmbeddingRequest:
         options = self.options
+        item = items[0]
+        if item.embeddings:
+            texts = [text for each in items for text in each.inputs or ()]
+            encoding = {"encoding_format": item.encoding_format} if item.encoding_format else None
+            return build_embedding_request(texts, model=model, extra_body=encoding)
         return build_chat_request(
             item.messages,
             model=model,
@@ -198,17 +245,21 @@ class BatchRunner:
             temperature=item.temperature if item.temperature is not None else options.temperature,
             extra_body=options.extra_body,
             sampling=item.sampling,
+            chat_template_kwargs=item.chat_template_kwargs
+            if item.chat_template_kwargs is not None
+            else options.chat_template_kwargs,
         )
 
-    async def _attempts(self, item: BatchItem) -> ResultLine:
+    async def _attempts(self, items: list[BatchItem]) -> list[ResultLine]:
         started = time.monotonic()
         options = self.options
         requests: dict[str, Any] = {}
         attempts = failures = crashes = 0
         limit = 2 * (options.max_attempts + options.max_crashes)
         lane: Lane | None = None
+        embeddings = items[0].embeddings
 
-        def line(**fields: Any) -> ResultLine:
+        def line(item: BatchItem, **fields: Any) -> ResultLine:
             result = result_line(
                 item.custom_id,
                 item.line,
@@ -228,38 +279,38 @@ class BatchRunner:
                     lane.stats.completion_tokens += result["usage"]["completion_tokens"]
             return result
 
-        wanted = None if options.ignore_line_models else item.model
-        if not self.dispatch.serves(wanted):
-            return line(
-                error=(
-                    "no_server_for_model",
-                    f"line {item.line}: no server of this run serves model {wanted!r} (they "
-                    f"serve {', '.join(sorted(self._served()))}); add a server that does, or "
-                    "pass ignore_line_models to send the line to any server",
-                )
-            )
+        def lines(**fields: Any) -> list[ResultLine]:
+            return [line(item, **fields) for item in items]
+
+        wanted = None if options.ignore_line_models else items[0].model
+        route = Route(wanted, embeddings)
+        if not self.dispatch.serves(route):
+            return lines(error=("no_server_for_model", self._unserved(items[0], route)))
         while True:
             attempts += 1
             alone = crashes > 0
             try:
-                lane = await self.dispatch.take(wanted, alone=alone)
+                lane = await self.dispatch.take(route, alone=alone)
             except NoServerError as exc:
                 if exc.whole_fleet:
                     raise BatchAbortedError(str(exc)) from exc
                 lane = None
-                return line(error=("unreachable", str(exc)))
+                return lines(error=("unreachable", str(exc)))
             self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
             epoch = lane.epoch
             model = wanted or lane.model
-            request = requests.get(model) or requests.setdefault(model, self._request(item, model))
+            request = requests.get(model) or requests.setdefault(model, self._request(items, model))
             try:
-                body = await lane.client.chat_completion(request.body)
+                if embeddings:
+                    body = await lane.client.embeddings(request.body)
+                else:
+                    body = await lane.client.chat_completion(request.body)
                 fault = None
             except LlamaCppError as exc:
                 fault = exc
             except Exception as exc:  # nothing one answer does may stop the batch
-                logger.exception("Unexpected fault on one item", custom_id=item.custom_id)
-                return line(
+                logger.exception("Unexpected fault on one item", custom_id=items[0].custom_id)
+                return lines(
                     error=("invalid_response", f"the request failed ({type(exc).__name__})")
                 )
             finally:
@@ -267,38 +318,34 @@ class BatchRunner:
 
             if fault is None:
                 try:
-                    answer = read_chat_answer(body)
+                    if embeddings:
+                        return self._embedded(items, request, body, line)
+                    return [self._answered(items[0], request, body, line)]
                 except AnswerError as exc:
-                    return line(error=(exc.kind, str(exc)))
+                    return lines(error=(exc.kind, str(exc)))
                 except Exception as exc:  # nothing one answer does may stop the batch
-                    return line(
+                    return lines(
                         error=("invalid_response", f"unreadable answer ({type(exc).__name__})")
                     )
-                usage = {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                }
-                try:
-                    if request.output_schema:
-                        output = structured_output(answer, request.output_schema)
-                    else:
-                        output = answer.text
-                except AnswerError as exc:  # the tokens were still spent: keep the usage
-                    return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
-                return line(output=output, usage=usage, model=answer.model)
 
+            if len(items) > 1 and (
+                isinstance(fault, ServerDisconnectedError)
+                or (isinstance(fault, ServerHTTPError) and not fault.transient)
+            ):
+                # A pack the server refused or died on: each line alone finds the one to blame.
+                return await self._split(items)
             if isinstance(fault, ServerDisconnectedError):
                 crashes += 1
                 self.stats.crashes_seen += 1
                 logger.warning(
                     "llama-server dropped a request unanswered; it runs alone from now on",
-                    custom_id=item.custom_id,
+                    custom_id=items[0].custom_id,
                     server=lane.name,
                     crashes=crashes,
                 )
                 # Only a crash with nothing else in flight is this request's own doing.
                 if alone and crashes >= options.max_crashes:
-                    return line(
+                    return lines(
                         error=(
                             "server_crash",
                             f"llama-server went down {crashes} times while this request ran "
@@ -307,16 +354,16 @@ class BatchRunner:
                         )
                     )
                 if attempts >= limit:
-                    return line(error=("unreachable", str(fault)))
+                    return lines(error=("unreachable", str(fault)))
                 await self._check_lane(lane, epoch)
             elif isinstance(fault, ServerTimeoutError):
                 if await self._check_lane(lane, epoch):
                     if attempts >= limit:
-                        return line(error=("timeout", str(fault)))
+                        return lines(error=("timeout", str(fault)))
                     continue  # the server stopped answering: another one runs it
                 failures += 1
                 if failures >= options.max_attempts or attempts >= limit:
-                    return line(error=("timeout", str(fault)))
+                    return lines(error=("timeout", str(fault)))
                 self.stats.retries += 1
                 await asyncio.sleep(_backoff(failures))
             elif isinstance(fault, ServerUnreachableError | ServerLoadingError):
@@ -324,27 +371,100 @@ class BatchRunner:
                     kind = "unreachable"
                     if isinstance(fault, ServerHTTPError):
                         kind = "server_unavailable"
-                    return line(error=(kind, str(fault)))
+                    return lines(error=(kind, str(fault)))
                 await self._check_lane(lane, epoch)
             elif isinstance(fault, UnauthorizedError):
                 self._retire(lane, fault)
                 if attempts >= limit:
-                    return line(error=("unreachable", str(fault)))
+                    return lines(error=("unreachable", str(fault)))
             elif isinstance(fault, ServerHTTPError) and not fault.transient:
-                return line(error=_status_fault(fault))
+                return lines(error=_status_fault(fault), response=_error_response(fault))
             elif isinstance(fault, ServerHTTPError):
                 failures += 1
                 if attempts >= limit:
-                    return line(error=("server_unavailable", str(fault)))
+                    return lines(error=("server_unavailable", str(fault)))
                 if failures >= options.max_attempts:
                     if not await self._check_lane(lane, epoch):
-                        return line(error=("server_unavailable", str(fault)))
+                        return lines(error=("server_unavailable", str(fault)))
                     failures = 0  # a proxy in front of a server that is gone: wait for it
                     continue
                 self.stats.retries += 1
                 await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
             else:
                 raise fault
+
+    def _answered(self, item: BatchItem, request: ChatRequest, body: Any, line) -> ResultLine:
+        """The result line of a chat answer; `AnswerError` when it is unusable."""
+        answer = read_chat_answer(body)
+        usage = {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+        }
+        fields = {"usage": usage, "model": answer.model, "reasoning": answer.reasoning}
+        try:
+            if request.output_schema:  # parsed from the answer, never from the reasoning
+                output = structured_output(answer, request.output_schema)
+            else:
+                output = answer.text
+        except AnswerError as exc:  # the tokens were still spent: keep the usage
+            return line(item, error=(exc.kind, str(exc)), **fields)
+        return line(item, output=output, response={"status_code": 200, "body": body}, **fields)
+
+    def _embedded(
+        self, items: list[BatchItem], request: EmbeddingRequest, body: Any, line
+    ) -> list[ResultLine]:
+        """One result line per embedding line of a pack: its vector (or vectors, for a line
+        that gave a list) and its part of the answer.
+
+        llama-server counts the tokens of a whole request; a line sharing one with others gets
+        the count split by text length (the run's total stays exact).
+        """
+        answer = read_embedding_answer(body, request.count)
+        entries = sorted(body["data"], key=lambda entry: entry["index"])
+        sizes = [sum(len(text.encode()) for text in item.inputs or ()) for item in items]
+        tokens = _apportion(answer.prompt_tokens, sizes)
+        results, start = [], 0
+        for item, count in zip(items, tokens, strict=True):
+            end = start + len(item.inputs or ())
+            vectors = answer.vectors[start:end]
+            own = body
+            if len(items) > 1:
+                own = {
+                    "object": "list",
+                    "data": [
+                        {**entry, "index": index} for index, entry in enumerate(entries[start:end])
+                    ],
+                    "model": body.get("model"),
+                    "usage": {"prompt_tokens": count, "total_tokens": count},
+                }
+            results.append(
+                line(
+                    item,
+                    output=vectors[0] if item.single_input else vectors,
+                    usage={"prompt_tokens": count, "completion_tokens": 0},
+                    model=answer.model,
+                    response={"status_code": 200, "body": own},
+                )
+            )
+            start = end
+        return results
+
+    async def _split(self, items: list[BatchItem]) -> list[ResultLine]:
+        parts = await asyncio.gather(*(self._attempts([item]) for item in items))
+        return [result for part in parts for result in part]
+
+    def _unserved(self, item: BatchItem, route: Route) -> str:
+        if route.embeddings and self.dispatch.serves(route.model):
+            return (
+                f"line {item.line}: no server of this run serves embeddings"
+                + (f" for model {route.model!r}" if route.model else "")
+                + "; start llama-server with --embeddings (and --pooling mean for a chat model)"
+            )
+        return (
+            f"line {item.line}: no server of this run serves model {route.model!r} (they "
+            f"serve {', '.join(sorted(self._served()))}); add a server that does, or "
+            "pass ignore_line_models to send the line to any server"
+        )
 
     def _served(self) -> set[str]:
         return {name for lane in self.lanes for name in (lane.model, *lane.served_models)}
@@ -418,11 +538,40 @@ def _status_fault(exc: ServerHTTPError) -> tuple[ErrorKind, str]:
             f"{exc} (llama-server could not parse the model's answer back; try another "
             "max_tokens or a simpler schema)",
         )
+    if exc.status_code == 500 and _INPUT_TOO_LARGE in (exc.server_message or ""):
+        return (
+            "bad_request",
+            f"{exc} (a text longer than the server's physical batch: split it, or start "
+            "llama-server with a larger --ubatch-size and --batch-size)",
+        )
     if isinstance(exc, UnexpectedResponseError) and exc.status_code < 300:
         return "invalid_response", str(exc)
     if 400 <= exc.status_code < 500:
         return "bad_request", str(exc)
     return "server_error", str(exc)
+
+
+def _error_response(exc: ServerHTTPError) -> ServerResponse:
+    """What the server answered to a refused request, in its own error shape."""
+    message = exc.server_message or str(exc)
+    return {
+        "status_code": exc.status_code,
+        "body": {"error": {"code": exc.status_code, "message": message}},
+    }
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, in whole numbers that add up to `total`."""
+    if len(weights) == 1:
+        return [total]
+    if not any(weights):
+        weights = [1] * len(weights)
+    raw = [total * weight / sum(weights) for weight in weights]
+    shares = [int(value) for value in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: raw[i] - shares[i], reverse=True)
+    for index in by_remainder[: total - sum(shares)]:
+        shares[index] += 1
+    return shares
 
 
 def _backoff(attempt: int) -> float:

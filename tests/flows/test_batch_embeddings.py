@@ -1,0 +1,178 @@
+"""Embedding lines and chat template variables through the batch flow, on real llama-servers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.batch import llamacpp_batch_flow
+from src.core.utils.exceptions import NotSupportedError
+from tests.flows.test_batch_flow import read_output, save_block, successes
+
+pytestmark = pytest.mark.integration
+
+
+def n_embd(server) -> int:
+    models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+    return models["data"][0]["meta"]["n_embd"]
+
+
+def write_lines(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def openai_embedding(custom_id: str, text) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"input": text},
+    }
+
+
+async def test_a_few_thousand_inputs_one_vector_line_each_and_a_rerun_resumes(
+    embedding_server, tmp_path
+):
+    block = await save_block("embed", embedding_server)
+    count = 2000
+    source = write_lines(
+        tmp_path / "docs.jsonl",
+        [
+            {"custom_id": f"d{i}", "input": f"document number {i} about topic {i % 7}"}
+            for i in range(count)
+        ],
+    )
+    output = tmp_path / "vectors.jsonl"
+
+    summary = await llamacpp_batch_flow(
+        str(source), str(output), server=block, embeddings=True, embedding_batch=32
+    )
+
+    assert (summary.succeeded, summary.failed) == (count, 0)
+    records = read_output(output)
+    assert len(records) == count and set(successes(records).values()) == {1}
+    dimension = n_embd(embedding_server)
+    for record in records:
+        vector = record["output"]
+        assert len(vector) == dimension and all(math.isfinite(x) for x in vector)
+        assert record["usage"]["prompt_tokens"] > 0
+    # Shares of a packed request add up to what the server counted for the whole run.
+    assert summary.prompt_tokens == sum(r["usage"]["prompt_tokens"] for r in records)
+
+    again = await llamacpp_batch_flow(
+        str(source), str(output), server=block, embeddings=True, embedding_batch=32
+    )
+    assert (again.succeeded, again.skipped_done) == (0, count)
+    assert len(read_output(output)) == count
+
+
+async def test_mixed_file_chat_and_embeddings_packed_vectors_match_single_ones(
+    embedding_server, tmp_path
+):
+    block = await save_block("embed", embedding_server)
+    texts = [f"the quick brown fox number {i}" for i in range(10)]
+    lines = [{"custom_id": f"chat{i}", "prompt": f"Say {i}"} for i in range(3)]
+    lines += [openai_embedding(f"e{i}", text) for i, text in enumerate(texts)]
+    lines.append(openai_embedding("pair", ["alpha beta", "gamma delta"]))
+    source = write_lines(tmp_path / "mixed.jsonl", lines)
+
+    packed = await llamacpp_batch_flow(
+        str(source), str(tmp_path / "packed.jsonl"), server=block, max_tokens=4
+    )
+    single = await llamacpp_batch_flow(
+        str(source), str(tmp_path / "single.jsonl"), server=block, max_tokens=4, embedding_batch=1
+    )
+
+    assert packed.failed == single.failed == 0
+    by_id = {r["custom_id"]: r for r in read_output(tmp_path / "packed.jsonl")}
+    alone = {r["custom_id"]: r for r in read_output(tmp_path / "single.jsonl")}
+    assert all(isinstance(by_id[f"chat{i}"]["output"], str) for i in range(3))
+    assert by_id["chat0"]["usage"]["completion_tokens"] == 4
+    for i in range(10):
+        assert by_id[f"e{i}"]["output"] == pytest.approx(alone[f"e{i}"]["output"], abs=1e-4)
+    pair = by_id["pair"]["output"]
+    assert len(pair) == 2 and len(pair[0]) == n_embd(embedding_server)
+
+
+async def test_a_text_too_long_fails_alone_and_its_pack_mates_succeed(embedding_server, tmp_path):
+    block = await save_block("embed", embedding_server)
+    lines = [openai_embedding(f"e{i}", f"short text {i}") for i in range(5)]
+    lines.insert(2, openai_embedding("huge", "word " * 5000))
+    source = write_lines(tmp_path / "long.jsonl", lines)
+
+    summary = await llamacpp_batch_flow(str(source), str(tmp_path / "out.jsonl"), server=block)
+
+    records = {r["custom_id"]: r for r in read_output(tmp_path / "out.jsonl")}
+    assert summary.succeeded == 5 and summary.failed_by_kind == {"bad_request": 1}
+    assert "--ubatch-size" in records["huge"]["error"]["message"]
+    assert all(records[f"e{i}"]["error"] is None for i in range(5))
+
+
+async def test_a_server_without_embeddings_is_refused_before_anything_is_sent(server, tmp_path):
+    block = await save_block("plain", server)
+    source = write_lines(
+        tmp_path / "in.jsonl",
+        [{"custom_id": "c", "prompt": "hi"}, openai_embedding("e", "text")],
+    )
+    output = tmp_path / "out.jsonl"
+
+    with pytest.raises(NotSupportedError, match="--embeddings"):
+        await llamacpp_batch_flow(str(source), str(output), server=block)
+
+    assert not output.exists() or output.read_text() == ""
+
+
+async def test_chat_template_kwargs_reach_the_template(template_server, tmp_path):
+    block = await save_block("echo", template_server)
+    source = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"custom_id": "plain", "prompt": "hi"},
+            {"custom_id": "own", "prompt": "hi", "chat_template_kwargs": {"greeting": "x"}},
+        ],
+    )
+    without = await llamacpp_batch_flow(
+        str(source), str(tmp_path / "a.jsonl"), server=block, max_tokens=1
+    )
+    greeting = {"greeting": "hello there " * 20}
+    with_kwargs = await llamacpp_batch_flow(
+        str(source),
+        str(tmp_path / "b.jsonl"),
+        server=block,
+        max_tokens=1,
+        chat_template_kwargs=greeting,
+    )
+
+    assert without.failed == with_kwargs.failed == 0
+    a = {r["custom_id"]: r["usage"]["prompt_tokens"] for r in read_output(tmp_path / "a.jsonl")}
+    b = {r["custom_id"]: r["usage"]["prompt_tokens"] for r in read_output(tmp_path / "b.jsonl")}
+    assert b["plain"] > a["plain"] + 20  # the run's greeting was rendered into the prompt
+    assert b["own"] == a["own"] > a["plain"]  # a line's own variables win over the run's
+
+
+async def test_in_a_fleet_embedding_lines_go_only_to_servers_that_serve_them(
+    server, embedding_server, tmp_path
+):
+    plain = await save_block("plain", server)
+    embed = await save_block("embed", embedding_server)
+    lines = [{"custom_id": f"c{i}", "prompt": f"Say {i}"} for i in range(12)]
+    lines += [openai_embedding(f"e{i}", f"text {i}") for i in range(40)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+
+    summary = await llamacpp_batch_flow(
+        str(source),
+        str(tmp_path / "out.jsonl"),
+        server=[plain, embed],
+        max_tokens=4,
+        embedding_batch=4,
+    )
+
+    assert (summary.succeeded, summary.failed) == (52, 0)
+    records = read_output(tmp_path / "out.jsonl")
+    assert {r["server"] for r in records if r["custom_id"].startswith("e")} == {embed}
+    assert {r["server"] for r in records if r["custom_id"].startswith("c")} <= {plain, embed}

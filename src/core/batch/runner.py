@@ -285,7 +285,12 @@ class BatchRunner:
                         output = answer.text
                 except AnswerError as exc:  # the tokens were still spent: keep the usage
                     return line(error=(exc.kind, str(exc)), usage=usage, model=answer.model)
-                return line(output=output, usage=usage, model=answer.model)
+                return line(
+                    output=output,
+                    usage=usage,
+                    model=answer.model,
+                    response={"status_code": 200, "body": body},
+                )
 
             if isinstance(fault, ServerDisconnectedError):
                 crashes += 1

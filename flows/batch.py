@@ -150,7 +150,7 @@ async def llamacpp_batch_flow(
         ignore_line_models: Send every line to any server, whatever model it names.
         output_format: `native` (our result lines) or `openai` (OpenAI Batch output lines, the
             server's answer as the body; failed lines also in `<output>.errors.jsonl`). A rerun
-            uses the format the output file holds.
+            must ask for the format its output file holds.
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).

@@ -197,8 +197,15 @@ def test_a_rerun_resumes_from_openai_lines(tmp_path):
         ledger.write(success(done))
         ledger.write(http_failure(failed))
         ledger.write(input_error("line-3", 3))
+        changed = item("c", "CHANGED", 4)
+        ledger.write(
+            result_line(
+                "c", 4, error=("ledger_mismatch", "line 4: changed"), input_fp=changed.input_fp
+            )
+        )
     with open_openai(path) as ledger:
         assert ledger.state.formats == {"openai"}
+        assert ledger.state.written_mismatches == {("c", changed.input_fp)}
         assert ledger.is_done("a", done.input_fp) is True
         assert ledger.is_done("a", item("a", "CHANGED").input_fp) is False
         assert ledger.is_done("ctx", failed.input_fp) is None  # failed: retried
@@ -206,7 +213,7 @@ def test_a_rerun_resumes_from_openai_lines(tmp_path):
         assert not ledger.write(success(done)), "a second success line is refused"
         assert ledger.write(success(failed))
     assert read_ledger(path).done.keys() == {"a", "ctx"}
-    assert len(read_openai_lines(path)) == 4
+    assert len(read_openai_lines(path)) == 5
 
 
 def test_a_ledger_in_one_format_is_not_resumed_in_the_other(tmp_path):

@@ -32,7 +32,7 @@ from flows.report import markdown_table
 from src.core.batch.dispatch import Lane
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
 from src.core.batch.ledger import Ledger
-from src.core.batch.records import ResultLine, result_line
+from src.core.batch.records import OutputFormat, ResultLine, result_line
 from src.core.batch.runner import (
     DEFAULT_EMBEDDING_BATCH,
     DEFAULT_QUEUE_DEPTH,
@@ -65,6 +65,8 @@ class BatchSummary(BaseModel):
     base_url: str
     model: str
     concurrency: int
+    output_format: OutputFormat = "native"
+    errors_path: str | None = None  # the OpenAI format's errors file, once a line failed
     outcome: str = "completed"  # or "aborted"
     succeeded: int = 0
     failed: int = 0
@@ -124,6 +126,7 @@ async def llamacpp_batch_flow(
     embeddings: bool = False,
     embedding_batch: int = DEFAULT_EMBEDDING_BATCH,
     chat_template_kwargs: dict[str, Any] | None = None,
+    output_format: OutputFormat = "native",
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
@@ -159,6 +162,9 @@ async def llamacpp_batch_flow(
         embedding_batch: Most texts per /v1/embeddings request; lines share requests up to it.
         chat_template_kwargs: Variables for the chat template, e.g. {"enable_thinking": false}
             for a reasoning model (a line's own win).
+        output_format: `native` (our result lines) or `openai` (OpenAI Batch output lines, the
+            server's answer as the body; failed lines also in `<output>.errors.jsonl`). A rerun
+            must ask for the format its output file holds.
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
@@ -186,7 +192,7 @@ async def llamacpp_batch_flow(
     if output_schema is not None and (problem := schema_problem(output_schema)):
         raise ValueError(f"output_schema is {problem}")
 
-    with Ledger.open(target, source) as ledger:
+    with Ledger.open(target, source, output_format=output_format) as ledger:
         members = await gate_fleet(await resolve_servers(server), ready_timeout)
         options = BatchOptions(
             concurrency=0,  # set per server below
@@ -202,6 +208,7 @@ async def llamacpp_batch_flow(
             ignore_line_models=ignore_line_models,
             chat_template_kwargs=chat_template_kwargs,
             embedding_batch=embedding_batch,
+            vector_encoding="float" if output_format == "openai" else None,
         )
         lanes = [
             _lane(member, concurrency, queue_depth, request_timeout)
@@ -221,6 +228,7 @@ async def llamacpp_batch_flow(
             base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
             model=model,
             concurrency=options.concurrency,
+            output_format=output_format,
             ledger_unreadable_lines=ledger.state.unreadable_lines,
             skipped_servers={m.label: m.skipped for m in members if m.skipped},
         )
@@ -267,6 +275,8 @@ async def llamacpp_batch_flow(
             await runner.aclose()
             ledger.sync()
             _fill_summary(summary, runner, time.monotonic() - started)
+            if ledger.errors_path is not None and ledger.errors_path.exists():
+                summary.errors_path = str(ledger.errors_path)
             await progress.finish()
 
     await acreate_markdown_artifact(
@@ -494,6 +504,10 @@ def render_summary(summary: BatchSummary) -> str:
         ("Requests dropped by a server crash", summary.crashes_seen),
         ("Output", summary.output_path),
     ]
+    if summary.output_format != "native":
+        rows.append(("Output format", summary.output_format))
+    if summary.errors_path:
+        rows.append(("Failed lines (errors file)", summary.errors_path))
     if summary.ledger_unreadable_lines:
         rows.append(("Unreadable ledger lines (skipped)", summary.ledger_unreadable_lines))
     if summary.settings_changed:
@@ -547,6 +561,12 @@ def main(argv: list[str] | None = None) -> int:
         help="send every line to any server, whatever model it names",
     )
     parser.add_argument(
+        "--output-format",
+        choices=["native", "openai"],
+        default="native",
+        help="openai: OpenAI Batch output lines, failed ones also in <output>.errors.jsonl",
+    )
+    parser.add_argument(
         "--allow-settings-change",
         action="store_true",
         help="resume a ledger written with other settings, keeping its answers",
@@ -586,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             embeddings=args.embeddings,
             embedding_batch=args.embedding_batch,
             chat_template_kwargs=args.chat_template_kwargs,
+            output_format=args.output_format,
             return_state=True,
         )
         if state.is_failed():

@@ -176,3 +176,56 @@ async def test_in_a_fleet_embedding_lines_go_only_to_servers_that_serve_them(
     records = read_output(tmp_path / "out.jsonl")
     assert {r["server"] for r in records if r["custom_id"].startswith("e")} == {embed}
     assert {r["server"] for r in records if r["custom_id"].startswith("c")} <= {plain, embed}
+
+
+async def test_an_openai_batch_file_of_chat_and_embedding_lines_in_openai_output(
+    embedding_server, tmp_path
+):
+    from openai.types import CreateEmbeddingResponse
+    from openai.types.chat import ChatCompletion
+
+    from tests.openai_batch import read_openai_lines
+
+    block = await save_block("embed", embedding_server)
+    chat = {"method": "POST", "url": "/v1/chat/completions"}
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            **chat,
+            "body": {"messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 3},
+        }
+        for i in range(3)
+    ]
+    lines += [openai_embedding(f"e{i}", f"text {i}") for i in range(6)]
+    lines.append(openai_embedding("pair", ["one", "two"]))
+    lines.append(openai_embedding("huge", "word " * 5000))
+    lines.append(openai_embedding("bad", []))
+    source = write_lines(tmp_path / "batch.jsonl", lines)
+    target = tmp_path / "out.jsonl"
+
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=block, output_format="openai", embedding_batch=4
+    )
+
+    assert (summary.succeeded, summary.failed) == (10, 2)
+    out = {line.custom_id: line for line in read_openai_lines(target)}
+    assert set(out) == {line["custom_id"] for line in lines}
+    for i in range(3):
+        assert ChatCompletion.model_validate(out[f"c{i}"].response.body).choices
+    dimension = n_embd(embedding_server)
+    for custom_id in [f"e{i}" for i in range(6)] + ["pair"]:
+        line = out[custom_id]
+        assert line.error is None and line.response.status_code == 200
+        body = CreateEmbeddingResponse.model_validate(line.response.body)
+        assert [entry.index for entry in body.data] == list(range(len(body.data)))
+        assert all(len(entry.embedding) == dimension for entry in body.data)
+    assert len(out["pair"].response.body["data"]) == 2
+    assert out["huge"].error.code == "bad_request" and out["huge"].response.status_code == 500
+    assert out["bad"].error.code == "missing_prompt" and out["bad"].response is None
+    failed = {line.custom_id for line in read_openai_lines(Path(summary.errors_path))}
+    assert failed == {"huge", "bad"}
+
+    again = await llamacpp_batch_flow(
+        str(source), str(target), server=block, output_format="openai", embedding_batch=4
+    )
+    assert (again.succeeded, again.skipped_done, again.failed) == (0, 10, 2)

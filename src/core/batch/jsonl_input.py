@@ -137,9 +137,7 @@ def scan_input(path: Path) -> tuple[int, bool]:
         while block := data.read(1 << 20):
             count += block.count(b"\n")
             last = block[-1:]
-            embeddings = embeddings or any(
-                url.encode() in tail + block for url in EMBEDDINGS_URLS
-            )
+            embeddings = embeddings or any(url.encode() in tail + block for url in EMBEDDINGS_URLS)
             tail = block[-32:]
     return count + (last != b"\n"), embeddings
 
@@ -280,7 +278,7 @@ def parse_line(text: str, number: int, *, embeddings: bool = False) -> BatchItem
         return error(
             "missing_prompt",
             'no prompt: "input" is a text to embed, read as such only in an embeddings run '
-            "(embeddings=True, CLI --embeddings); a chat line gives \"prompt\" or \"messages\"",
+            '(embeddings=True, CLI --embeddings); a chat line gives "prompt" or "messages"',
         )
     else:
         return error(
@@ -425,7 +423,7 @@ def _settings(source: dict[str, Any]) -> dict[str, Any] | str | tuple[InputError
     kwargs = source.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
-            return "chat_template_kwargs must be an object (e.g. {\"enable_thinking\": false})"
+            return 'chat_template_kwargs must be an object (e.g. {"enable_thinking": false})'
         settings["chat_template_kwargs"] = kwargs
     sampling = {}
     for name, valid in _SAMPLING.items():

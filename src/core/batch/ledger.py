@@ -14,6 +14,11 @@ Rules (each one a promise the tests break on purpose):
 - A last line cut short by a crash is dropped; a complete last line without a newline is kept.
   Unreadable lines are counted. Lines are flushed as written and fsynced at chunk ends.
 - No id ever gets a second success line: the writer refuses one.
+- Lines are written in one output format, ours or OpenAI's (`openai_output.py`), recorded in the
+  settings file. Reading takes either, line by line; a run asking for another format than the
+  lines already there is refused (`LedgerFormatError`). In the OpenAI format every failed line
+  also goes to `<output>.errors.jsonl`, after the output (so on open, failed lines the output has
+  and the errors file lacks, a crash's gap, are appended there).
 """
 
 from __future__ import annotations
@@ -25,9 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from src.core.batch.records import INPUT_ERROR_KINDS, ResultLine
+from src.core.batch.openai_output import (
+    ErrorsFile,
+    is_openai_line,
+    read_openai_line,
+    render_openai_line,
+)
+from src.core.batch.records import INPUT_ERROR_KINDS, OutputFormat, ResultLine
 from src.core.models.llamacpp_request import canonical_json, fingerprint
-from src.core.utils.exceptions import BatchPathError, LedgerInUseError, LedgerSettingsError
+from src.core.utils.exceptions import (
+    BatchPathError,
+    LedgerFormatError,
+    LedgerInUseError,
+    LedgerSettingsError,
+)
 from src.core.utils.logging import get_logger_with_context
 
 logger = get_logger_with_context("ledger")
@@ -46,6 +62,10 @@ class LedgerState:
     unreadable_lines: int = 0
     dropped_partial_line: bool = False
     kept_unterminated_line: bool = False
+    formats: set[OutputFormat] = field(default_factory=set)
+    """The output formats of the result lines read."""
+    errors_behind: int = 0
+    """OpenAI-format failed lines after the last one the errors file holds (a crash's gap)."""
 
 
 @dataclass(frozen=True)
@@ -82,31 +102,51 @@ class RunSettings:
 class Ledger:
     """An open, locked ledger: its past (`state`) and the writer for this run's lines."""
 
-    def __init__(self, path: Path, file: IO[bytes], state: LedgerState) -> None:
+    def __init__(
+        self,
+        path: Path,
+        file: IO[bytes],
+        state: LedgerState,
+        output_format: OutputFormat = "native",
+        errors: ErrorsFile | None = None,
+    ) -> None:
         self.path = path
         self.state = state
+        self.output_format: OutputFormat = output_format
         self._file = file
+        # The OpenAI format's errors file: written under the output's lock, never locked itself.
+        self._errors = errors
         self.succeeded: set[str] = set(state.done)
         self.lines_written = 0
         self.accepted_settings: set[str] = set()
         self._created = False
 
     @classmethod
-    def open(cls, output: Path, input_path: Path | None = None) -> Ledger:
-        """Lock `output` (created if missing) and read what earlier runs wrote.
+    def open(
+        cls,
+        output: Path,
+        input_path: Path | None = None,
+        *,
+        output_format: OutputFormat = "native",
+    ) -> Ledger:
+        """Lock `output` (created if missing) and read what earlier runs wrote; this run writes
+        its lines in `output_format`.
 
-        Raises `BatchPathError` when `output` is `input_path` or a directory, `LedgerInUseError`
-        when another run holds it. Nothing is written before the lock is held.
+        Raises `BatchPathError` when `output` is `input_path` or a directory (or the input is a
+        file the batch writes beside it), `LedgerInUseError` when another run holds it,
+        `LedgerFormatError` when its lines are in another format. Nothing is written before the
+        lock is held.
         """
         if output.is_dir():
             raise BatchPathError(f"output {output} is a directory; give a file path")
-        settings_path = _settings_path(output)
+        errors_path = _errors_path(output) if output_format == "openai" else None
+        if errors_path is not None and _same_file(errors_path, output):
+            raise BatchPathError(
+                f"{errors_path}, where the batch writes failed lines, is the output {output} "
+                "itself (a link?); give the output another path"
+            )
         if input_path is not None:
-            for written in (
-                output,
-                settings_path,
-                settings_path.with_name(settings_path.name + ".tmp"),
-            ):
+            for written in _written_beside(output, errors_path):
                 if _same_file(input_path, written):
                     raise BatchPathError(
                         f"input {input_path} is the same file as {written}, which the batch "
@@ -131,15 +171,27 @@ class Ledger:
             raise LedgerInUseError(
                 f"output {output} keeps being replaced; is another run using it?"
             )
+        errors = ErrorsFile(errors_path) if errors_path is not None else None
         try:
-            state = _read_state(file)
+            errors_tail = errors.open() if errors is not None else None
+            state = _read_state(file, errors_tail=errors_tail)
+            _check_format(output, state, output_format)
         except BaseException:
+            if errors is not None:
+                errors.close()
             file.close()
             raise
-        ledger = cls(output, file, state)
+        ledger = cls(output, file, state, output_format, errors)
         ledger._created = created
         if state.kept_unterminated_line:
             ledger._append(b"\n")
+        if errors is not None and state.errors_behind:
+            logger.warning(
+                "Failed lines missing from the errors file are added",
+                count=state.errors_behind,
+                errors_file=str(errors.path),
+            )
+            errors.catch_up(file, errors_tail)
         return ledger
 
     # -- settings ----------------------------------------------------------------------------
@@ -147,6 +199,11 @@ class Ledger:
     @property
     def settings_path(self) -> Path:
         return _settings_path(self.path)
+
+    @property
+    def errors_path(self) -> Path | None:
+        """Where failed lines also go (OpenAI format only; the file exists once one failed)."""
+        return _errors_path(self.path) if self.output_format == "openai" else None
 
     def check_settings(self, settings: RunSettings, *, allow_change: bool = False) -> list[str]:
         """Accept `settings` for this run, or raise `LedgerSettingsError` saying what differs.
@@ -199,7 +256,12 @@ class Ledger:
         self.accepted_settings = set(known)
         _write_json_atomic(
             self.settings_path,
-            {"settings": settings.as_dict(), "fingerprint": current, "accepted": known},
+            {
+                "settings": settings.as_dict(),
+                "fingerprint": current,
+                "accepted": known,
+                "output_format": self.output_format,
+            },
         )
         return changed
 
@@ -236,14 +298,16 @@ class Ledger:
                 logger.warning("Refused a second success line", custom_id=record["custom_id"])
                 return False
             self.succeeded.add(record["custom_id"])
-        if "response" in record:  # the server's raw answer: only the OpenAI format keeps it
-            record = {key: value for key, value in record.items() if key != "response"}
-        try:
-            text = json.dumps(record, ensure_ascii=False)
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate in an id or answer: escape it
-            data = json.dumps(record, ensure_ascii=True).encode("ascii")
-        self._append(data + b"\n")
+        if self.output_format == "openai":
+            shaped: dict[str, Any] = render_openai_line(record)
+        elif "response" in record:  # the server's raw answer: only the OpenAI format keeps it
+            shaped = {key: value for key, value in record.items() if key != "response"}
+        else:
+            shaped = dict(record)
+        data = _encode(shaped) + b"\n"
+        self._append(data)
+        if self._errors is not None and record["error"] is not None:
+            self._errors.append(data)  # after the output: a crash between leaves a gap `open` fills
         self.lines_written += 1
         return True
 
@@ -256,6 +320,8 @@ class Ledger:
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
+        if self._errors is not None:
+            self._errors.sync()
 
     def close(self) -> None:
         """Sync and close; the lock goes with the file. A ledger this run created and never
@@ -266,6 +332,8 @@ class Ledger:
         if self._created and self.lines_written == 0 and self.path.stat().st_size == 0:
             self.path.unlink(missing_ok=True)
             self.settings_path.unlink(missing_ok=True)
+        if self._errors is not None:
+            self._errors.close()
         self._file.close()
 
     def __enter__(self) -> Ledger:
@@ -287,10 +355,15 @@ def read_ledger(path: Path) -> LedgerState:
         return _read_state(file, repair=False)
 
 
-def _read_state(file: IO[bytes], *, repair: bool = True) -> LedgerState:
+def _read_state(
+    file: IO[bytes], *, repair: bool = True, errors_tail: str | None = None
+) -> LedgerState:
+    """Read a ledger line by line, in either format. `errors_tail`: the `id` of the errors
+    file's last line; OpenAI-format failed lines after it are counted in `errors_behind`."""
     state = LedgerState()
     file.seek(0)
     complete_bytes = 0
+    errors_seen = errors_tail is None
     for raw in file:
         if not raw.endswith(b"\n"):
             if not _is_json(raw):
@@ -303,9 +376,22 @@ def _read_state(file: IO[bytes], *, repair: bool = True) -> LedgerState:
         if record is None:
             state.unreadable_lines += 1
             continue
+        if is_openai_line(record):
+            state.formats.add("openai")
+            # The errors file lags the output only by lines after its last one (written after).
+            if record.get("error") is not None:
+                if errors_seen:
+                    state.errors_behind += 1
+                elif record.get("id") == errors_tail:
+                    errors_seen = True
+            record = read_openai_line(record)
+        else:
+            state.formats.add("native")
         _note(state, record)
     if repair and state.dropped_partial_line:
         file.truncate(complete_bytes)
+    if not errors_seen:
+        logger.warning("The errors file's last line is not in the ledger (replaced?); left as is")
     if state.unreadable_lines:
         logger.warning("Unreadable ledger lines skipped", count=state.unreadable_lines)
     return state
@@ -343,8 +429,34 @@ def _note(state: LedgerState, record: dict[str, Any]) -> None:
         state.written_mismatches.add((custom_id, record.get("input_fp")))
 
 
+def _check_format(output: Path, state: LedgerState, wanted: OutputFormat) -> None:
+    others = state.formats - {wanted}
+    if others:
+        written = " and ".join(sorted(state.formats))
+        raise LedgerFormatError(
+            f"the ledger {output} holds lines in the {written} output format; this run asks for "
+            f"{wanted!r}. Resume it with output_format={sorted(others)[0]!r} (--output-format "
+            f"{sorted(others)[0]}), or give a new output path for the {wanted!r} format. "
+            "Nothing was sent."
+        )
+
+
+# The ledger's path names, all here: the settings file and the OpenAI format's errors file go
+# beside the output under its full name plus a suffix, so `out.jsonl` and `out.json` never share
+# one (a stem-based `out.errors.jsonl` would).
 def _settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
+
+
+def _errors_path(output: Path) -> Path:
+    return output.with_name(output.name + ".errors.jsonl")
+
+
+def _written_beside(output: Path, errors_path: Path | None) -> list[Path]:
+    """Every file a run on `output` may write (the input must be none of them)."""
+    settings_path = _settings_path(output)
+    written = [output, settings_path, settings_path.with_name(settings_path.name + ".tmp")]
+    return written + ([errors_path] if errors_path is not None else [])
 
 
 def _is_still(file: IO[bytes], path: Path) -> bool:
@@ -363,6 +475,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return b.exists() and a.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in an id or answer: escape it
+        return json.dumps(record, ensure_ascii=True).encode("ascii")
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:

@@ -41,6 +41,8 @@ ItemErrorKind = Literal[
     "server_unavailable",  # 408/429/502/503/504, attempts used up
 ]
 ErrorKind = InputErrorKind | ItemErrorKind
+# How result lines are written: ours (above), or OpenAI's batch output shape (`openai_output.py`).
+OutputFormat = Literal["native", "openai"]
 
 INPUT_ERROR_KINDS: frozenset[str] = frozenset(get_args(InputErrorKind))
 ERROR_KINDS: frozenset[str] = INPUT_ERROR_KINDS | frozenset(get_args(ItemErrorKind))

@@ -90,6 +90,9 @@ class BatchOptions:
     # Variables for the chat template of every chat request (a line's own win).
     chat_template_kwargs: dict[str, Any] | None = None
     embedding_batch: int = DEFAULT_EMBEDDING_BATCH  # most texts per /v1/embeddings request
+    # How vectors come over the wire for lines that do not say (None: base64, the smallest);
+    # "float" when the answers are kept as the server sent them (the OpenAI output format).
+    vector_encoding: str | None = None
 
     def run_settings(self, model: str) -> RunSettings:
         return RunSettings(
@@ -232,7 +235,8 @@ class BatchRunner:
         item = items[0]
         if item.embeddings:
             texts = [text for each in items for text in each.inputs or ()]
-            encoding = {"encoding_format": item.encoding_format} if item.encoding_format else None
+            vectors = item.encoding_format or options.vector_encoding
+            encoding = {"encoding_format": vectors} if vectors else None
             return build_embedding_request(texts, model=model, extra_body=encoding)
         return build_chat_request(
             item.messages,
@@ -401,14 +405,15 @@ class BatchRunner:
             "completion_tokens": answer.completion_tokens,
         }
         fields = {"usage": usage, "model": answer.model, "reasoning": answer.reasoning}
+        response: ServerResponse = {"status_code": 200, "body": body}
         try:
             if request.output_schema:  # parsed from the answer, never from the reasoning
                 output = structured_output(answer, request.output_schema)
             else:
                 output = answer.text
         except AnswerError as exc:  # the tokens were still spent: keep the usage
-            return line(item, error=(exc.kind, str(exc)), **fields)
-        return line(item, output=output, response={"status_code": 200, "body": body}, **fields)
+            return line(item, error=(exc.kind, str(exc)), response=response, **fields)
+        return line(item, output=output, response=response, **fields)
 
     def _embedded(
         self, items: list[BatchItem], request: EmbeddingRequest, body: Any, line

@@ -17,7 +17,8 @@
         ├── BatchAbortedError          stopped mid-run (wrong key, server gone past the deadline)
         ├── BatchPathError             input/output paths unusable (same file, missing input)
         ├── LedgerInUseError           another run holds the output file
-        └── LedgerSettingsError        the run's settings differ from the ledger's
+        ├── LedgerSettingsError        the run's settings differ from the ledger's
+        └── LedgerFormatError          the run asks for another output format than the ledger's
 
 `transient` is what Prefect task retries and the batch runner decide on. No error ever carries
 the API key: messages and `details` hold URLs, status codes and the server's own message, nothing
@@ -175,3 +176,7 @@ class LedgerSettingsError(BatchError):
     def __init__(self, message: str, *, differences: dict[str, tuple[Any, Any]]) -> None:
         super().__init__(message, details={"differences": list(differences)})
         self.differences = differences
+
+
+class LedgerFormatError(BatchError):
+    """The ledger's lines are in another output format than the run asks for; nothing was sent."""

@@ -12,7 +12,9 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
    the client CPU per request of the flow's process against the raw client's process (each runs
    in a process of its own, so its CPU time is its own), with the flow at queue depths 0, 1, 2;
 7. a fleet of one (`server=[block]`) / the single-server flow, and, for two servers with
-   different `-np`, each server's share of the items against its share of the slots.
+   different `-np`, each server's share of the items against its share of the slots;
+8. embeddings per second: the flow (native `input` lines, packed) / raw httpx sending the same
+   packs with `total_slots` in flight.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -330,6 +332,87 @@ async def measure_fleet(requests: int, rounds: int, work: Path) -> dict[str, flo
     return figures
 
 
+async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, float]:
+    """Embeddings/s: the flow (native `input` lines, packed) against raw httpx sending the same
+    packs with `total_slots` requests in flight and decoding the vectors, side by side."""
+    import base64
+
+    from blocks.llamacpp import LlamaCppServer
+    from flows.batch import llamacpp_batch_flow
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+    from src.core.batch.runner import DEFAULT_EMBEDDING_BATCH
+
+    documents = [f"Document {i}: notes on topic {i % 97} and item {i}." for i in range(texts)]
+    source = work / "embed.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"custom_id": f"d{i}", "input": text}) + "\n"
+            for i, text in enumerate(documents)
+        )
+    )
+    packs = [
+        documents[i : i + DEFAULT_EMBEDDING_BATCH]
+        for i in range(0, len(documents), DEFAULT_EMBEDDING_BATCH)
+    ]
+
+    async def raw(url: str) -> float:
+        limits = httpx.Limits(max_connections=SLOTS, max_keepalive_connections=SLOTS)
+        gate = asyncio.Semaphore(SLOTS)
+        vectors = 0
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+
+            async def one(pack: list[str]) -> None:
+                nonlocal vectors
+                async with gate:
+                    response = await http.post(
+                        f"{url}/v1/embeddings",
+                        json={"input": pack, "model": "tiny", "encoding_format": "base64"},
+                    )
+                    response.raise_for_status()
+                    for entry in response.json()["data"]:
+                        base64.b64decode(entry["embedding"])
+                        vectors += 1
+
+            started = time.monotonic()
+            await asyncio.gather(*(one(pack) for pack in packs))
+            assert vectors == texts
+            return texts / (time.monotonic() - started)
+
+    async def flow() -> float:
+        started = time.monotonic()
+        summary = await llamacpp_batch_flow(
+            str(source),
+            str(work / f"embed-out-{time.monotonic_ns()}.jsonl"),
+            server="bench-embed",
+            embeddings=True,
+        )
+        assert summary.failed == 0, summary.failed_by_kind
+        return texts / (time.monotonic() - started)
+
+    args = ["-np", str(SLOTS), "-kvu", "--alias", "tiny", "--embeddings", "--pooling", "mean"]
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
+        await LlamaCppServer(base_url=server.url).save("bench-embed", overwrite=True)
+        await raw(server.url)
+        await flow()  # warm-up
+        raws, flows = [], []
+        for round_number in range(rounds):
+            order = ("raw", "flow") if round_number % 2 == 0 else ("flow", "raw")
+            for kind in order:
+                (raws if kind == "raw" else flows).append(
+                    await raw(server.url) if kind == "raw" else await flow()
+                )
+            print(
+                f"[bench] embeddings round {round_number + 1}: raw {raws[-1]:.0f}/s, flow {flows[-1]:.0f}/s",
+                flush=True,
+            )
+    return {
+        "raw": mean(raws),
+        "flow": mean(flows),
+        "ratio": median(f / r for f, r in zip(flows, raws, strict=True)),
+    }
+
+
 def memory_child(lines: int, url: str, work: Path) -> None:
     """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
     from prefect.client.orchestration import get_client
@@ -447,6 +530,7 @@ def main() -> None:
         )
         memory = measure_memory(small, large, work)
         fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
+        embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, rounds, work))
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
     task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small
@@ -469,6 +553,10 @@ def main() -> None:
         f"{fleet['share_3']:.2f} against slot shares 0.25 and 0.75"
     )
     print(f"fleet of one / single-server flow: {fleet['fleet_of_one_ratio']:.2f} (tiny model)")
+    print(
+        f"embeddings: raw {embed['raw']:.0f}/s, flow {embed['flow']:.0f}/s; "
+        f"embeddings flow/raw throughput ratio: {embed['ratio']:.2f} (tiny model)"
+    )
     print(
         f"short answers: raw {short['raw_rps']:.0f} req/s ({short['raw_cpu_ms']:.2f} ms CPU each), "
         f"flow {short['flow_rps']:.0f} req/s ({short['flow_cpu_ms']:.2f} ms CPU each); flow at "

@@ -216,7 +216,9 @@ async def llamacpp_batch_flow(
             if member.skipped is None
         ]
         if embeddings or embedding_lines:
-            await _gate_embeddings(lanes, members, logger)
+            # An embeddings run (or a file of embedding lines only) stops here when no server
+            # serves them; in a mixed file the chat lines still run.
+            await _gate_embeddings(lanes, logger, must=embeddings or embedding_lines >= total_lines)
         # A fleet's answers come from whichever server is free, and its members come and go
         # between runs: lines pin a model by naming it, so the run's settings name none.
         model = lanes[0].model if not isinstance(server, list) else "(fleet)"
@@ -315,9 +317,10 @@ def _lane(
     )
 
 
-async def _gate_embeddings(lanes: list[Lane], members: list[FleetMember], logger) -> None:
+async def _gate_embeddings(lanes: list[Lane], logger, *, must: bool) -> None:
     """Ask every server whether it serves /v1/embeddings, before any line is sent: embedding
-    lines go only to those that do; with none, the run stops here saying which flag is missing."""
+    lines go only to those that do. With none, the run stops here saying which flag is missing
+    (`must`), or goes on with a warning and the embedding lines get `no_server_for_model`."""
 
     async def check(lane: Lane) -> NotSupportedError | None:
         try:
@@ -329,17 +332,19 @@ async def _gate_embeddings(lanes: list[Lane], members: list[FleetMember], logger
 
     problems = await asyncio.gather(*(check(lane) for lane in lanes))
     refused = {lane.name: exc for lane, exc in zip(lanes, problems, strict=True) if exc}
-    if len(refused) == len(lanes):
+    why = "; ".join(f"{name}: {exc}" for name, exc in refused.items())
+    if len(refused) == len(lanes) and must:
         first = next(iter(refused.values()))
         raise NotSupportedError(
-            "the input has embedding lines but no server of this run serves embeddings: "
-            + "; ".join(f"{name}: {exc}" for name, exc in refused.items()),
+            f"the input asks for embeddings but no server of this run serves them: {why}",
             status_code=first.status_code,
             url=first.url,
             server_message=first.server_message,
         )
-    for name, exc in refused.items():
-        logger.warning("Server %s runs no embedding lines: %s", name, exc)
+    if len(refused) == len(lanes):
+        logger.warning("No server serves embeddings; the embedding lines fail: %s", why)
+    elif refused:
+        logger.warning("Embedding lines go only to the servers that serve them: %s", why)
 
 
 def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:

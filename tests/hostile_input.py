@@ -172,8 +172,8 @@ _add(
     "invalid_settings",
 )
 _add(
-    _json({"custom_id": "embed", "url": "/v1/embeddings", "body": {"input": "x"}}),
-    "embed",
+    _json({"custom_id": "complete", "url": "/v1/completions", "body": {"prompt": "x"}}),
+    "complete",
     "unsupported",
 )
 _add(

@@ -116,15 +116,30 @@ async def test_a_text_too_long_fails_alone_and_its_pack_mates_succeed(embedding_
 async def test_a_server_without_embeddings_is_refused_before_anything_is_sent(server, tmp_path):
     block = await save_block("plain", server)
     source = write_lines(
-        tmp_path / "in.jsonl",
-        [{"custom_id": "c", "prompt": "hi"}, openai_embedding("e", "text")],
+        tmp_path / "in.jsonl", [openai_embedding(f"e{i}", "text") for i in range(3)]
     )
+    native = write_lines(tmp_path / "native.jsonl", [{"custom_id": "n", "input": "text"}])
     output = tmp_path / "out.jsonl"
 
     with pytest.raises(NotSupportedError, match="--embeddings"):
         await llamacpp_batch_flow(str(source), str(output), server=block)
+    with pytest.raises(NotSupportedError, match="--embeddings"):
+        await llamacpp_batch_flow(str(native), str(output), server=block, embeddings=True)
 
     assert not output.exists() or output.read_text() == ""
+
+
+async def test_in_a_mixed_file_on_a_chat_server_the_chat_lines_still_run(server, tmp_path):
+    block = await save_block("plain", server)
+    lines = [{"custom_id": "c", "prompt": "hi"}, openai_embedding("e", "text")]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+
+    summary = await llamacpp_batch_flow(str(source), str(tmp_path / "out.jsonl"), server=block)
+
+    records = {r["custom_id"]: r for r in read_output(tmp_path / "out.jsonl")}
+    assert records["c"]["error"] is None and summary.succeeded == 1
+    assert records["e"]["error"]["kind"] == "no_server_for_model"
+    assert "--embeddings" in records["e"]["error"]["message"]
 
 
 async def test_chat_template_kwargs_reach_the_template(template_server, tmp_path):

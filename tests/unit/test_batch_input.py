@@ -308,5 +308,5 @@ def test_scan_input_finds_embedding_lines(tmp_path):
     chat.write_text('{"prompt": "a"}\n{"prompt": "b"}')
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"prompt": "a"}\n{"url": "/v1/embeddings", "body": {"input": "x"}}\n')
-    assert scan_input(chat) == (2, False)
-    assert scan_input(mixed) == (2, True)
+    assert scan_input(chat) == (2, 0)
+    assert scan_input(mixed) == (2, 1)

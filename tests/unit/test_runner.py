@@ -181,7 +181,9 @@ async def test_over_a_fleet_free_slots_pull_the_work():
     from src.core.batch.dispatch import Lane
 
     servers = [
-        FakeLlamaServer(lambda request: completion(), delay=0.02, slots=n) for n in (1, 2, 4)
+        # 40 ms a request: the servers, not this process's CPU (shared with them), set the pace.
+        FakeLlamaServer(lambda request: completion(), delay=0.04, slots=n)
+        for n in (1, 2, 4)
     ]
     for server in servers:
         await server.__aenter__()
@@ -205,7 +207,7 @@ async def test_over_a_fleet_free_slots_pull_the_work():
     assert len(results) == 700 and all(line["error"] is None for line in results.values())
     shares = {lane.name: lane.stats.succeeded / 700 for lane in lanes}
     for lane, slots in zip(lanes, (1, 2, 4), strict=True):
-        assert abs(shares[lane.name] - slots / 7) <= 0.05, shares
+        assert abs(shares[lane.name] - slots / 7) <= 0.08, shares  # the issue allows 0.15
     assert {line["server"] for line in results.values()} == {"s1", "s2", "s4"}
 
 

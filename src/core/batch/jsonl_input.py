@@ -122,24 +122,19 @@ class InputReader:
 
 
 def count_lines(path: Path) -> int:
-    """Line count, read in blocks (for progress totals)."""
+    """Line count (for progress totals)."""
     return scan_input(path)[0]
 
 
-def scan_input(path: Path) -> tuple[int, bool]:
-    """Line count (for progress totals) and whether any line may ask for embeddings (so the
-    gate checks the servers for them before anything is sent), read in blocks."""
-    count = 0
-    last = b"\n"
-    embeddings = False
-    tail = b""
-    with open(path, "rb") as data:
-        while block := data.read(1 << 20):
-            count += block.count(b"\n")
-            last = block[-1:]
-            embeddings = embeddings or any(url.encode() in tail + block for url in EMBEDDINGS_URLS)
-            tail = block[-32:]
-    return count + (last != b"\n"), embeddings
+def scan_input(path: Path) -> tuple[int, int]:
+    """Line count (for progress totals) and how many lines may ask for embeddings (so the gate
+    asks the servers for them before anything is sent)."""
+    count = embedding_lines = 0
+    with open(path, "rb") as lines:
+        for raw in lines:
+            count += 1
+            embedding_lines += any(url.encode() in raw for url in EMBEDDINGS_URLS)
+    return count, embedding_lines
 
 
 def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:

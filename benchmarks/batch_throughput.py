@@ -429,7 +429,6 @@ def memory_child(lines: int, url: str, work: Path) -> None:
             str(work / f"mem-{lines}.out.jsonl"),
             server=None,
             max_tokens=1,
-            chunk_size=100,
             return_state=True,
         )
         summary = await state.aresult()

@@ -244,3 +244,20 @@ async def test_an_openai_batch_file_of_chat_and_embedding_lines_in_openai_output
         str(source), str(target), server=block, output_format="openai", embedding_batch=4
     )
     assert (again.succeeded, again.skipped_done, again.failed) == (0, 10, 2)
+
+
+async def test_a_server_whose_packed_vectors_differ_is_refused_naming_kvu(
+    llama_server_bin, tiny_model, tmp_path
+):
+    from harness.server import LlamaServer
+    from src.core.utils.exceptions import BatchAbortedError
+
+    # -np 2 without -kvu: texts of different lengths in one request get other vectors (b1-0c1e570)
+    args = ["-np", "2", "--embeddings", "--pooling", "mean"]
+    with LlamaServer(tiny_model, args, binary=llama_server_bin, log_dir=tmp_path) as split_kv:
+        block = await save_block("split-kv", split_kv)
+        source = write_lines(tmp_path / "in.jsonl", [{"custom_id": "d", "input": "text"}])
+        output = tmp_path / "out.jsonl"
+        with pytest.raises(BatchAbortedError, match="-kvu"):
+            await llamacpp_batch_flow(str(source), str(output), server=block, embeddings=True)
+    assert not output.exists() or output.read_text() == ""

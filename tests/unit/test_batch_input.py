@@ -305,8 +305,11 @@ def test_chat_template_kwargs_on_a_line_are_part_of_what_it_asks():
 
 def test_scan_input_finds_embedding_lines(tmp_path):
     chat = tmp_path / "chat.jsonl"
-    chat.write_text('{"prompt": "a"}\n{"prompt": "b"}')
+    chat.write_text('{"prompt": "a"}\n\n{"prompt": "What does POST /v1/embeddings return?"}')
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text('{"prompt": "a"}\n{"url": "/v1/embeddings", "body": {"input": "x"}}\n')
-    assert scan_input(chat) == (2, 0)
-    assert scan_input(mixed) == (2, 1)
+    mixed.write_text(
+        '{"prompt": "a"}\n{"url": "/v1/embeddings", "body": {"input": "x"}}\n'
+        '{"url": "\\u002fv1\\u002fembeddings", "body": {"input": "escaped"}}\n'
+    )
+    assert scan_input(chat) == (3, 0, 2)  # a prompt that names the url is a chat line
+    assert scan_input(mixed) == (3, 2, 1)  # an escaped url is still the url

@@ -321,3 +321,23 @@ def test_the_input_is_never_the_errors_file(tmp_path):
     with pytest.raises(BatchPathError, match="is the output"):
         Ledger.open(tmp_path / "loop.jsonl", output_format="openai")
     os.unlink(errors_file(tmp_path / "loop.jsonl"))
+
+
+def test_an_errors_file_left_by_a_removed_output_is_rebuilt_from_the_new_one(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with open_openai(path) as ledger:
+        ledger.write(input_error("old-bad", 1))
+    path.unlink()  # starting over: the output and its settings removed, the errors file left
+    (tmp_path / "out.jsonl.settings.json").unlink()
+
+    with open_openai(path) as ledger:
+        ledger.write(success(item("ok")))
+    assert not errors_file(path).exists()  # the new output has no failed line
+
+    with open_openai(path) as ledger:
+        ledger.write(http_failure(item("ctx", line=2)))
+    path.unlink()
+    (tmp_path / "out.jsonl.settings.json").unlink()
+    with open_openai(path) as ledger:
+        ledger.write(input_error("new-bad", 3))
+    assert [line.custom_id for line in read_openai_lines(errors_file(path))] == ["new-bad"]

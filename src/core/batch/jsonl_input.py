@@ -126,15 +126,29 @@ def count_lines(path: Path) -> int:
     return scan_input(path)[0]
 
 
-def scan_input(path: Path) -> tuple[int, int]:
-    """Line count (for progress totals) and how many lines may ask for embeddings (so the gate
-    asks the servers for them before anything is sent)."""
-    count = embedding_lines = 0
+def scan_input(path: Path) -> tuple[int, int, int]:
+    """Line count (for progress totals), how many lines are OpenAI embedding lines and how many
+    other non-blank lines there are, so the gate can ask the servers for embeddings before
+    anything is sent. Only lines that may name the url (or escape characters) are parsed."""
+    count = embedding_lines = other_lines = 0
     with open(path, "rb") as lines:
         for raw in lines:
             count += 1
-            embedding_lines += any(url.encode() in raw for url in EMBEDDINGS_URLS)
-    return count, embedding_lines
+            if not raw.strip():
+                continue
+            if (b"embeddings" in raw or b"\\u" in raw) and _is_embedding_line(raw):
+                embedding_lines += 1
+            else:
+                other_lines += 1
+    return count, embedding_lines, other_lines
+
+
+def _is_embedding_line(raw: bytes) -> bool:
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(obj, dict) and "body" in obj and obj.get("url") in EMBEDDINGS_URLS
 
 
 def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:

@@ -65,6 +65,7 @@ class LedgerState:
     formats: set[OutputFormat] = field(default_factory=set)
     """The output formats of the result lines read."""
     errors_behind: int = 0
+    errors_stale: bool = False  # the errors file's last line is not in the output
     """OpenAI-format failed lines after the last one the errors file holds (a crash's gap)."""
 
 
@@ -185,7 +186,15 @@ class Ledger:
         ledger._created = created
         if state.kept_unterminated_line:
             ledger._append(b"\n")
-        if errors is not None and state.errors_behind:
+        if errors is not None and state.errors_stale:
+            # The output is the truth: an errors file from an output since removed or replaced
+            # would list failures this ledger never had.
+            logger.warning(
+                "The errors file does not match the output (replaced?); rebuilt from the output",
+                errors_file=str(errors.path),
+            )
+            errors.rebuild(file)
+        elif errors is not None and state.errors_behind:
             logger.warning(
                 "Failed lines missing from the errors file are added",
                 count=state.errors_behind,
@@ -390,8 +399,7 @@ def _read_state(
         _note(state, record)
     if repair and state.dropped_partial_line:
         file.truncate(complete_bytes)
-    if not errors_seen:
-        logger.warning("The errors file's last line is not in the ledger (replaced?); left as is")
+    state.errors_stale = not errors_seen
     if state.unreadable_lines:
         logger.warning("Unreadable ledger lines skipped", count=state.unreadable_lines)
     return state

@@ -114,6 +114,14 @@ class ErrorsFile:
             elif record.get("id") == after_id:
                 seen = True
 
+    def rebuild(self, output: IO[bytes]) -> None:
+        """Write the file anew from `output`'s failed lines (none: no file): for an errors
+        file that belongs to another output (the output was removed or replaced)."""
+        self.close()
+        self._file = None
+        self.path.unlink(missing_ok=True)
+        self.catch_up(output, None)
+
     def append(self, data: bytes) -> None:
         if self._file is None:  # created at the first failed line: never an empty file
             self._file = open(self.path, "ab+")

@@ -254,11 +254,13 @@ class BatchRunner:
             else options.chat_template_kwargs,
         )
 
-    async def _attempts(self, items: list[BatchItem]) -> list[ResultLine]:
+    async def _attempts(self, items: list[BatchItem], spent: int = 0) -> list[ResultLine]:
+        """Send one request for `items` until answered or given up; `spent`: attempts already
+        made for them (in a pack that was split), which count against the limit."""
         started = time.monotonic()
         options = self.options
         requests: dict[str, Any] = {}
-        attempts = failures = crashes = 0
+        attempts, failures, crashes = spent, 0, 0
         limit = 2 * (options.max_attempts + options.max_crashes)
         lane: Lane | None = None
         embeddings = items[0].embeddings
@@ -333,11 +335,12 @@ class BatchRunner:
                     )
 
             if len(items) > 1 and (
-                isinstance(fault, ServerDisconnectedError)
+                isinstance(fault, ServerDisconnectedError | ServerTimeoutError)
                 or (isinstance(fault, ServerHTTPError) and not fault.transient)
             ):
-                # A pack the server refused or died on: each line alone finds the one to blame.
-                return await self._split(items)
+                # A pack the server refused, died on or did not finish: each line alone finds
+                # the one to blame (a server that is down fails them all the same way).
+                return await self._split(items, attempts)
             if isinstance(fault, ServerDisconnectedError):
                 crashes += 1
                 self.stats.crashes_seen += 1
@@ -454,8 +457,8 @@ class BatchRunner:
             start = end
         return results
 
-    async def _split(self, items: list[BatchItem]) -> list[ResultLine]:
-        parts = await asyncio.gather(*(self._attempts([item]) for item in items))
+    async def _split(self, items: list[BatchItem], spent: int) -> list[ResultLine]:
+        parts = await asyncio.gather(*(self._attempts([item], spent) for item in items))
         return [result for part in parts for result in part]
 
     def _unserved(self, item: BatchItem, route: Route) -> str:
@@ -463,7 +466,8 @@ class BatchRunner:
             return (
                 f"line {item.line}: no server of this run serves embeddings"
                 + (f" for model {route.model!r}" if route.model else "")
-                + "; start llama-server with --embeddings (and --pooling mean for a chat model)"
+                + " (the run log says why): start llama-server with --embeddings, a pooling type "
+                "(--pooling mean for a chat model) and, with -np, -kvu"
             )
         return (
             f"line {item.line}: no server of this run serves model {route.model!r} (they "

@@ -251,7 +251,8 @@ class LlamaCppClient:
     async def chat_completion(self, body: bytes) -> dict[str, Any]:
         """`POST /v1/chat/completions` with a JSON `body` already encoded; the parsed answer.
 
-        The batch hot path builds and encodes its requests once (`src/core/batch/chat_request.py`).
+        The batch hot path builds and encodes its requests once (`build_chat_request` in
+        `src/core/models/llamacpp_request.py`).
         Raises `ServerTimeoutError` / `ServerDisconnectedError` when the request was sent but not
         answered, `ServerUnreachableError` when it was never sent, `ServerHTTPError` for a status.
         """

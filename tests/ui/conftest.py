@@ -10,11 +10,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.prefect_server import PrefectServer, prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
+# Assertions wait as long as actions do (Playwright's 5 s default is short for a loaded 2-core
+# machine rendering Prefect's UI).
+expect.set_options(timeout=30_000)
 # As root and with no network: no sandbox, no GPU, and none of Chromium's own calls home (each
 # one is refused here and slows the page).
 CHROMIUM_ARGS = [

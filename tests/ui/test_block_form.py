@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.llamacpp import LlamaCppServer
@@ -66,6 +67,29 @@ def assert_key_masked(page: Page) -> None:
     expect(page.get_by_text("API key", exact=True)).to_be_visible()
     expect(page.get_by_text("********", exact=True)).to_be_visible()
     assert SECRET_KEY not in page.content()
+
+
+def save_edit(page: Page) -> None:
+    """Save on the new UI's Edit page, and wait for the update the UI sends.
+
+    On a loaded CI machine a click on Save once sent nothing (the form still on /edit, the
+    value typed, no error shown): a user clicks again, and so does this, once, saying so.
+    Whatever the server answers is asserted: an update it refused fails here, not later."""
+
+    def is_update(response) -> bool:
+        return response.request.method == "PATCH" and "/block_documents/" in response.url
+
+    for attempt in (1, 2):
+        try:
+            with page.expect_response(is_update, timeout=15_000) as update:
+                page.get_by_role("button", name="Save").click()
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise AssertionError("Save on the Edit page sent no update, twice") from None
+            print("Save on the Edit page sent no update in 15 s; clicking it again")
+            continue
+        assert update.value.ok, f"the update was refused: {update.value.status}"
+        return
 
 
 def load(api: str, name: str) -> LlamaCppServer:
@@ -127,7 +151,7 @@ def test_a_user_creates_the_block_in_both_uis_and_the_health_flow_runs_with_it(
         expect(timeout_input).to_have_value("7")
         assert SECRET_KEY not in page.content()
         timeout_input.fill("8")
-        page.get_by_role("button", name="Save").click()
+        save_edit(page)
         expect(page).to_have_url(BLOCK_PAGE)
 
     with screens.during("new UI: a block left at its defaults"):

@@ -47,9 +47,9 @@ from src.core.utils.exceptions import BatchAbortedError, BatchPathError, NotSupp
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 # Prompts per Prefect task run. Each task run costs the Prefect API about 0.08 s of CPU (measured
 # against a local server: 1.3-1.4 s of server CPU per 1,000 short prompts at 100, 0.65-0.87 s at
-# 500), but with 500 a fleet run that lost a server mid-chunk slowed to a crawl (not yet
-# explained; see the README's Benchmarks), so 100 it stays.
-DEFAULT_CHUNK_SIZE = 100
+# 500), CPU a llama-server on the same box lacks. (A fleet test once crawled at 500: that was its
+# three servers' threads fighting over 2 cores, at any chunk size; see the README's Fleets.)
+DEFAULT_CHUNK_SIZE = 500
 
 
 class ServerShare(BaseModel):

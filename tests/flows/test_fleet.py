@@ -23,10 +23,14 @@ LONG = {"ignore_eos": True}  # every answer exactly max_tokens long: the servers
 
 
 def three_servers(binary, model, tmp_path, extra=()):
+    # One thread each: three servers with llama.cpp's default (one thread per core) on 2 cores
+    # fight over them, and once one is killed the two left sometimes crawl at ~80 ms a token
+    # instead of 9 (2 of 4 runs, at chunks of 100 or 500; none of 8 with -t 1).
     return [
         LlamaServer(
             model,
-            ["-np", str(slots), "-c", str(512 * slots), "--alias", f"tiny-{slots}", *extra],
+            ["-np", str(slots), "-c", str(512 * slots), "-t", "1", "--alias", f"tiny-{slots}"]
+            + list(extra),
             binary=binary,
             log_dir=tmp_path,
         )

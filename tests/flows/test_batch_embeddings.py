@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.batch import llamacpp_batch_flow
+from flows.batch import _chunked, llamacpp_batch_flow
+from src.core.batch.jsonl_input import BatchItem
 from src.core.utils.exceptions import NotSupportedError
 from tests.flows.test_batch_flow import read_output, save_block, successes
 
@@ -50,10 +51,12 @@ async def test_a_few_thousand_inputs_one_vector_line_each_and_a_rerun_resumes(
     output = tmp_path / "vectors.jsonl"
 
     summary = await llamacpp_batch_flow(
-        str(source), str(output), server=block, embeddings=True, embedding_batch=32
+        str(source), str(output), server=block, embeddings=True, embedding_batch=32, chunk_size=30
     )
 
     assert (summary.succeeded, summary.failed) == (count, 0)
+    # chunk_size counts requests: 2,000 texts packed 32 to a request are 62.5 requests, 3 chunks.
+    assert summary.chunks == 3
     records = read_output(output)
     assert len(records) == count and set(successes(records).values()) == {1}
     dimension = n_embd(embedding_server)
@@ -261,3 +264,26 @@ async def test_a_server_whose_packed_vectors_differ_is_refused_naming_kvu(
         with pytest.raises(BatchAbortedError, match="-kvu"):
             await llamacpp_batch_flow(str(source), str(output), server=block, embeddings=True)
     assert not output.exists() or output.read_text() == ""
+
+
+def item(custom_id: str, inputs: tuple[str, ...] | None = None) -> BatchItem:
+    messages = [] if inputs else [{"role": "user", "content": "hi"}]
+    return BatchItem(custom_id, 1, messages, inputs=inputs)
+
+
+def test_chunks_count_requests_chat_lines_one_each_embedding_lines_by_pack():
+    chat = [item(f"c{i}") for i in range(10)]
+    assert [len(c) for c in _chunked(iter(chat), 4, 32)] == [4, 4, 2]
+    texts = [item(f"e{i}", ("some text",)) for i in range(100)]
+    # 32 one-text lines make one request: a chunk of 2 requests is 64 lines, two full packs.
+    assert [len(c) for c in _chunked(iter(texts), 2, 32)] == [64, 36]
+    lists = [item(f"l{i}", ("a", "b", "c", "d")) for i in range(10)]  # 4 texts a line
+    assert [len(c) for c in _chunked(iter(lists), 1, 8)] == [2] * 5  # 8 texts, one request
+    mixed = [item("c0"), item("e0", ("x",)), item("c1")]
+    assert [len(c) for c in _chunked(iter(mixed), 2, 32)] == [3]
+
+
+def test_a_chunk_of_long_documents_ends_at_the_text_limit(monkeypatch):
+    monkeypatch.setattr("flows.batch.CHUNK_TEXT_CHARS", 1000)
+    documents = [item(f"d{i}", ("x" * 300,)) for i in range(10)]
+    assert [len(c) for c in _chunked(iter(documents), 500, 32)] == [4, 4, 2]

@@ -38,6 +38,7 @@ from src.core.batch.openai_output import (
 )
 from src.core.batch.records import INPUT_ERROR_KINDS, OutputFormat, ResultLine
 from src.core.models.llamacpp_request import canonical_json, fingerprint
+from src.core.utils import fast_json
 from src.core.utils.exceptions import (
     BatchPathError,
     LedgerFormatError,
@@ -486,10 +487,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _encode(record: dict[str, Any]) -> bytes:
-    try:
-        return json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate in an id or answer: escape it
-        return json.dumps(record, ensure_ascii=True).encode("ascii")
+    return fast_json.dumps(record)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:

@@ -93,6 +93,9 @@ class BatchOptions:
     # How vectors come over the wire for lines that do not say (None: base64, the smallest);
     # "float" when the answers are kept as the server sent them (the OpenAI output format).
     vector_encoding: str | None = None
+    # Result lines carry the server's answer body (the OpenAI output format writes it); without
+    # it a pack's answer is not cut into one body per line, work the native format would drop.
+    keep_responses: bool = False
 
     def run_settings(self, model: str) -> RunSettings:
         return RunSettings(
@@ -436,7 +439,7 @@ class BatchRunner:
             end = start + len(item.inputs or ())
             vectors = answer.vectors[start:end]
             own = body
-            if len(items) > 1:
+            if len(items) > 1 and self.options.keep_responses:
                 own = {
                     "object": "list",
                     "data": [
@@ -451,7 +454,9 @@ class BatchRunner:
                     output=vectors[0] if item.single_input else vectors,
                     usage={"prompt_tokens": count, "completion_tokens": 0},
                     model=answer.model,
-                    response={"status_code": 200, "body": own},
+                    response={"status_code": 200, "body": own}
+                    if self.options.keep_responses
+                    else None,
                 )
             )
             start = end

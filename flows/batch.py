@@ -257,7 +257,6 @@ async def llamacpp_batch_flow(
         )
         _log_ledger_repairs(logger, ledger, target)
 
-        progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
         started = time.monotonic()
 
         def finished(result: ResultLine) -> None:
@@ -272,29 +271,40 @@ async def llamacpp_batch_flow(
             already_done=ledger.succeeded.__contains__,
         )
         runner.names_servers = isinstance(server, list)
+        progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
+        ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
         try:
-            await _run_chunks(
-                _pending_items(source, ledger, runner.settings_fp, summary, progress, embeddings),
-                chunk_size,
-                runner,
-                summary,
-                ledger,
-            )
-        except (BatchAbortedError, ExceptionGroup) as exc:
-            summary.outcome = "aborted"
-            summary.abort_reason = str(_first_cause(exc))
+            try:
+                await _run_chunks(
+                    _pending_items(
+                        source, ledger, runner.settings_fp, summary, progress, embeddings
+                    ),
+                    chunk_size,
+                    runner,
+                    summary,
+                    ledger,
+                )
+            except (BatchAbortedError, ExceptionGroup) as exc:
+                summary.outcome = "aborted"
+                summary.abort_reason = str(_first_cause(exc))
+            ended = True
         finally:
             await runner.aclose()
             ledger.sync()
             _fill_summary(summary, runner, time.monotonic() - started)
             if ledger.errors_path is not None and ledger.errors_path.exists():
                 summary.errors_path = str(ledger.errors_path)
-            await progress.finish()
+            if not ended:
+                await progress.finish()
 
-    await acreate_markdown_artifact(
-        markdown=render_summary(summary),
-        key="llamacpp-batch-summary",
-        description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
+    # The last progress figure and the summary: two API calls, sent together.
+    await asyncio.gather(
+        progress.finish(),
+        acreate_markdown_artifact(
+            markdown=render_summary(summary),
+            key="llamacpp-batch-summary",
+            description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
+        ),
     )
     logger.info(
         "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",

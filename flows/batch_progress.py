@@ -15,11 +15,13 @@ UPDATE_EVERY_S = 2.0
 
 
 class BatchProgress:
-    def __init__(self, total_lines: int, done: int, artifact_id, bar: Progress | None) -> None:
+    def __init__(
+        self, total_lines: int, done: int, creating: asyncio.Task, bar: Progress | None
+    ) -> None:
         self.total = max(total_lines, 1)
         self.finished = done
         self.failed = 0
-        self._artifact_id = artifact_id
+        self._creating = creating  # the artifact's creation; its result is the artifact's id
         self._bar = bar
         self._bar_task = (
             bar.add_task("batch", total=self.total, completed=done, failed=0) if bar else None
@@ -29,10 +31,14 @@ class BatchProgress:
 
     @classmethod
     async def start(cls, total_lines: int, done: int = 0) -> BatchProgress:
-        artifact_id = await acreate_progress_artifact(
-            progress=_percent(done, total_lines),
-            key="llamacpp-batch-progress",
-            description="Share of input lines finished (succeeded, failed, or done earlier).",
+        """Starts the bar and the artifact's creation; the run does not wait for the API (one
+        call less before the first request). `finish` must follow, whatever happens."""
+        creating = asyncio.get_running_loop().create_task(
+            acreate_progress_artifact(
+                progress=_percent(done, total_lines),
+                key="llamacpp-batch-progress",
+                description="Share of input lines finished (succeeded, failed, or done earlier).",
+            )
         )
         bar = None
         if sys.stderr.isatty():
@@ -46,7 +52,7 @@ class BatchProgress:
                 transient=False,
             )
             bar.start()
-        return cls(total_lines, done, artifact_id, bar)
+        return cls(total_lines, done, creating, bar)
 
     def advance(self, failed: bool = False) -> None:
         self.finished += 1
@@ -54,20 +60,29 @@ class BatchProgress:
         if self._bar:
             self._bar.update(self._bar_task, completed=self.finished, failed=self.failed)
         now = time.monotonic()
-        if now - self._last_update >= UPDATE_EVERY_S and (
-            self._update is None or self._update.done()
+        if (
+            now - self._last_update >= UPDATE_EVERY_S
+            and self._creating.done()
+            and (self._update is None or self._update.done())
         ):
             self._last_update = now
+            if self._creating.cancelled() or self._creating.exception():
+                return  # `finish` says why
             self._update = asyncio.get_running_loop().create_task(
-                aupdate_progress_artifact(self._artifact_id, _percent(self.finished, self.total))
+                aupdate_progress_artifact(
+                    self._creating.result(), _percent(self.finished, self.total)
+                )
             )
 
     async def finish(self) -> None:
-        if self._update:
-            await asyncio.gather(self._update, return_exceptions=True)
-        await aupdate_progress_artifact(self._artifact_id, _percent(self.finished, self.total))
-        if self._bar:
-            self._bar.stop()
+        try:
+            if self._update:
+                await asyncio.gather(self._update, return_exceptions=True)
+            artifact_id = await self._creating
+            await aupdate_progress_artifact(artifact_id, _percent(self.finished, self.total))
+        finally:
+            if self._bar:
+                self._bar.stop()
 
 
 def _percent(done: int, total: int) -> float:

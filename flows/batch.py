@@ -297,15 +297,19 @@ async def llamacpp_batch_flow(
             if not ended:
                 await progress.finish()
 
-    # The last progress figure and the summary: two API calls, sent together.
-    await asyncio.gather(
+    # The last progress figure and the summary: two API calls, sent together, both awaited
+    # to the end before a failure of either is raised.
+    for outcome in await asyncio.gather(
         progress.finish(),
         acreate_markdown_artifact(
             markdown=render_summary(summary),
             key="llamacpp-batch-summary",
             description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
         ),
-    )
+        return_exceptions=True,
+    ):
+        if isinstance(outcome, BaseException):
+            raise outcome
     logger.info(
         "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",
         summary.outcome,

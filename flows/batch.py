@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -201,7 +202,8 @@ async def llamacpp_batch_flow(
     if output_schema is not None and (problem := schema_problem(output_schema)):
         raise ValueError(f"output_schema is {problem}")
 
-    with Ledger.open(target, source, output_format=output_format) as ledger:
+    async with contextlib.AsyncExitStack() as closing:
+        ledger = closing.enter_context(Ledger.open(target, source, output_format=output_format))
         members = await gate_fleet(await resolve_servers(server), ready_timeout)
         options = BatchOptions(
             concurrency=0,  # set per server below
@@ -272,6 +274,7 @@ async def llamacpp_batch_flow(
         )
         runner.names_servers = isinstance(server, list)
         progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
+        closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
         ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
         try:
             try:
@@ -295,21 +298,19 @@ async def llamacpp_batch_flow(
             if ledger.errors_path is not None and ledger.errors_path.exists():
                 summary.errors_path = str(ledger.errors_path)
             if not ended:
-                await progress.finish()
+                await _report(logger, progress.finish())
 
-    # The last progress figure and the summary: two API calls, sent together, both awaited
-    # to the end before a failure of either is raised.
-    for outcome in await asyncio.gather(
-        progress.finish(),
-        acreate_markdown_artifact(
-            markdown=render_summary(summary),
-            key="llamacpp-batch-summary",
-            description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
-        ),
-        return_exceptions=True,
-    ):
-        if isinstance(outcome, BaseException):
-            raise outcome
+        # The last progress figure and the summary: two API calls, sent together.
+        await _report(
+            logger,
+            progress.finish(),
+            acreate_markdown_artifact(
+                markdown=render_summary(summary),
+                key="llamacpp-batch-summary",
+                description=f"llama.cpp batch: {summary.succeeded} succeeded, "
+                f"{summary.failed} failed",
+            ),
+        )
     logger.info(
         "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",
         summary.outcome,
@@ -393,6 +394,16 @@ def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
             ledger.legacy_lines,
             target,
         )
+
+
+async def _report(logger, *calls) -> None:
+    """Send artifact calls together and wait for all of them. Artifacts report a run: a Prefect
+    API that refuses one is logged, and the run's own outcome (its ledger, its abort) stands."""
+    for outcome in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            logger.warning("A batch artifact could not be saved: %s", outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _pending_items(

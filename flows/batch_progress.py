@@ -75,14 +75,29 @@ class BatchProgress:
             )
 
     async def finish(self) -> None:
+        """The last figure (raises what the Prefect API raised); the bar stops either way."""
         try:
             if self._update:
                 await asyncio.gather(self._update, return_exceptions=True)
             artifact_id = await self._creating
             await aupdate_progress_artifact(artifact_id, _percent(self.finished, self.total))
         finally:
-            if self._bar:
-                self._bar.stop()
+            self._stop_bar()
+
+    async def close(self) -> None:
+        """Whatever happened: the bar stops and no call to the API is left running or unread.
+        Safe to call more than once, and after `finish`."""
+        self._stop_bar()
+        for call in (self._update, self._creating):
+            if call is not None and not call.done():
+                call.cancel()
+            if call is not None:
+                await asyncio.gather(call, return_exceptions=True)
+
+    def _stop_bar(self) -> None:
+        if self._bar:
+            self._bar.stop()
+            self._bar = None
 
 
 def _percent(done: int, total: int) -> float:

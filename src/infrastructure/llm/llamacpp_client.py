@@ -27,7 +27,6 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from src.core.utils import fast_json
 from src.core.utils.config import get_settings
 from src.core.utils.exceptions import (
     DeadlineExceededError,
@@ -360,7 +359,7 @@ class LlamaCppClient:
 
     def _json(self, path: str, response: httpx.Response) -> Any:
         try:
-            return fast_json.loads(response.content)
+            return json.loads(response.content)
         except (ValueError, RecursionError) as exc:
             content_type = response.headers.get("content-type", "unknown")
             raise self._unexpected(

@@ -51,14 +51,29 @@ async def test_a_second_run_on_the_same_output_fails_at_once(
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 200)
     target = tmp_path / "out.jsonl"
+    # Answers of exactly 48 tokens: the first run takes seconds (with 24 and the model free to
+    # stop early it once finished before the second run had started, on a loaded CI machine).
     first = asyncio.create_task(
-        llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=24, chunk_size=20)
+        llamacpp_batch_flow(
+            str(source),
+            str(target),
+            server=name,
+            max_tokens=48,
+            extra_body={"ignore_eos": True},
+            chunk_size=20,
+        )
     )
     await wait_for_lines(target, 10, first)
     started = time.monotonic()
     second = await llamacpp_batch_flow(
-        str(source), str(target), server=name, max_tokens=24, return_state=True
+        str(source),
+        str(target),
+        server=name,
+        max_tokens=48,
+        extra_body={"ignore_eos": True},
+        return_state=True,
     )
+    assert not first.done(), "the first run ended before the second started: nothing was tested"
     assert second.is_failed() and "in use by another batch run" in second.message
     assert time.monotonic() - started < 10
     summary = await first

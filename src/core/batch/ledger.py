@@ -314,7 +314,7 @@ class Ledger:
             shaped = {key: value for key, value in record.items() if key != "response"}
         else:
             shaped = dict(record)
-        data = _encode(shaped) + b"\n"
+        data = fast_json.dumps(shaped) + b"\n"
         self._append(data)
         if self._errors is not None and record["error"] is not None:
             self._errors.append(data)  # after the output: a crash between leaves a gap `open` fills
@@ -484,10 +484,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return b.exists() and a.exists() and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return fast_json.dumps(record)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:

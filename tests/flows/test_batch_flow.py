@@ -274,7 +274,9 @@ async def test_server_back_within_the_deadline_finishes_in_one_run(
     await asyncio.sleep(3)  # longer than the per-prompt retries: the run must wait at the gate
     server.start()
     summary = await run
-    assert summary.server_waits >= 1 and summary.crashes_seen >= 1  # in flight at the kill
+    # The run saw the server go (a dropped request or a refused one, depending on where the kill
+    # fell; crash counting has its own test in test_batch_hardening) and waited for it.
+    assert summary.server_waits >= 1, summary
     assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(300)})
 
 

@@ -261,15 +261,16 @@ async def llamacpp_batch_flow(
 
         started = time.monotonic()
 
-        def finished(result: ResultLine) -> None:
-            ledger.write(result)
-            progress.advance(failed=result["error"] is not None)
+        def finished(results: list[ResultLine]) -> None:
+            ledger.write_all(results)
+            failed = sum(result["error"] is not None for result in results)
+            progress.advance(len(results), failed=failed)
 
         runner = BatchRunner(
             lanes,
             summary.model,
             options,
-            on_result=finished,
+            on_results=finished,
             already_done=ledger.succeeded.__contains__,
         )
         runner.names_servers = isinstance(server, list)
@@ -419,7 +420,7 @@ def _pending_items(
                 ledger.write(
                     result_line(entry.custom_id, entry.line, error=(entry.kind, entry.message))
                 )
-            progress.advance(failed=True)
+            progress.advance(failed=1)
             continue
         done = ledger.is_done(entry.custom_id, entry.input_fp)
         if done:
@@ -442,7 +443,7 @@ def _pending_items(
                         settings_fp=settings_fp,
                     )
                 )
-            progress.advance(failed=True)
+            progress.advance(failed=1)
         else:
             yield entry
 

@@ -65,8 +65,9 @@ class BatchProgress:
             bar.start()
         return cls(total_lines, done, creating, bar)
 
-    def advance(self, failed: bool = False) -> None:
-        self.finished += 1
+    def advance(self, lines: int = 1, failed: int = 0) -> None:
+        """`lines` more lines done, `failed` of them failed."""
+        self.finished += lines
         self.failed += failed
         if self._bar:
             self._bar.update(self._bar_task, completed=self.finished, failed=self.failed)

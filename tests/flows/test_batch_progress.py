@@ -33,7 +33,7 @@ async def test_progress_artifact_and_terminal_bar(monkeypatch):
     async def watched() -> float:
         progress = await BatchProgress.start(10, done=2)
         for index in range(8):
-            progress.advance(failed=index == 0)
+            progress.advance(failed=int(index == 0))
         await progress.finish()
         return progress.finished
 

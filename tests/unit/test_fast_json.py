@@ -13,6 +13,7 @@ VALUES = [
     {"big": 2**70, "neg": -(2**65)},  # past 64 bits: orjson refuses, the stdlib writes it
     {"lone": "\ud800 surrogate"},  # not UTF-8: written ASCII-escaped
     {"nested": [{"a": [1, "x", None, [2.5, {"b": True}]]}], "t": (1, 2)},
+    {"output": [1e308, 1e308, -1e308]},  # finite, though their sum is not
     [],
     "",
 ]
@@ -35,6 +36,8 @@ def test_a_lone_surrogate_is_escaped_not_dropped():
     [
         {"output": {"x": float("inf")}},  # a model's 1e999, read by json.loads
         {"output": [1.0, float("nan")]},
+        {"output": [float("inf"), float("-inf")]},  # their sum is NaN, not infinite
+        {"output": [1e308, 1e308, float("inf")]},
         {"body": {"data": [{"embedding": [0.5, float("-inf")]}]}},
         {"mixed": ["x", {"deep": [True, float("nan")]}]},
     ],

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -106,6 +108,33 @@ def test_no_id_ever_gets_a_second_success_line(tmp_path):
         assert not ledger.write(success(first))  # e.g. a Prefect retry of a chunk
     with Ledger.open(path) as ledger:
         assert not ledger.write(success(first))
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_a_pack_of_lines_is_written_at_once_and_keeps_every_promise(tmp_path):
+    path = tmp_path / "out.jsonl"
+    a, b = item("a"), item("b")
+    failed = result_line("c", 3, error=("server_error", "500"))
+    with Ledger.open(path) as ledger:
+        # the same id twice in one pack: written once
+        assert ledger.write_all([success(a), success(b), success(a), failed]) == 3
+        assert ledger.write_all([success(b)]) == 0  # and never again
+        assert ledger.succeeded == {"a", "b"}
+    assert [json.loads(line)["custom_id"] for line in path.read_text().splitlines()] == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+def test_a_pack_that_cannot_be_written_marks_nothing_done(tmp_path):
+    path = tmp_path / "out.jsonl"
+    unwritable = {**success(item("b")), "output": object()}  # no JSON for it
+    with Ledger.open(path) as ledger:
+        with pytest.raises(TypeError):
+            ledger.write_all([success(item("a")), unwritable])
+        assert ledger.succeeded == set()  # a rerun (or a retry) sends both again
+        assert ledger.write_all([success(item("a"))]) == 1
     assert len(path.read_text().splitlines()) == 1
 
 
@@ -238,3 +267,15 @@ def test_a_complete_last_line_that_is_not_a_result_is_kept_and_counted(tmp_path)
     with Ledger.open(path) as ledger:
         assert ledger.state.unreadable_lines == 1 and not ledger.state.dropped_partial_line
     assert path.read_bytes().endswith(b'{"note": "reviewed by bob, keep"}\n')
+
+
+def test_finished_at_is_the_time_now_to_the_millisecond_in_utc():
+    before = datetime.now(UTC)
+    stamps = [result_line("a", 1)["finished_at"] for _ in range(1000)]
+    after = datetime.now(UTC)
+    assert stamps == sorted(stamps)
+    for stamp in (stamps[0], stamps[-1]):
+        moment = datetime.fromisoformat(stamp)
+        assert moment.utcoffset() == timedelta(0)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp)
+        assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= moment <= after

@@ -21,7 +21,7 @@ async def one_line(tmp_path, answer, output_format="native", **options) -> dict:
                 LlamaCppSettings(base_url=server.url, timeout=5),
                 "fake",
                 BatchOptions(**options, keep_responses=output_format == "openai"),
-                on_result=ledger.write,
+                on_results=ledger.write_all,
             )
             try:
                 await runner.run([item])

@@ -28,7 +28,7 @@ async def run(server: FakeLlamaServer, batch: list[BatchItem], **options) -> dic
         LlamaCppSettings(base_url=server.url, timeout=5),
         "fake",
         BatchOptions(**{"concurrency": 4, "ready_timeout": 5, **options}),
-        on_result=lambda line: results.__setitem__(line["custom_id"], line),
+        on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
     )
     try:
         await runner.run(batch)
@@ -126,7 +126,7 @@ async def test_running_a_chunk_again_sends_and_writes_nothing_twice(tmp_path):
                 LlamaCppSettings(base_url=server.url, timeout=5),
                 "fake",
                 BatchOptions(concurrency=2),
-                on_result=ledger.write,
+                on_results=ledger.write_all,
                 already_done=ledger.succeeded.__contains__,
             )
             chunk = items("a", "b", "c")
@@ -197,7 +197,7 @@ async def test_over_a_fleet_free_slots_pull_the_work():
             lanes,
             "fake",
             BatchOptions(concurrency=10),
-            on_result=lambda line: results.__setitem__(line["custom_id"], line),
+            on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
         )
         await runner.run(items(*[f"p{i}" for i in range(700)]))
         await runner.aclose()
@@ -230,7 +230,7 @@ async def test_lines_whose_only_server_is_gone_fail_after_the_deadline_the_rest_
             lanes,
             "fleet",
             BatchOptions(concurrency=4, ready_timeout=1),
-            on_result=lambda line: results.__setitem__(line["custom_id"], line),
+            on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
         )
         started = time.monotonic()
         await runner.run(batch)
@@ -278,7 +278,7 @@ async def test_reasoning_goes_apart_and_structured_output_is_read_from_the_answe
                 output_schema=schema,
                 chat_template_kwargs={"enable_thinking": True},
             ),
-            on_result=results.append,
+            on_results=results.extend,
         )
         await runner.run(items("rate it"))
         await runner.aclose()

@@ -224,7 +224,9 @@ def parse_line(text: str, number: int, *, embeddings: bool = False) -> BatchItem
     a native line is a text to embed (`input`), not a prompt."""
     fallback_id = f"line-{number}"
     try:
-        obj = json.loads(text, parse_constant=_no_constants)
+        if text.startswith("\ufeff"):  # as `json.loads` does
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         return InputError(
             fallback_id,
@@ -494,3 +496,7 @@ def _shown(value: Any) -> str:
     """A value for an error message: repr, cut short."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Built once: `json.loads` with options builds a decoder per line (an eighth of a line's cost).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants)

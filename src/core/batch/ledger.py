@@ -303,23 +303,36 @@ class Ledger:
     def write(self, record: ResultLine) -> bool:
         """Append one result line and flush it. Returns False (and writes nothing) for a second
         success line for the same id."""
-        if record["error"] is None:
-            if record["custom_id"] in self.succeeded:
-                logger.warning("Refused a second success line", custom_id=record["custom_id"])
-                return False
-            self.succeeded.add(record["custom_id"])
-        if self.output_format == "openai":
-            shaped: dict[str, Any] = render_openai_line(record)
-        elif "response" in record:  # the server's raw answer: only the OpenAI format keeps it
-            shaped = {key: value for key, value in record.items() if key != "response"}
-        else:
-            shaped = dict(record)
-        data = fast_json.dumps(shaped) + b"\n"
-        self._append(data)
-        if self._errors is not None and record["error"] is not None:
-            self._errors.append(data)  # after the output: a crash between leaves a gap `open` fills
-        self.lines_written += 1
-        return True
+        return self.write_all([record]) == 1
+
+    def write_all(self, records: list[ResultLine]) -> int:
+        """Append result lines (one request's: a pack of embeddings) in one write and flush.
+        A second success line for an id is left out. Returns the lines written."""
+        lines, errors, answered = [], [], set()
+        for record in records:
+            custom_id, ok = record["custom_id"], record["error"] is None
+            if ok and (custom_id in self.succeeded or custom_id in answered):
+                logger.warning("Refused a second success line", custom_id=custom_id)
+                continue
+            if self.output_format == "openai":
+                shaped: dict[str, Any] = render_openai_line(record)
+            elif "response" in record:  # the server's raw answer: only the OpenAI format keeps it
+                shaped = {key: value for key, value in record.items() if key != "response"}
+            else:
+                shaped = record
+            data = fast_json.dumps(shaped) + b"\n"
+            lines.append(data)
+            if ok:
+                answered.add(custom_id)
+            elif self._errors is not None:
+                errors.append(data)
+        if lines:
+            self._append(b"".join(lines))
+        self.succeeded |= answered  # once written: a line that failed to write is not done
+        if errors:  # after the output: a crash between leaves a gap `open` fills
+            self._errors.append(b"".join(errors))
+        self.lines_written += len(lines)
+        return len(lines)
 
     def _append(self, data: bytes) -> None:
         self._file.write(data)

@@ -131,8 +131,8 @@ class BatchStats:
 
 
 class BatchRunner:
-    """Runs `BatchItem`s over one llama-server or a fleet; `on_result` receives each finished
-    result line (to write and count).
+    """Runs `BatchItem`s over one llama-server or a fleet; `on_results` receives the finished
+    result lines of each request (one, or a pack's), to write and count.
 
     `servers` is one server's `LlamaCppSettings` (a lane named "server" serving `model_name`,
     `options.concurrency` in flight) or a list of `Lane`s. `already_done(custom_id)` is asked
@@ -145,14 +145,14 @@ class BatchRunner:
         servers: LlamaCppSettings | list[Lane],
         model_name: str,
         options: BatchOptions,
-        on_result: Callable[[ResultLine], None],
+        on_results: Callable[[list[ResultLine]], None],
         already_done: Callable[[str], bool] = lambda custom_id: False,
     ) -> None:
         self.options = options
         self.model_name = model_name
         self.run_settings = options.run_settings(model_name)
         self.settings_fp = self.run_settings.fingerprint
-        self.on_result = on_result
+        self.on_results = on_results
         self.already_done = already_done
         self.stats = BatchStats()
         self.max_in_flight = 0
@@ -193,20 +193,20 @@ class BatchRunner:
                 group.create_task(self.run_job(job))
 
     async def run_item(self, item: BatchItem) -> ResultLine | None:
-        """Run one item to its result line (also handed to `on_result`); None if done already."""
+        """Run one item to its result line (also handed to `on_results`); None if done already."""
         results = await self.run_job([item])
         return results[0] if results else None
 
     async def run_job(self, items: list[BatchItem]) -> list[ResultLine]:
         """Run one request's items (one chat line, or embedding lines packed together) to their
-        result lines, each handed to `on_result`. Items answered already are left out."""
+        result lines, handed to `on_results` together. Items answered already are left out."""
         items = [item for item in items if not self.already_done(item.custom_id)]
         if not items:
             return []
         results = await self._attempts(items)
         for result in results:
             self.stats.record(result)
-            self.on_result(result)
+        self.on_results(results)
         return results
 
     def _jobs(self, items: list[BatchItem]) -> Iterator[list[BatchItem]]:

@@ -39,7 +39,12 @@ def _finite(value: Any) -> bool:
         return all(map(_finite, value.values()))
     if kind is list or kind is tuple:
         try:
-            return all(map(math.isfinite, value))  # a vector: numbers only
+            # A vector in one C loop: a NaN or an infinity anywhere leaves the sum non-finite.
+            # A finite sum proves them all finite; a non-finite one (an overflow, say) is checked
+            # one by one.
+            if math.isfinite(sum(value)):
+                return True
         except (TypeError, OverflowError):  # strings, dicts, None, huge integers: one by one
-            return all(map(_finite, value))
+            pass
+        return all(map(_finite, value))
     return True

@@ -139,6 +139,8 @@ def test_vectors_are_read_in_input_order_as_numbers_or_base64():
         {"data": [{"embedding": [True], "index": 0}]},
         {"data": [{"embedding": [], "index": 0}]},
         {"data": [{"embedding": [float("nan")], "index": 0}]},
+        {"data": [{"embedding": [1.0, float("inf"), float("-inf")], "index": 0}]},
+        {"data": [{"embedding": base64.b64encode(b"\x00\x00\xc0\x7f").decode(), "index": 0}]},
         {"data": [{"embedding": "not base64!", "index": 0}]},
         {"data": [{"embedding": base64.b64encode(b"abc").decode(), "index": 0}]},
         {"data": [{"embedding": None, "index": 0}]},
@@ -148,6 +150,11 @@ def test_a_body_that_is_not_one_embeddings_list_is_an_invalid_response(body):
     with pytest.raises(AnswerError) as info:
         read_embedding_answer(body, 1)
     assert info.value.kind == "invalid_response"
+
+
+def test_large_finite_numbers_are_a_vector_though_their_sum_is_not():
+    body = {"data": [{"embedding": [1e308, 1e308], "index": 0}]}
+    assert read_embedding_answer(body, 1).vectors == [[1e308, 1e308]]
 
 
 @pytest.mark.parametrize(

@@ -271,7 +271,9 @@ def _vector(value: Any) -> list[float]:
         vector = [float(x) for x in value]
     else:
         raise ValueError("not numbers")
-    if not vector or not all(map(math.isfinite, vector)):
+    # A NaN or an infinity anywhere leaves the sum non-finite; a non-finite sum of finite values
+    # (JSON numbers near 1e308) is told apart one by one.
+    if not vector or not (math.isfinite(sum(vector)) or all(map(math.isfinite, vector))):
         raise ValueError("empty or not finite")
     return vector
 

@@ -15,7 +15,8 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
    different `-np`, each server's share of the items against its share of the slots;
 8. embeddings per second: the flow (native `input` lines, packed) / raw httpx sending the same
    packs with `total_slots` in flight; the flow over its run, as the chat figures count it, and
-   over the whole call (Prefect's per-run cost of about half a second included).
+   over the whole call (Prefect's per-run cost of about half a second included); each flow run
+   against the raw runs either side of it, 8 rounds.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -399,27 +400,28 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
         await LlamaCppServer(base_url=server.url).save("bench-embed", overwrite=True)
         await raw(server.url)
         await flow()  # warm-up
-        raws, flows, calls = [], [], []
+        # Raw, flow, raw, flow, ..., raw: each flow run is set against the mean of the raw runs
+        # either side of it, so the machine's drift over a minute (raw alone went from 910/s to
+        # 1,290/s in one run) does not land on one side of a pair.
+        raws, flows, calls = [await raw(server.url)], [], []
         for round_number in range(rounds):
-            order = ("raw", "flow") if round_number % 2 == 0 else ("flow", "raw")
-            for kind in order:
-                if kind == "raw":
-                    raws.append(await raw(server.url))
-                else:
-                    in_run, whole = await flow()
-                    flows.append(in_run)
-                    calls.append(whole)
+            in_run, whole = await flow()
+            flows.append(in_run)
+            calls.append(whole)
+            raws.append(await raw(server.url))
             print(
-                f"[bench] embeddings round {round_number + 1}: raw {raws[-1]:.0f}/s, flow "
-                f"{flows[-1]:.0f}/s in the run, {calls[-1]:.0f}/s with Prefect's per-run cost",
+                f"[bench] embeddings round {round_number + 1}: flow {flows[-1]:.0f}/s in the run "
+                f"({calls[-1]:.0f}/s with Prefect's per-run cost), raw {raws[-2]:.0f}/s before "
+                f"and {raws[-1]:.0f}/s after: {flows[-1] / mean(raws[-2:]):.2f}",
                 flush=True,
             )
+    around = [mean(raws[index : index + 2]) for index in range(rounds)]
     return {
         "raw": mean(raws),
         "flow": mean(flows),
         "call": mean(calls),
-        "ratio": median(f / r for f, r in zip(flows, raws, strict=True)),
-        "call_ratio": median(c / r for c, r in zip(calls, raws, strict=True)),
+        "ratio": median(f / r for f, r in zip(flows, around, strict=True)),
+        "call_ratio": median(c / r for c, r in zip(calls, around, strict=True)),
     }
 
 
@@ -539,7 +541,7 @@ def main() -> None:
         )
         memory = measure_memory(small, large, work)
         fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
-        embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, rounds, work))
+        embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, 2 * rounds, work))
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
     task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small

@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import OrderedDict
 
 import pytest
 
@@ -57,3 +58,11 @@ def test_finite_numbers_take_the_fast_path():
         == b'{"output":[0.25,-1.0,3],"usage":{"prompt_tokens":1099511627776},"latency_s":0.1}'
     )
     assert math.isfinite(json.loads(fast_json.dumps(record))["latency_s"])
+
+
+def test_nan_inside_subclasses_of_dict_and_list_is_not_written_as_null():
+    class Vector(list):
+        pass
+
+    value = OrderedDict(output=Vector([1.0, float("nan")]), usage={"n": float("inf")})
+    assert fast_json.dumps(value) == b'{"output":[1.0,NaN],"usage":{"n":Infinity}}'

@@ -127,7 +127,7 @@ def test_a_pack_of_lines_is_written_at_once_and_keeps_every_promise(tmp_path):
     ]
 
 
-def test_a_pack_that_cannot_be_written_marks_nothing_done(tmp_path):
+def test_a_pack_with_a_line_that_cannot_be_encoded_marks_nothing_done(tmp_path):
     path = tmp_path / "out.jsonl"
     unwritable = {**success(item("b")), "output": object()}  # no JSON for it
     with Ledger.open(path) as ledger:
@@ -136,6 +136,49 @@ def test_a_pack_that_cannot_be_written_marks_nothing_done(tmp_path):
         assert ledger.succeeded == set()  # a rerun (or a retry) sends both again
         assert ledger.write_all([success(item("a"))]) == 1
     assert len(path.read_text().splitlines()) == 1
+
+
+def test_a_failed_write_then_a_retry_never_gives_an_id_two_lines(tmp_path):
+    # A full disk, for real: a file size limit makes the pack's write fail (EFBIG, as ENOSPC
+    # would), its bytes stay in the buffer and land at the next flush. Its own process: the
+    # limit holds for every file the process writes.
+    script = """
+import json, resource, signal, sys
+from collections import Counter
+from pathlib import Path
+from src.core.batch.ledger import Ledger
+from src.core.batch.records import result_line
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+out = Path(sys.argv[1])
+def ok(i):
+    return result_line(f"id{i}", i, output="x" * 200, input_fp="fp", settings_fp="s")
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+with Ledger.open(out) as ledger:
+    ledger.write(ok(0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (out.stat().st_size + 50, hard))
+    try:
+        ledger.write_all([ok(1), ok(2)])
+    except OSError:
+        pass
+    else:
+        raise SystemExit("the write did not fail")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    retry = [ok(i) for i in (1, 2) if f"id{i}" not in ledger.succeeded]  # a chunk retry
+    ledger.write_all(retry)
+ids = Counter(json.loads(line)["custom_id"] for line in out.read_bytes().splitlines())
+print(json.dumps(ids))
+"""
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": _repo_root()},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"id0": 1, "id1": 1, "id2": 1}
 
 
 def test_a_changed_request_for_a_done_id_is_not_skipped(tmp_path):

@@ -326,9 +326,12 @@ class Ledger:
                 answered.add(custom_id)
             elif self._errors is not None:
                 errors.append(data)
+        # Done before the write: a write that fails (a full disk) may leave its bytes in the
+        # buffer, to land at the next flush; a retry must not write them twice. (A line that
+        # could not be encoded, above, raised before anything was marked or written.)
+        self.succeeded |= answered
         if lines:
             self._append(b"".join(lines))
-        self.succeeded |= answered  # once written: a line that failed to write is not done
         if errors:  # after the output: a crash between leaves a gap `open` fills
             self._errors.append(b"".join(errors))
         self.lines_written += len(lines)

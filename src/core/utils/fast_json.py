@@ -47,4 +47,13 @@ def _finite(value: Any) -> bool:
         except (TypeError, OverflowError):  # strings, dicts, None, huge integers: one by one
             pass
         return all(map(_finite, value))
+    if kind is str or kind is int or value is None or kind is bool:
+        return True
+    # Subclasses (an OrderedDict, an IntEnum): orjson writes them as their base type.
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    if isinstance(value, list | tuple):
+        return all(map(_finite, value))
     return True

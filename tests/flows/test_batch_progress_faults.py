@@ -91,16 +91,16 @@ async def test_a_failing_disk_is_the_reason_given_not_the_prefect_api(
     server, registered_block_type, tmp_path, monkeypatch, bars
 ):
     progress_api_down(monkeypatch)
-    write, count = Ledger.write, 0
+    append, count = Ledger._append, 0
 
-    def full_disk(self, record):
+    def full_disk(self, data):
         nonlocal count
         count += 1
         if count == 3:
             raise OSError(28, "No space left on device")
-        return write(self, record)
+        return append(self, data)
 
-    monkeypatch.setattr(Ledger, "write", full_disk)
+    monkeypatch.setattr(Ledger, "_append", full_disk)
     state = await run(await save_block("faults", server), tmp_path)
     assert state.is_failed()
     assert "No space left" in state.message, state.message

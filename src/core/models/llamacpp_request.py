@@ -24,7 +24,6 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +33,7 @@ import jsonschema
 from pydantic_ai.profiles import DEFAULT_PROMPTED_OUTPUT_TEMPLATE
 
 from src.core.models.llamacpp_provider import checked_chat_template_kwargs, llamacpp_model_profile
+from src.core.utils import fast_json
 
 OUTPUT_NAME = "output"  # the json_schema name pydantic-ai gives native output
 
@@ -271,9 +271,7 @@ def _vector(value: Any) -> list[float]:
         vector = [float(x) for x in value]
     else:
         raise ValueError("not numbers")
-    # A NaN or an infinity anywhere leaves the sum non-finite; a non-finite sum of finite values
-    # (JSON numbers near 1e308) is told apart one by one.
-    if not vector or not (math.isfinite(sum(vector)) or all(map(math.isfinite, vector))):
+    if not vector or not fast_json.finite(vector):
         raise ValueError("empty or not finite")
     return vector
 

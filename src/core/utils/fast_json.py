@@ -19,7 +19,7 @@ def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON on one line. NaN and infinities (orjson writes them as null) and what
     orjson refuses (a lone surrogate, an integer past 64 bits) go through the standard library,
     which writes them as before; a lone surrogate ASCII-escaped, as it cannot be UTF-8."""
-    if _finite(value):
+    if finite(value):
         try:
             return orjson.dumps(value)
         except TypeError:  # orjson.JSONEncodeError is a TypeError
@@ -30,14 +30,16 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def _finite(value: Any) -> bool:
-    """No NaN or infinity anywhere in `value` (a list of numbers is checked in one pass)."""
-    kind = type(value)
-    if kind is float:
+def finite(value: Any) -> bool:
+    """No NaN or infinity anywhere in `value` (a list of numbers is checked in one pass).
+    Subclasses count as their base type (orjson writes an OrderedDict as a dict)."""
+    if type(value) in _PLAIN:
+        return True
+    if isinstance(value, float):
         return math.isfinite(value)
-    if kind is dict:
-        return all(map(_finite, value.values()))
-    if kind is list or kind is tuple:
+    if isinstance(value, dict):
+        return all(map(finite, value.values()))
+    if isinstance(value, list | tuple):
         try:
             # A vector in one C loop: a NaN or an infinity anywhere leaves the sum non-finite.
             # A finite sum proves them all finite; a non-finite one (an overflow, say) is checked
@@ -46,14 +48,8 @@ def _finite(value: Any) -> bool:
                 return True
         except (TypeError, OverflowError):  # strings, dicts, None, huge integers: one by one
             pass
-        return all(map(_finite, value))
-    if kind is str or kind is int or value is None or kind is bool:
-        return True
-    # Subclasses (an OrderedDict, an IntEnum): orjson writes them as their base type.
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(map(_finite, value.values()))
-    if isinstance(value, list | tuple):
-        return all(map(_finite, value))
+        return all(map(finite, value))
     return True
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})  # nothing inside to check

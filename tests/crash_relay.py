@@ -5,7 +5,9 @@ server and plays the part of the poison and of the supervisor: when a request ca
 passes through, it stops listening, SIGKILLs the server (every request in flight, innocent or
 not, is dropped unanswered by the dying process), restarts it on the same port, waits until it is
 ready, and listens again. While the server is down, clients get connection refused, as they
-would from the server itself.
+would from the server itself; with `while_down="drop"` the relay keeps listening and closes each
+connection unanswered instead, as an HTTP proxy in front of a restarting server does (nginx and
+others). `restart_delay` is the supervisor's pause before it starts the server again.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from harness.server import LlamaServer, free_port
 
 
 class CrashingRelay:
-    def __init__(self, server: LlamaServer, poison: bytes) -> None:
+    def __init__(
+        self,
+        server: LlamaServer,
+        poison: bytes,
+        *,
+        while_down: str = "refuse",
+        restart_delay: float = 0.0,
+    ) -> None:
         self.server = server
         self.poison = poison
+        self.while_down = while_down
+        self.restart_delay = restart_delay
         self.port = free_port()
         self.crashes = 0
         self._listener: asyncio.AbstractServer | None = None
@@ -85,9 +96,12 @@ class CrashingRelay:
 
     async def _crash_and_restart(self) -> None:
         self.crashes += 1
-        self._listener.close()
+        if self.while_down == "refuse":
+            self._listener.close()
         self.server.kill()
         for client in list(self._clients):
             client.transport.abort()
+        await asyncio.sleep(self.restart_delay)
         await asyncio.to_thread(self.server.start)
-        await self._listen()
+        if self.while_down == "refuse":
+            await self._listen()

@@ -2,18 +2,24 @@
 cannot be made to show on demand (a proxy's 429, a crash on one prompt). Each test says which
 fault it fakes; every behaviour that a real server can show is tested against a real one.
 
-`answer(body) -> (status, headers, json) | "crash"`: "crash" drops every connection that has
-a request in flight, unanswered, as a dying server does.
+`answer(body) -> (status, headers, json) | "crash" | "drop"`: "crash" drops every connection that
+has a request in flight, unanswered, as a dying server does, and the server is then down for
+`restart_s` (a supervisor restarting it: /health and every request answer 503 "Loading model",
+or, with `while_down="drop"`, are dropped unanswered, as a proxy in front of it does);
+"drop" closes only this request's connection, unanswered, while the server stays up (a proxy or
+the network cutting one request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 Answer = tuple[int, dict[str, str], Any] | str
+LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
 
 
 def completion(text: str = "ok", tokens: int = 2) -> tuple[int, dict[str, str], Any]:
@@ -36,10 +42,19 @@ def completion(text: str = "ok", tokens: int = 2) -> tuple[int, dict[str, str], 
 
 class FakeLlamaServer:
     def __init__(
-        self, answer: Callable[[dict], Answer], delay: float = 0.05, slots: int | None = None
+        self,
+        answer: Callable[[dict], Answer],
+        delay: float = 0.05,
+        slots: int | None = None,
+        restart_s: float = 0.3,
+        while_down: str = "loading",
     ) -> None:
         self.answer = answer
         self.delay = delay
+        self.restart_s = restart_s
+        self.while_down = while_down
+        self.crashes = 0
+        self._down_until = 0.0
         # With `slots`, at most that many requests are processed at once (the rest wait), so
         # throughput is proportional to the slots, as on servers of their own.
         self._slots = asyncio.Semaphore(slots) if slots else None
@@ -71,6 +86,12 @@ class FakeLlamaServer:
                     for k, v in (line.split(":", 1) for line in header_lines if ":" in line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                if time.monotonic() < self._down_until:
+                    if self.while_down == "drop":
+                        writer.transport.abort()
+                        return
+                    await _respond(writer, 503, {}, LOADING)
+                    continue
                 if path.startswith("/health"):
                     await _respond(writer, 200, {}, {"status": "ok"})
                     continue
@@ -85,9 +106,15 @@ class FakeLlamaServer:
                     await asyncio.sleep(self.delay)
                 outcome = self.answer(request)
                 if outcome == "crash":
+                    self.crashes += 1
+                    self._down_until = time.monotonic() + self.restart_s
                     for victim in list(self.in_flight):
                         victim.transport.abort()
                     self.in_flight.clear()
+                    return
+                if outcome == "drop":
+                    self.in_flight.discard(writer)
+                    writer.transport.abort()
                     return
                 if writer not in self.in_flight:
                     return  # dropped by another request's crash

@@ -173,6 +173,42 @@ async def test_a_prompt_that_crashes_the_server_is_given_up_alone(
     assert all(r["attempts"] <= 2 * (3 + 2) for r in records)
 
 
+async def test_behind_a_proxy_a_restarting_server_blames_only_the_poison(
+    restartable_server, registered_block_type, tmp_path
+):
+    # The deployment most teams have: a proxy in front of llama-server, and a supervisor that
+    # restarts the server 1.5 s after it dies. Meanwhile the proxy accepts each connection and
+    # closes it unanswered. Only the prompt that crashes the server alone is given up.
+    async with CrashingRelay(
+        restartable_server, poison=b"POISON-PILL", while_down="drop", restart_delay=1.5
+    ) as relay:
+        from blocks.llamacpp import LlamaCppServer
+
+        await LlamaCppServer(base_url=relay.url, timeout=5).save("batch-proxy", overwrite=True)
+        source = write_input(tmp_path / "in.jsonl", 48, prompt="Question {i}")
+        lines = source.read_text().splitlines()
+        lines.insert(16, json.dumps({"custom_id": "poison", "prompt": "POISON-PILL now"}))
+        source.write_text("\n".join(lines) + "\n")
+        target = tmp_path / "out.jsonl"
+        summary = await llamacpp_batch_flow(
+            str(source),
+            str(target),
+            server="batch-proxy",
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+            ready_timeout=30,
+            max_crashes=2,
+        )
+    records = read_output(target)
+    poison = [r for r in records if r["custom_id"] == "poison"]
+    assert len(poison) == 1 and poison[0]["error"]["kind"] == "server_crash", poison
+    assert successes(records) == Counter({f"q{i}": 1 for i in range(48)}), [
+        (r["custom_id"], r["error"]) for r in records if r["error"]
+    ]
+    assert summary.failed == 1 and summary.succeeded == 48
+    assert 2 <= relay.crashes <= 2 * 2
+
+
 async def test_a_mistyped_block_fails_before_sending_and_env_is_only_the_fallback(
     server, registered_block_type, tmp_path, monkeypatch
 ):

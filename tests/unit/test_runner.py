@@ -86,6 +86,42 @@ async def test_a_prompt_that_crashes_the_server_is_isolated_and_innocents_finish
     assert len(server.requests) <= len(batch) * 2 * (3 + 2)
 
 
+async def test_a_connection_cut_while_the_server_stays_up_is_no_crash():
+    # A proxy (or the network) cuts one request twice; the server never goes down. The second
+    # cut comes while the request runs alone: it must not be blamed as the crash of a server
+    # that did not crash.
+    cuts = {"FLAKY": 2}
+
+    def answer(request):
+        if cuts.get(prompt_of(request), 0) > 0:
+            cuts[prompt_of(request)] -= 1
+            return "drop"
+        return completion()
+
+    async with FakeLlamaServer(answer) as server:
+        results = await run(server, items("one", "FLAKY", "two"), max_crashes=2)
+    assert all(line["error"] is None for line in results.values()), results
+    assert results["id-1"]["attempts"] == 3
+    assert server.crashes == 0
+
+
+@pytest.mark.parametrize("while_down", ["loading", "drop"])
+async def test_a_suspect_is_never_sent_into_a_restart(while_down):
+    # The server restarts for 1.5 s after the poison kills it (answering 503 loading, or behind
+    # a proxy that drops every connection meanwhile). Five innocents were in flight with the
+    # poison at its first crash; each then runs alone, and only when the server is ready again,
+    # so none is blamed for the crash the poison caused alone.
+    def answer(request):
+        return "crash" if prompt_of(request) == "POISON" else completion()
+
+    batch = items("one", "two", "POISON", "three", "four", "five")
+    async with FakeLlamaServer(answer, delay=0.2, restart_s=1.5, while_down=while_down) as server:
+        results = await run(server, batch, max_crashes=2, ready_timeout=30)
+    assert results["id-2"]["error"]["kind"] == "server_crash"
+    assert all(line["error"] is None for key, line in results.items() if key != "id-2"), results
+    assert server.crashes == 2
+
+
 async def test_timeouts_are_retried_then_reported():
     async with FakeLlamaServer(lambda request: completion(), delay=1.0) as server:
         results = await run(server, items("slow"), request_timeout=0.3, max_attempts=2)

@@ -29,10 +29,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.core.batch.dispatch import Dispatcher, Lane, NoServerError, Route
+from src.core.batch.dispatch import Dispatcher, Lane, NoServerError, Route, join_problem
 from src.core.batch.jsonl_input import BatchItem
 from src.core.batch.ledger import RunSettings
 from src.core.batch.records import ErrorKind, ResultLine, ServerResponse, result_line
+from src.core.models.base_provider import ServerState
+from src.core.models.embedding_probe import packed_embeddings_problem
+from src.core.models.llamacpp_provider import check_server_health
 from src.core.models.llamacpp_request import (
     AnswerError,
     ChatRequest,
@@ -47,6 +50,7 @@ from src.core.utils.config import LlamaCppSettings
 from src.core.utils.exceptions import (
     BatchAbortedError,
     LlamaCppError,
+    NotSupportedError,
     ServerDisconnectedError,
     ServerHTTPError,
     ServerLoadingError,
@@ -171,6 +175,8 @@ class BatchRunner:
         self.dispatch = Dispatcher(servers, options.ready_timeout)
         self._watchers: dict[Lane, asyncio.Task] = {}
         self._checking: dict[Lane, asyncio.Task] = {}
+        # Whether a lane joining late is asked if it serves embeddings (the run has such lines).
+        self.checks_embeddings = False
 
     @property
     def in_flight(self) -> int:
@@ -188,6 +194,9 @@ class BatchRunner:
 
     async def run(self, items: list[BatchItem]) -> None:
         """Run `items` concurrently (bounded by the lanes' slots); raises `BatchAbortedError`."""
+        for lane in self.lanes:  # servers not ready at the start join when they are
+            if lane.pending and not lane.retired and lane not in self._watchers:
+                self._watchers[lane] = asyncio.create_task(self._watch(lane))
         async with asyncio.TaskGroup() as group:
             for job in self._jobs(items):
                 group.create_task(self.run_job(job))
@@ -295,6 +304,7 @@ class BatchRunner:
         route = Route(wanted, embeddings)
         if not self.dispatch.serves(route):
             return lines(error=("no_server_for_model", self._unserved(items[0], route)))
+        unready = 0  # times a lane was not ready for a suspect: bounded like the attempts
         while True:
             attempts += 1
             alone = crashes > 0
@@ -305,8 +315,17 @@ class BatchRunner:
                     raise BatchAbortedError(str(exc)) from exc
                 lane = None
                 return lines(error=("unreachable", str(exc)))
-            self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
             epoch = lane.epoch
+            if alone and await self._check_lane(lane, epoch):
+                # A suspect is sent only to a server that is ready: one sent into a restart
+                # (a proxy drops it unanswered) would be blamed for a crash it did not cause.
+                self.dispatch.give(lane, alone=True)
+                attempts -= 1  # nothing was sent
+                unready += 1
+                if unready > limit:
+                    return lines(error=("unreachable", f"{lane.name} was never ready to run it"))
+                continue
+            self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
             model = wanted or lane.model
             request = requests.get(model) or requests.setdefault(model, self._request(items, model))
             try:
@@ -345,6 +364,16 @@ class BatchRunner:
                 # the one to blame (a server that is down fails them all the same way).
                 return await self._split(items, attempts)
             if isinstance(fault, ServerDisconnectedError):
+                down = await self._check_lane(lane, epoch)
+                if alone and not down:
+                    # Dropped while the server stayed up (a proxy or the network cut it): no
+                    # crash to blame on the request; retried like any transient fault.
+                    failures += 1
+                    if failures >= options.max_attempts or attempts >= limit:
+                        return lines(error=("unreachable", str(fault)))
+                    self.stats.retries += 1
+                    await asyncio.sleep(_backoff(failures))
+                    continue
                 crashes += 1
                 self.stats.crashes_seen += 1
                 logger.warning(
@@ -353,7 +382,8 @@ class BatchRunner:
                     server=lane.name,
                     crashes=crashes,
                 )
-                # Only a crash with nothing else in flight is this request's own doing.
+                # Only a crash with nothing else in flight is this request's own doing: sent
+                # alone to a ready server (checked above), and the server went down.
                 if alone and crashes >= options.max_crashes:
                     return lines(
                         error=(
@@ -365,7 +395,6 @@ class BatchRunner:
                     )
                 if attempts >= limit:
                     return lines(error=("unreachable", str(fault)))
-                await self._check_lane(lane, epoch)
             elif isinstance(fault, ServerTimeoutError):
                 if await self._check_lane(lane, epoch):
                     if attempts >= limit:
@@ -518,10 +547,16 @@ class BatchRunner:
         return False
 
     async def _watch(self, lane: Lane) -> None:
-        """Poll a lane that went away until it is ready again, then let it take work."""
+        """Poll a lane that went away (or was not ready at the start) until it is ready, then
+        let it take work."""
         while True:
             try:
                 await lane.gate.wait_until_ready(timeout=self.options.ready_timeout)
+                if lane.pending and not await self._shape_pending(lane):
+                    if lane.retired:
+                        return
+                    await asyncio.sleep(1.0)
+                    continue
             except UnauthorizedError:
                 # Out for good; the dispatcher fails whatever only this lane could run.
                 logger.error("llama-server now refuses the API key", server=lane.name)
@@ -529,9 +564,36 @@ class BatchRunner:
                 return
             except LlamaCppError:
                 continue
-            logger.info("llama-server is back; it takes work again", server=lane.name)
+            if lane.pending:
+                logger.info(
+                    "llama-server is ready; it joins the run",
+                    server=lane.name,
+                    capacity=lane.capacity,
+                )
+            else:
+                logger.info("llama-server is back; it takes work again", server=lane.name)
             self.dispatch.lane_up(lane)
             return
+
+    async def _shape_pending(self, lane: Lane) -> bool:
+        """Read a late server's health report and shape its lane from it: True when it can
+        join. A server that cannot take work this run (router mode with no model) is retired."""
+        status = await check_server_health(lane.gate, model_name=lane.settings.model_name)
+        if status.state == ServerState.UNAUTHORIZED:
+            raise UnauthorizedError(status.error or "llama-server refused the API key")
+        problem = join_problem(status, lane.settings.model_name)
+        if problem is not None:
+            if status.is_ready:  # ready, yet unusable as configured: waiting will not help
+                logger.error("llama-server cannot join the run", server=lane.name, why=problem)
+                self.dispatch.lane_down(lane, retire=True)
+            return False
+        lane.shape(status)
+        if self.checks_embeddings:
+            try:
+                lane.embeddings = await packed_embeddings_problem(lane.gate, lane.model) is None
+            except NotSupportedError:
+                lane.embeddings = False
+        return True
 
     def _retire(self, lane: Lane, fault: LlamaCppError) -> None:
         """A lane that refuses the key is out for good; with none left, the batch stops."""

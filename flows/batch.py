@@ -28,7 +28,8 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
 from flows.batch_progress import BatchProgress
-from flows.fleet import FleetMember, gate_fleet, resolve_servers, server_names
+from flows.fleet import gate_fleet, resolve_servers, server_names
+from flows.local_api import run_cli
 from flows.report import markdown_table
 from src.core.batch.dispatch import Lane
 from src.core.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
@@ -41,7 +42,7 @@ from src.core.batch.runner import (
     BatchRunner,
 )
 from src.core.models.embedding_probe import packed_embeddings_problem
-from src.core.models.llamacpp_provider import DEFAULT_MODEL_NAME, checked_chat_template_kwargs
+from src.core.models.llamacpp_provider import checked_chat_template_kwargs
 from src.core.models.llamacpp_request import schema_problem
 from src.core.utils.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
 
@@ -65,6 +66,7 @@ class ServerShare(BaseModel):
     completion_tokens_per_s: float = 0.0
     taken_out: int = 0
     rejoined: int = 0
+    joined_late: bool = False  # not ready when the run started; joined when it was
 
 
 class BatchSummary(BaseModel):
@@ -222,19 +224,28 @@ async def llamacpp_batch_flow(
             vector_encoding="float" if output_format == "openai" else None,
             keep_responses=output_format == "openai",
         )
+        # Servers not ready now join the run when they are (pending lanes, watched).
         lanes = [
-            _lane(member, concurrency, queue_depth, request_timeout)
+            Lane.for_server(
+                member.label,
+                member.block.settings(),
+                member.status if member.skipped is None else None,
+                concurrency=concurrency,
+                queue_depth=queue_depth,
+                request_timeout=request_timeout,
+            )
             for member in members
-            if member.skipped is None
+            if member.skipped is None or member.may_join
         ]
+        ready = [lane for lane in lanes if not lane.pending]
         if embeddings or embedding_lines:
             # An embeddings run (or a file of embedding lines only) stops here when no server
             # serves them; in a mixed file the chat lines still run.
-            await _gate_embeddings(lanes, logger, must=embeddings or embedding_lines >= total_lines)
+            await _gate_embeddings(ready, logger, must=embeddings or embedding_lines >= total_lines)
         # A fleet's answers come from whichever server is free, and its members come and go
         # between runs: lines pin a model by naming it, so the run's settings name none.
-        model = lanes[0].model if not isinstance(server, list) else "(fleet)"
-        options = replace(options, concurrency=sum(lane.capacity for lane in lanes))
+        model = ready[0].model if not isinstance(server, list) else "(fleet)"
+        options = replace(options, concurrency=sum(lane.capacity for lane in ready))
         summary = BatchSummary(
             input_path=str(source),
             output_path=str(target),
@@ -253,7 +264,7 @@ async def llamacpp_batch_flow(
             "Batch %s -> %s on %s (%s; %d in flight)",
             source,
             target,
-            ", ".join(f"{lane.name}: {lane.capacity}" for lane in lanes),
+            ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
             summary.model,
             options.concurrency,
         )
@@ -274,6 +285,7 @@ async def llamacpp_batch_flow(
             already_done=ledger.succeeded.__contains__,
         )
         runner.names_servers = isinstance(server, list)
+        runner.checks_embeddings = bool(embeddings or embedding_lines)
         progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
         closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
         ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
@@ -324,23 +336,6 @@ async def llamacpp_batch_flow(
     if summary.outcome == "aborted":
         raise BatchAbortedError(summary.abort_reason or "batch aborted")
     return summary
-
-
-def _lane(
-    member: FleetMember, concurrency: int | None, queue_depth: int, request_timeout: float
-) -> Lane:
-    status = member.status
-    slots = status.metadata.get("total_slots") or 4
-    model = member.block.model_name or status.model_id or DEFAULT_MODEL_NAME
-    served = {*(status.metadata.get("models") or []), *(status.metadata.get("model_aliases") or [])}
-    return Lane(
-        member.label,
-        member.block.settings(),
-        model,
-        min(concurrency, slots + queue_depth) if concurrency else slots + queue_depth,
-        served_models=frozenset(served),
-        request_timeout=request_timeout,
-    )
 
 
 async def _gate_embeddings(lanes: list[Lane], logger, *, must: bool) -> None:
@@ -542,6 +537,7 @@ def _fill_summary(summary: BatchSummary, runner: BatchRunner, wall_time: float) 
             else 0,
             taken_out=lane.stats.taken_out,
             rejoined=lane.stats.rejoined,
+            joined_late=lane.stats.joined_late,
         )
         for lane in runner.lanes
     ]
@@ -580,7 +576,8 @@ def render_summary(summary: BatchSummary) -> str:
                 f"Server {share.server}",
                 f"{share.succeeded} done, {share.failed} failed, "
                 f"{share.completion_tokens_per_s} tok/s, {share.capacity} in flight, "
-                f"out {share.taken_out}x, rejoined {share.rejoined}x",
+                f"out {share.taken_out}x, rejoined {share.rejoined}x"
+                + (", joined late" if share.joined_late else ""),
             )
             for share in summary.servers
         ]
@@ -676,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary.model_dump(), indent=2))
         return 0
 
-    return asyncio.run(run())
+    return run_cli(lambda: asyncio.run(run()))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 `server` on the flows is a block name, a list of names, or None (the `llamacpp` block, else the
 `LLAMACPP_*` settings). Every named block must exist: a typo fails the run before anything is
-sent. The gate checks every server at once; servers not ready are skipped and reported, unless
-none is ready, in which case it waits (up to `ready_timeout`) for the first that is.
+sent. The gate checks every server at once; servers not ready are reported and join the run when they
+are ready (`FleetMember.may_join`), unless none is ready, in which case it waits (up to
+`ready_timeout`) for the first that is. A server that refuses the key, or a router with no
+model to ask for, takes no work in the run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 from prefect import get_run_logger
 
 from blocks.llamacpp import LlamaCppServer
-from src.core.models.base_provider import ProviderHealthStatus
+from src.core.batch.dispatch import join_problem
+from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.utils.exceptions import BatchAbortedError, LlamaCppError
 from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
 
@@ -26,7 +29,15 @@ class FleetMember:
     label: str
     block: LlamaCppServer
     status: ProviderHealthStatus | None = None
-    skipped: str | None = None  # why it takes no work in this run
+    skipped: str | None = None  # why it takes no work at the start of this run
+
+    @property
+    def may_join(self) -> bool:
+        """Skipped now, but may join the run when ready: not for a wrong key, nor for a ready
+        server that cannot be used as configured (a router with no model)."""
+        if self.skipped is None or self.status is None:
+            return self.skipped is not None
+        return self.status.state != ServerState.UNAUTHORIZED and not self.status.is_ready
 
 
 def server_names(server: ServerNames) -> list[str | None]:
@@ -84,7 +95,13 @@ async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[F
         reasons = "; ".join(f"{member.label}: {member.skipped}" for member in members)
         raise BatchAbortedError(f"no llama-server is ready ({reasons}). No prompt was sent.")
     for member in members:
-        if member.skipped:
+        if member.may_join:
+            logger.warning(
+                "llama-server %s is not ready (%s); it joins the run when it is",
+                member.label,
+                member.skipped,
+            )
+        elif member.skipped:
             logger.warning("Skipping llama-server %s: %s", member.label, member.skipped)
     return members
 
@@ -100,10 +117,4 @@ async def _check_all(members: list[FleetMember]) -> None:
             member.status, member.skipped = None, str(status)
             continue
         member.status = status
-        model = member.block.model_name or status.model_id
-        if not status.is_ready:
-            member.skipped = f"{status.state}: {status.error}"
-        elif status.metadata.get("role") == "router" and not model:
-            member.skipped = "router mode with no model loaded: set model_name on the block"
-        else:
-            member.skipped = None
+        member.skipped = join_problem(status, member.block.model_name)

@@ -144,6 +144,31 @@ async def test_a_killed_server_that_comes_back_rejoins_and_takes_work(
     assert shares[names[2]].taken_out == 1 and shares[names[2]].rejoined == 1
 
 
+async def test_a_server_down_at_the_start_joins_the_run_when_it_comes_up(
+    fleet, registered_block_type, tmp_path
+):
+    names = await save_fleet("fleet-late", fleet)
+    count = 3000  # the two servers left take well over 5 s for it
+    fleet[2].kill()  # the largest is down when the run starts...
+    source = write_input(tmp_path / "in.jsonl", count)
+    target = tmp_path / "out.jsonl"
+    run = asyncio.create_task(
+        llamacpp_batch_flow(str(source), str(target), server=names, max_tokens=48, extra_body=LONG)
+    )
+    await wait_for_lines(target, 20, run)
+    await asyncio.sleep(5)
+    assert not run.done(), "the batch ended before the late server was started"
+    await asyncio.to_thread(fleet[2].start)  # ...and comes up 5 s into it
+    summary = await run
+    records = read_output(target)
+    assert successes(records) == Counter({f"q{i}": 1 for i in range(count)})
+    shares = {share.server: share for share in summary.servers}
+    assert shares[names[2]].succeeded > 0, shares
+    assert shares[names[2]].joined_late and shares[names[2]].taken_out == 0
+    assert "unreachable" in summary.skipped_servers[names[2]]
+    assert Counter(r["server"] for r in records)[names[2]] == shares[names[2]].succeeded
+
+
 async def test_all_servers_lost_fails_after_the_deadline_and_a_rerun_finishes(
     fleet, registered_block_type, tmp_path
 ):

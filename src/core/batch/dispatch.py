@@ -9,7 +9,9 @@ larger server simply does more.
 A crash suspect (`alone=True`) runs on a lane with nothing else in flight: while it waits, no
 new request starts on the lanes it could use, so they drain to it; other lanes go on working.
 A lane that goes down stops taking work until the runner's watcher sees it ready again; one
-retired (wrong key) never comes back. A waiter whose lanes have all been down for
+retired (wrong key) never comes back. A lane that was not ready when the run started is
+`pending`: down from the start, watched the same way, and shaped from its health report
+(`Lane.shape`) when it joins. A waiter whose lanes have all been down for
 `ready_timeout` gets `NoServerError` (no polling: one timer per outage).
 """
 
@@ -20,9 +22,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from src.core.utils.config import LlamaCppSettings
+from src.core.models.base_provider import ProviderHealthStatus
+from src.core.utils.config import DEFAULT_MODEL_NAME, LlamaCppSettings
 from src.core.utils.exceptions import LlamaCppError
 from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+
+# What a server that does not report total_slots is given (llama-server's default -np).
+DEFAULT_TOTAL_SLOTS = 4
 
 
 class NoServerError(LlamaCppError):
@@ -41,6 +47,7 @@ class LaneStats:
     completion_tokens: int = 0
     taken_out: int = 0
     rejoined: int = 0
+    joined_late: bool = False  # not ready at the start, joined when it was
 
 
 @dataclass(eq=False)
@@ -63,18 +70,70 @@ class Lane:
     epoch: int = 0
     in_flight: int = 0
     solo: bool = False  # a crash suspect has it to itself
+    pending: bool = False  # not ready at the start: joins when ready, shaped then
+    limits: tuple[int | None, int] = (None, 1)  # (concurrency, queue depth) for `shape`
+    _unused_clients: list[LlamaCppClient] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         root = self.settings.server_url.root
         key = self.settings.api_key
-        self.client = LlamaCppClient(
-            root,
+        self.client = self._request_client()
+        self.gate = LlamaCppClient(root, timeout=self.settings.timeout, api_key=key)
+        if self.pending:
+            self.up = False
+            self.down_since = time.monotonic()
+
+    @classmethod
+    def for_server(
+        cls,
+        name: str,
+        settings: LlamaCppSettings,
+        status: ProviderHealthStatus | None,
+        *,
+        concurrency: int | None,
+        queue_depth: int,
+        request_timeout: float,
+    ) -> Lane:
+        """A lane for a server; with no `status` (not ready yet) a pending one, shaped when it
+        joins."""
+        lane = cls(
+            name,
+            settings,
+            settings.model_name or DEFAULT_MODEL_NAME,
+            1,
+            request_timeout=request_timeout,
+            pending=status is None,
+        )
+        lane.limits = (concurrency, queue_depth)
+        if status is not None:
+            lane.shape(status)
+        return lane
+
+    def shape(self, status: ProviderHealthStatus) -> None:
+        """Model, names served and capacity from the server's health report: at most
+        `concurrency` (if set) or `total_slots + queue_depth` requests in flight."""
+        concurrency, queue_depth = self.limits
+        slots = status.metadata.get("total_slots") or DEFAULT_TOTAL_SLOTS
+        capacity = min(concurrency, slots + queue_depth) if concurrency else slots + queue_depth
+        self.model = self.settings.model_name or status.model_id or DEFAULT_MODEL_NAME
+        metadata = status.metadata
+        self.served_models = frozenset(
+            {*(metadata.get("models") or []), *(metadata.get("model_aliases") or [])}
+        )
+        if capacity != self.capacity:
+            unused = self.client  # no request has gone through it: its pool is empty
+            self.capacity = capacity
+            self.client = self._request_client()
+            self._unused_clients.append(unused)
+
+    def _request_client(self) -> LlamaCppClient:
+        return LlamaCppClient(
+            self.settings.server_url.root,
             timeout=self.request_timeout,
-            api_key=key,
+            api_key=self.settings.api_key,
             max_connections=self.capacity,
             connect_timeout=10,
         )
-        self.gate = LlamaCppClient(root, timeout=self.settings.timeout, api_key=key)
 
     def serves(self, model: str | Route | None) -> bool:
         route = _route(model)
@@ -87,8 +146,17 @@ class Lane:
         return self.up and not self.solo and self.in_flight < self.capacity
 
     async def aclose(self) -> None:
-        await self.client.aclose()
-        await self.gate.aclose()
+        for client in (*self._unused_clients, self.client, self.gate):
+            await client.aclose()
+
+
+def join_problem(status: ProviderHealthStatus, model_name: str | None) -> str | None:
+    """Why a server with this health report cannot take work now, or None when it can."""
+    if not status.is_ready:
+        return f"{status.state}: {status.error}"
+    if status.metadata.get("role") == "router" and not (model_name or status.model_id):
+        return "router mode with no model loaded: set model_name on the block"
+    return None
 
 
 @dataclass(frozen=True)
@@ -188,7 +256,11 @@ class Dispatcher:
             return
         lane.up = True
         lane.epoch += 1
-        lane.stats.rejoined += 1
+        if lane.pending:
+            lane.pending = False
+            lane.stats.joined_late = True
+        else:
+            lane.stats.rejoined += 1
         self._hand_out()
         self._arm_timer()
 

@@ -16,6 +16,8 @@ from src.core.utils.exceptions import ModelError
 from src.core.utils.server_url import ServerURL, parse_server_url
 
 DEFAULT_BASE_URL = "http://localhost:8080/v1"
+# The model a request names when none is set: single-model llama-server answers any name.
+DEFAULT_MODEL_NAME = "llamacpp"
 # What a form may accept as a base URL: http(s)://host[:port][/path], no inner space, credentials,
 # query or fragment. `parse_server_url` decides; this is never stricter (a test holds it to that),
 # so the UI can refuse obvious mistakes before saving. ECMA-262 syntax: no inline flags.

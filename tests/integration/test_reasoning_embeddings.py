@@ -9,9 +9,11 @@ from pydantic_ai import Agent, Embedder
 from pydantic_ai.exceptions import ModelHTTPError
 
 from src.core.models import (
+    LlamaCppModel,
     LlamaCppModelSettings,
     create_llamacpp_embedding_model,
     create_llamacpp_model,
+    llamacpp_model_settings,
 )
 from src.core.models.llamacpp_request import (
     build_chat_request,
@@ -49,17 +51,25 @@ async def test_chat_template_kwargs_reach_the_chat_template(template_server):
     assert on.startswith("[enable_thinking=True]\n<|im_start|>user\nhi")
 
 
-async def test_an_agent_run_sends_chat_template_kwargs_to_the_template(template_server):
+@pytest.mark.parametrize("model_class", ["OpenAIChatModel", "LlamaCppModel"])
+async def test_an_agent_run_sends_chat_template_kwargs_to_the_template(
+    template_server, model_class
+):
     # The template adds a line for `greeting`, so the prompt grows by exactly its tokens.
-    agent = Agent(create_llamacpp_model(settings=settings_for(template_server)))
-    limit = LlamaCppModelSettings(max_tokens=4)
-    plain = await agent.run("hi", model_settings=limit)
-    greeted = await agent.run(
-        "hi",
-        model_settings=LlamaCppModelSettings(
+    model = create_llamacpp_model(settings=settings_for(template_server))
+    if model_class == "LlamaCppModel":
+        model = LlamaCppModel(model.model_name, provider=model._provider)
+        greeting = LlamaCppModelSettings(
             max_tokens=4, llamacpp_chat_template_kwargs={"greeting": "HELLO " * 20}
-        ),
-    )
+        )
+    else:
+        greeting = llamacpp_model_settings(
+            max_tokens=4, chat_template_kwargs={"greeting": "HELLO " * 20}
+        )
+    assert type(model).__name__ == model_class
+    agent = Agent(model)
+    plain = await agent.run("hi", model_settings={"max_tokens": 4})
+    greeted = await agent.run("hi", model_settings=greeting)
     assert isinstance(greeted.output, str)
     assert greeted.usage.input_tokens > plain.usage.input_tokens + 20
 

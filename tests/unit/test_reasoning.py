@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 
 import httpx2
+import pytest
 from pydantic import BaseModel
 from pydantic_ai import Agent, NativeOutput
 from pydantic_ai.messages import ModelResponse, TextPart, ThinkingPart
+from pydantic_ai.models.openai import OpenAIChatModel
 
-from src.core.models import LlamaCppModelSettings, create_llamacpp_model
+from src.core.models import (
+    LlamaCppModel,
+    LlamaCppModelSettings,
+    create_llamacpp_model,
+    llamacpp_model_settings,
+)
 from src.core.utils.config import LlamaCppSettings
+from src.core.utils.exceptions import ModelError
 
 
 class Review(BaseModel):
@@ -61,8 +69,9 @@ def stream(reasoning: list[str], content: list[str]) -> bytes:
     return "".join(lines).encode()
 
 
-def agent_over(answers: list, sent: list[dict], output_type=str) -> Agent:
-    """An agent on `create_llamacpp_model` whose server plays `answers` back in turn."""
+def agent_over(answers: list, sent: list[dict], output_type=str, model_class=None) -> Agent:
+    """An agent on `create_llamacpp_model` (or a `model_class` on the same provider) whose server
+    plays `answers` back in turn."""
 
     def answer(request):
         sent.append(json.loads(request.content))
@@ -75,6 +84,8 @@ def agent_over(answers: list, sent: list[dict], output_type=str) -> Agent:
     model = create_llamacpp_model(
         "qwen3-8b", LlamaCppSettings(base_url="http://llama:8080/v1"), http_client=http
     )
+    if model_class is not None:
+        model = model_class("qwen3-8b", provider=model._provider)
     return Agent(model, output_type=output_type)
 
 
@@ -126,12 +137,34 @@ async def test_thinking_goes_back_to_llama_server_in_reasoning_content():
     assert assistant == [{"role": "assistant", "content": "Paris.", "reasoning_content": "France."}]
 
 
-async def test_chat_template_kwargs_from_agent_and_run_settings_reach_the_body():
+async def test_chat_template_kwargs_reach_the_body_through_pydantic_ais_own_model():
     sent: list[dict] = []
     agent = agent_over([completion("a", ""), completion("b", "")], sent)
-    settings = LlamaCppModelSettings(llamacpp_chat_template_kwargs={"enable_thinking": False})
+    assert type(agent.model) is OpenAIChatModel
+    settings = llamacpp_model_settings(
+        chat_template_kwargs={"enable_thinking": False}, max_tokens=9, extra_body={"top_k": 5}
+    )
     await agent.run("q", model_settings=settings)
     await agent.run("q", model_settings={"extra_body": {"top_k": 5}})
     assert sent[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent[0]["top_k"] == 5 and 9 in (
+        sent[0].get("max_tokens"),
+        sent[0].get("max_completion_tokens"),
+    )
     assert "chat_template_kwargs" not in sent[1] and sent[1]["top_k"] == 5
+
+
+def test_chat_template_kwargs_that_are_not_an_object_are_refused():
+    with pytest.raises(ModelError, match="JSON object"):
+        llamacpp_model_settings(chat_template_kwargs=["enable_thinking"])
+
+
+async def test_llamacpp_model_keeps_chat_template_kwargs_through_a_runs_extra_body():
+    sent: list[dict] = []
+    agent = agent_over([completion("a", ""), completion("b", "")], sent, model_class=LlamaCppModel)
+    settings = LlamaCppModelSettings(llamacpp_chat_template_kwargs={"enable_thinking": False})
+    await agent.run("q", model_settings=settings)
+    await agent.run("q", model_settings={**settings, "extra_body": {"top_k": 5}})
+    assert sent[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent[1]["chat_template_kwargs"] == {"enable_thinking": False} and sent[1]["top_k"] == 5
     assert "llamacpp_chat_template_kwargs" not in sent[0]

@@ -10,6 +10,7 @@ from src.core.models.llamacpp_provider import (
     create_llamacpp_model_async,
     detect_llamacpp_model,
     llamacpp_health_check,
+    llamacpp_model_settings,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "create_llamacpp_model_async",
     "detect_llamacpp_model",
     "llamacpp_health_check",
+    "llamacpp_model_settings",
 ]

@@ -2,9 +2,9 @@
 
 status = await llamacpp_health_check()          # never raises for a server fault
 model = await create_llamacpp_model_async()     # raises ModelError unless the server is ready
-agent = Agent(model)
-agent.run_sync("Hi", model_settings=LlamaCppModelSettings(
-    llamacpp_chat_template_kwargs={"enable_thinking": False}))
+agent = Agent(model)                            # model is pydantic-ai's own OpenAIChatModel
+agent.run_sync("Hi", model_settings=llamacpp_model_settings(
+    chat_template_kwargs={"enable_thinking": False}))
 embedder = Embedder(create_llamacpp_embedding_model())  # server started with --embeddings
 """
 
@@ -31,7 +31,12 @@ from pydantic_ai.settings import ModelSettings
 
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.canary import CanaryOptions, empty_latency, run_canary
-from src.core.utils.config import DEFAULT_BASE_URL, LlamaCppSettings, get_settings
+from src.core.utils.config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MODEL_NAME,
+    LlamaCppSettings,
+    get_settings,
+)
 from src.core.utils.exceptions import (
     LlamaCppError,
     ModelError,
@@ -50,8 +55,6 @@ if TYPE_CHECKING:
 
 # pydantic-ai's OpenAI client insists on a key; llama-server without --api-key ignores it.
 PLACEHOLDER_API_KEY = "llamacpp-no-key"
-# Single-model llama-server answers whatever `model` a request names.
-DEFAULT_MODEL_NAME = "llamacpp"
 
 _FAMILY_PROFILES = {
     "llama": meta_model_profile,
@@ -96,13 +99,36 @@ def llamacpp_model_profile(model_name: str) -> ModelProfile:
 
 
 class LlamaCppModelSettings(OpenAIChatModelSettings, total=False):
-    """Model settings for llama-server; every field is `llamacpp_`-prefixed, so they merge with
-    pydantic-ai's own settings."""
+    """Model settings for `LlamaCppModel`; every field is `llamacpp_`-prefixed, so they merge
+    with pydantic-ai's own settings. The `OpenAIChatModel` that `create_llamacpp_model` returns
+    does not read them: give it `llamacpp_model_settings(...)`."""
 
     llamacpp_chat_template_kwargs: dict[str, Any]
     """Variables for the model's chat template, sent as llama-server's `chat_template_kwargs`:
     `{"enable_thinking": False}` turns a Qwen3 model's thinking off. Replaces any
     `chat_template_kwargs` in `extra_body`."""
+
+
+def llamacpp_model_settings(
+    *, chat_template_kwargs: dict[str, Any] | None = None, **settings: Any
+) -> OpenAIChatModelSettings:
+    """pydantic-ai model settings (any `OpenAIChatModelSettings` field in `settings`) that also
+    send llama-server's `chat_template_kwargs`, inside `extra_body`, where pydantic-ai's own
+    `OpenAIChatModel` sends them. Raises `ModelError` for kwargs that are not a JSON object.
+
+    pydantic-ai merges settings one level deep: a run's own `extra_body` replaces this one
+    whole. To keep the kwargs through such merges, use `LlamaCppModel` with
+    `LlamaCppModelSettings`."""
+    result = cast(dict[str, Any], dict(settings))
+    if chat_template_kwargs is not None:
+        result["extra_body"] = _with_template_kwargs(result.get("extra_body"), chat_template_kwargs)
+    return cast(OpenAIChatModelSettings, result)
+
+
+def _with_template_kwargs(extra_body: Any, chat_template_kwargs: Any) -> dict[str, Any]:
+    """`extra_body` with llama-server's `chat_template_kwargs` set (checked)."""
+    kwargs = checked_chat_template_kwargs(chat_template_kwargs)
+    return {**(extra_body or {}), "chat_template_kwargs": kwargs}
 
 
 def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
@@ -117,7 +143,9 @@ def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
 
 
 class LlamaCppModel(OpenAIChatModel):
-    """`OpenAIChatModel` that also sends `LlamaCppModelSettings` fields to llama-server."""
+    """`OpenAIChatModel` that also sends `LlamaCppModelSettings` fields to llama-server, so
+    `llamacpp_chat_template_kwargs` survives a run's own `extra_body`. Build it yourself:
+    `LlamaCppModel(name, provider=LlamaCppProvider(...))`."""
 
     def prepare_request(
         self,
@@ -129,11 +157,8 @@ class LlamaCppModel(OpenAIChatModel):
             return merged, parameters
         # A copy: the merged settings may be the model's own dict, reused by the next request.
         settings = cast(dict[str, Any], dict(merged))
-        kwargs = checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs"))
-        settings["extra_body"] = {
-            **(settings.get("extra_body") or {}),
-            "chat_template_kwargs": kwargs,
-        }
+        kwargs = settings.pop("llamacpp_chat_template_kwargs")
+        settings["extra_body"] = _with_template_kwargs(settings.get("extra_body"), kwargs)
         return cast(ModelSettings, settings), parameters
 
 
@@ -189,16 +214,18 @@ def create_llamacpp_model(
     settings: LlamaCppSettings | None = None,
     *,
     http_client: Any | None = None,
-) -> LlamaCppModel:
-    """A chat model (an `OpenAIChatModel`) for the server in `settings` (default: env).
+) -> OpenAIChatModel:
+    """pydantic-ai's own `OpenAIChatModel` for the server in `settings` (default: env), with
+    `LlamaCppProvider` and its profile.
 
-    Needs no server to build. It takes `LlamaCppModelSettings` as model settings, and a reasoning
-    model's `reasoning_content` comes back as `ThinkingPart`s. Raises `ModelError` when the base
-    URL is invalid.
+    Needs no server to build. A reasoning model's `reasoning_content` comes back as
+    `ThinkingPart`s; chat template variables go in model settings built with
+    `llamacpp_model_settings(chat_template_kwargs=...)`. Raises `ModelError` when the base URL
+    is invalid.
     """
     settings = settings or get_settings().llamacpp
     name = model_name or settings.model_name or DEFAULT_MODEL_NAME
-    return LlamaCppModel(name, provider=_provider_for(settings, http_client))
+    return OpenAIChatModel(name, provider=_provider_for(settings, http_client))
 
 
 def create_llamacpp_embedding_model(
@@ -241,7 +268,7 @@ async def create_llamacpp_model_async(
     test_connection: bool = True,
     *,
     http_client: Any | None = None,
-) -> LlamaCppModel:
+) -> OpenAIChatModel:
     """Like `create_llamacpp_model`, but checks the server first and names the model it serves.
 
     Raises `ModelError` saying the server's state (loading, unauthorized, unreachable, ...) when

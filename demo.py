@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefect_llamacpp")
 from blocks.llamacpp import LlamaCppServer
 from flows.batch import llamacpp_batch_flow
 from flows.health import llamacpp_health_flow
+from flows.local_api import run_cli
 from harness.binary import ensure_llama_server
 from harness.models import ensure_model
 from harness.server import LlamaServer
@@ -78,7 +79,9 @@ def main() -> int:
         model, ["-np", "4", "-c", "4096", "--alias", "demo-tiny", "--metrics"]
     ) as server:
         print(f"listening on {server.url} (pid {server.process.pid})")
-        asyncio.run(run(server))
+        code = run_cli(lambda: asyncio.run(run(server)) or 0)
+    if code:
+        return code
     say("Server stopped. Demo done.")
     return 0
 

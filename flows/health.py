@@ -23,6 +23,7 @@ from prefect.events import emit_event
 
 from blocks.llamacpp import LlamaCppServer
 from flows.fleet import server_names
+from flows.local_api import run_cli
 from flows.report import markdown_table
 from src.core.models.base_provider import ProviderHealthStatus, ServerState
 from src.core.models.canary import CanaryOptions, empty_latency
@@ -272,12 +273,17 @@ def artifact_key(label: str) -> str:
     return f"llamacpp-health-{slug}"
 
 
+def main(argv: list[str] | None = None) -> int:
+    """python -m flows.health [BLOCK ...]: one name checks one server, several a fleet."""
+    names = sys.argv[1:] if argv is None else argv
+
+    def check() -> int:
+        server = names if len(names) > 1 else (names[0] if names else None)
+        final = asyncio.run(llamacpp_health_flow(server, return_state=True))
+        return 0 if final.is_completed() else 1
+
+    return run_cli(check)
+
+
 if __name__ == "__main__":
-    # python -m flows.health [BLOCK ...]: one name checks one server, several a fleet.
-    names = sys.argv[1:]
-    final = asyncio.run(
-        llamacpp_health_flow(
-            names if len(names) > 1 else (names[0] if names else None), return_state=True
-        )
-    )
-    sys.exit(0 if final.is_completed() else 1)
+    sys.exit(main())

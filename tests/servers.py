@@ -82,6 +82,37 @@ def template_server(llama_server_bin, tiny_model, tmp_path_factory):
         yield running
 
 
+# A reasoning model's template, as Qwen3's does it: the generation prompt opens `<think>` unless
+# enable_thinking is false, and earlier thoughts are rendered from `reasoning_content`. From that
+# llama-server's template analysis reads the reasoning markers, so with `--reasoning on` it
+# streams what the model writes as `reasoning_content`, not `content`.
+THINKING_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') -%}"
+    "{{- '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' -}}"
+    "{%- endif -%}"
+    "{{- message['content'] + '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\n\n</think>\n\n' -}}{%- else -%}{{- '<think>\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def thinking_server(llama_server_bin, tiny_model, tmp_path_factory):
+    """One slot, alias `tiny-think`, a reasoning template (`THINKING_TEMPLATE`), thinking on:
+    every token the model writes is a thought."""
+    template = tmp_path_factory.mktemp("templates") / "think.jinja"
+    template.write_text(THINKING_TEMPLATE)
+    args = ["-np", "1", "--alias", "tiny-think", "--jinja", "--chat-template-file", str(template)]
+    args += ["--reasoning", "on", "--metrics"]
+    with _server(llama_server_bin, tiny_model, args, tmp_path_factory) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def embedding_server(llama_server_bin, tiny_model, tmp_path_factory):
     """`--embeddings --pooling mean`, 2 slots sharing one KV cache, alias `tiny-embed`.

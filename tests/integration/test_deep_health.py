@@ -28,6 +28,28 @@ pytestmark = pytest.mark.integration
 QUICK = CanaryOptions(first_byte_timeout=1.0, total_timeout=3.0, progress_interval=1.0)
 
 
+async def test_a_model_that_thinks_first_answers_the_canary(thinking_server):
+    # The one token of the canary is a thought: streamed as reasoning_content, no content (or,
+    # when the thought is blank, no delta at all before the closing event).
+    async with httpx.AsyncClient(timeout=30) as http:
+        stream = await http.post(
+            f"{thinking_server.openai_base}/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Say OK."}],
+                "max_tokens": 1,
+                "stream": True,
+                "temperature": 0,  # a token that is a thought (a blank one would be dropped)
+            },
+        )
+    deltas = [line for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert any('"reasoning_content"' in line for line in deltas), stream.text
+    assert not any('"content":"' in line for line in deltas), stream.text
+    status = await llamacpp_health_check(settings_for(thinking_server), canary=True)
+    assert status.state == ServerState.READY, status.error
+    assert status.metadata["canary"] == "answered"
+    assert status.metadata["latency"]["ttfb_s"] is not None
+
+
 async def test_ready_server_answers_the_canary_with_latency(server):
     async with httpx.AsyncClient(timeout=60) as http:  # some real work for the tokens/s figures
         answer = await http.post(

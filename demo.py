@@ -17,13 +17,13 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "prefect_llamacpp")
 
-from blocks.llamacpp import LlamaCppServer
-from flows.batch import llamacpp_batch_flow
-from flows.health import llamacpp_health_flow
-from flows.local_api import run_cli
 from harness.binary import ensure_llama_server
 from harness.models import ensure_model
 from harness.server import LlamaServer
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+from prefect_llamacpp.flows.health import llamacpp_health_flow
+from prefect_llamacpp.flows.local_api import run_cli
 
 REPO = Path(__file__).resolve().parent
 BLOCK_NAME = "llamacpp-demo"

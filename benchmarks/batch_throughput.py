@@ -37,7 +37,7 @@ from statistics import mean, median
 
 import httpx
 
-from src.core.batch.runner import DEFAULT_QUEUE_DEPTH
+from prefect_llamacpp.batch.runner import DEFAULT_QUEUE_DEPTH
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -85,7 +85,7 @@ async def raw_throughput(url: str, texts: list[str], max_tokens: int, concurrenc
 
 
 async def flow_throughput(block: str, source: Path, max_tokens: int, concurrency=None) -> float:
-    from flows.batch import llamacpp_batch_flow
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
     target = source.with_suffix(f".out-{time.monotonic_ns()}.jsonl")
     summary = await llamacpp_batch_flow(
@@ -104,8 +104,8 @@ async def naive_throughput(url: str, texts: list[str], max_tokens: int) -> float
     """One `Agent.run` after another: what a first attempt usually looks like."""
     from pydantic_ai import Agent
 
-    from src.core.models import create_llamacpp_model
-    from src.core.utils.config import LlamaCppSettings
+    from prefect_llamacpp import create_llamacpp_model
+    from prefect_llamacpp.config import LlamaCppSettings
 
     agent = Agent(create_llamacpp_model(settings=LlamaCppSettings(base_url=url)))
     tokens = 0
@@ -121,9 +121,9 @@ async def naive_throughput(url: str, texts: list[str], max_tokens: int) -> float
 async def measure_model(
     model: str, requests: int, max_tokens: int, rounds: int, extra: bool, work: Path
 ):
-    from blocks.llamacpp import LlamaCppServer
     from harness.models import ensure_model
     from harness.server import LlamaServer
+    from prefect_llamacpp.blocks import LlamaCppServer
 
     args = ["-np", str(SLOTS), "-c", str(SLOTS * 1024), "--alias", model]
     figures: dict[str, float] = {}
@@ -186,7 +186,7 @@ def short_child(kind: str, url: str, requests: int, work: Path) -> None:
 
     def flow(depth: int):
         async def run() -> None:
-            from flows.batch import llamacpp_batch_flow
+            from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
             summary = await llamacpp_batch_flow(
                 str(source),
@@ -269,10 +269,10 @@ def measure_short_answers(requests: int, rounds: int, work: Path) -> dict[str, f
 
 async def measure_fleet(requests: int, rounds: int, work: Path) -> dict[str, float]:
     """Fleet of one vs the same block named alone; then two servers with 1 and 3 slots."""
-    from blocks.llamacpp import LlamaCppServer
-    from flows.batch import llamacpp_batch_flow
     from harness.models import ensure_model
     from harness.server import LlamaServer
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
     texts = prompts(requests)
     source = write_jsonl(work / "fleet.jsonl", texts)
@@ -339,11 +339,11 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
     packs with `total_slots` requests in flight and decoding the vectors, side by side."""
     import base64
 
-    from blocks.llamacpp import LlamaCppServer
-    from flows.batch import llamacpp_batch_flow
     from harness.models import ensure_model
     from harness.server import LlamaServer
-    from src.core.batch.runner import DEFAULT_EMBEDDING_BATCH
+    from prefect_llamacpp.batch.runner import DEFAULT_EMBEDDING_BATCH
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
     documents = [f"Document {i}: notes on topic {i % 97} and item {i}." for i in range(texts)]
     source = work / "embed.jsonl"
@@ -430,7 +430,7 @@ def memory_child(lines: int, url: str, work: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.batch import llamacpp_batch_flow
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
     source = write_jsonl(work / f"mem-{lines}.jsonl", prompts(lines))
     os.environ["LLAMACPP_BASE_URL"] = url

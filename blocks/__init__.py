@@ -1,5 +1,6 @@
-"""Prefect blocks of prefect-llamacpp (re-exported so `prefect block register -m blocks` finds them)."""
+"""The blocks this Prefect project uses: `prefect_llamacpp`'s, re-exported so
+`prefect block register -m blocks` (or `-f blocks/llamacpp.py`) finds them."""
 
-from blocks.llamacpp import LlamaCppServer
+from prefect_llamacpp.blocks import LlamaCppServer
 
 __all__ = ["LlamaCppServer"]

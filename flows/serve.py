@@ -10,9 +10,9 @@ import sys
 
 from prefect import serve
 
-from blocks.llamacpp import DEFAULT_BLOCK_NAME
-from flows.batch import llamacpp_batch_flow
-from flows.health import llamacpp_health_flow
+from prefect_llamacpp.blocks import DEFAULT_BLOCK_NAME
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+from prefect_llamacpp.flows.health import llamacpp_health_flow
 
 if __name__ == "__main__":
     block = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_BLOCK_NAME

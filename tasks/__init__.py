@@ -1,0 +1,1 @@
+"""This Prefect project's tasks: `prefect_llamacpp.tasks`, re-exported (see `tasks/llamacpp.py`)."""

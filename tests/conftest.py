@@ -9,7 +9,7 @@ import pytest
 # Prefect's temporary test server otherwise races its own telemetry write ("database is locked").
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from src.core.utils.config import get_settings
+from prefect_llamacpp.config import get_settings
 
 SECRET_KEY = "sk-test-very-secret-8c1f3e"
 

@@ -17,8 +17,8 @@ import pytest
 from harness.binary import ensure_llama_server
 from harness.models import ensure_model
 from harness.server import LlamaServer
-from src.core.utils.config import LlamaCppSettings
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.conftest import SECRET_KEY
 
 

@@ -16,7 +16,7 @@ from prefect.logging.handlers import APILogHandler
 from prefect.testing.fixtures import asserting_events_worker, reset_worker_events  # noqa: F401
 from prefect.testing.utilities import prefect_test_harness
 
-from blocks.llamacpp import LlamaCppServer
+from prefect_llamacpp.blocks import LlamaCppServer
 
 
 @pytest.fixture(autouse=True, scope="session")

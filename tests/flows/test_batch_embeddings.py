@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.batch import _chunked, llamacpp_batch_flow
-from src.core.batch.jsonl_input import BatchItem
-from src.core.utils.exceptions import NotSupportedError
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.exceptions import NotSupportedError
+from prefect_llamacpp.flows.batch import _chunked, llamacpp_batch_flow
 from tests.flows.test_batch_flow import read_output, save_block, successes
 
 pytestmark = pytest.mark.integration
@@ -253,7 +253,7 @@ async def test_a_server_whose_packed_vectors_differ_is_refused_naming_kvu(
     llama_server_bin, tiny_model, tmp_path
 ):
     from harness.server import LlamaServer
-    from src.core.utils.exceptions import BatchAbortedError
+    from prefect_llamacpp.exceptions import BatchAbortedError
 
     # -np 2 without -kvu: texts of different lengths in one request get other vectors (b1-0c1e570)
     args = ["-np", "2", "--embeddings", "--pooling", "mean"]
@@ -284,6 +284,6 @@ def test_chunks_count_requests_chat_lines_one_each_embedding_lines_by_pack():
 
 
 def test_a_chunk_of_long_documents_ends_at_the_text_limit(monkeypatch):
-    monkeypatch.setattr("flows.batch.CHUNK_TEXT_CHARS", 1000)
+    monkeypatch.setattr("prefect_llamacpp.flows.batch.CHUNK_TEXT_CHARS", 1000)
     documents = [item(f"d{i}", ("x" * 300,)) for i in range(10)]
     assert [len(c) for c in _chunked(iter(documents), 500, 32)] == [4, 4, 2]

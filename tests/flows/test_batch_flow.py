@@ -10,11 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from blocks.llamacpp import LlamaCppServer
-from flows.batch import llamacpp_batch_flow
 from harness.models import ensure_model
 from harness.server import LlamaServer
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from flows.batch import llamacpp_batch_flow
 from harness.server import LlamaServer
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.conftest import SECRET_KEY
 from tests.crash_relay import CrashingRelay
 from tests.flows.conftest import flow_run_record
@@ -148,7 +148,7 @@ async def test_a_prompt_that_crashes_the_server_is_given_up_alone(
     restartable_server, registered_block_type, tmp_path
 ):
     async with CrashingRelay(restartable_server, poison=b"POISON-PILL") as relay:
-        from blocks.llamacpp import LlamaCppServer
+        from prefect_llamacpp.blocks import LlamaCppServer
 
         await LlamaCppServer(base_url=relay.url, timeout=5).save("batch-relay", overwrite=True)
         source = write_input(tmp_path / "in.jsonl", 40, prompt="Question {i}")
@@ -182,7 +182,7 @@ async def test_behind_a_proxy_a_restarting_server_blames_only_the_poison(
     async with CrashingRelay(
         restartable_server, poison=b"POISON-PILL", while_down="drop", restart_delay=1.5
     ) as relay:
-        from blocks.llamacpp import LlamaCppServer
+        from prefect_llamacpp.blocks import LlamaCppServer
 
         await LlamaCppServer(base_url=relay.url, timeout=5).save("batch-proxy", overwrite=True)
         source = write_input(tmp_path / "in.jsonl", 48, prompt="Question {i}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
-from flows.batch import llamacpp_batch_flow
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.flows.conftest import flow_run_record
 from tests.flows.test_batch_flow import save_block, write_input
 from tests.openai_batch import read_openai_lines
@@ -86,7 +86,7 @@ async def test_openai_output_lines_errors_file_and_resume(server, registered_blo
 
 
 def test_the_cli_asks_for_the_format_by_name(monkeypatch, capsys):
-    import flows.batch
+    from prefect_llamacpp.flows import batch as cli
 
     asked = {}
 
@@ -95,7 +95,7 @@ def test_the_cli_asks_for_the_format_by_name(monkeypatch, capsys):
             return False
 
         async def aresult(self):
-            return flows.batch.BatchSummary(
+            return cli.BatchSummary(
                 input_path="in",
                 output_path="out",
                 server="s",
@@ -109,10 +109,10 @@ def test_the_cli_asks_for_the_format_by_name(monkeypatch, capsys):
         asked.update(kwargs)
         return Done()
 
-    monkeypatch.setattr(flows.batch, "llamacpp_batch_flow", fake_flow)
-    assert flows.batch.main(["in.jsonl", "out.jsonl", "--output-format", "openai"]) == 0
+    monkeypatch.setattr(cli, "llamacpp_batch_flow", fake_flow)
+    assert cli.main(["in.jsonl", "out.jsonl", "--output-format", "openai"]) == 0
     assert asked["output_format"] == "openai"
-    assert flows.batch.main(["in.jsonl", "out.jsonl"]) == 0 and asked["output_format"] == "native"
+    assert cli.main(["in.jsonl", "out.jsonl"]) == 0 and asked["output_format"] == "native"
     with pytest.raises(SystemExit):
-        flows.batch.main(["in.jsonl", "out.jsonl", "--output-format", "jsonl"])
+        cli.main(["in.jsonl", "out.jsonl", "--output-format", "jsonl"])
     assert "invalid choice" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows import batch_progress
-from flows.batch_progress import BatchProgress
+from prefect_llamacpp.flows.batch_progress import BatchProgress
 
 
 class FakeTerminal(io.StringIO):

@@ -13,9 +13,9 @@ import pytest
 
 from flows import batch as batch_module
 from flows import batch_progress
-from flows.batch import llamacpp_batch_flow
-from flows.batch_progress import BatchProgress
-from src.core.batch.ledger import Ledger
+from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+from prefect_llamacpp.flows.batch_progress import BatchProgress
 from tests.flows.conftest import flow_run_record
 from tests.flows.test_batch_flow import read_output, save_block, write_input
 

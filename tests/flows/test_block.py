@@ -13,10 +13,10 @@ from prefect.client.schemas.actions import BlockDocumentCreate
 from prefect.settings import PREFECT_API_URL
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
-from blocks.llamacpp import LlamaCppServer
-from flows.health import llamacpp_health_flow
-from src.core.utils.config import LlamaCppConnection, LlamaCppSettings
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppConnection, LlamaCppSettings
+from prefect_llamacpp.flows.health import llamacpp_health_flow
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
 

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from blocks.llamacpp import LlamaCppServer
-from flows.batch import llamacpp_batch_flow
 from harness.models import ensure_model
 from harness.server import LlamaServer
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
 from tests.flows.test_batch_flow import read_output, successes, wait_for_lines, write_input
@@ -249,7 +249,7 @@ async def test_lines_naming_a_model_go_only_to_servers_that_serve_it(
 async def test_health_over_a_fleet_one_down(
     fleet, registered_block_type, asserting_events_worker, reset_worker_events
 ):
-    from flows.health import llamacpp_health_flow
+    from prefect_llamacpp.flows.health import llamacpp_health_flow
 
     names = await save_fleet("fleet-health", fleet)
     fleet[1].kill()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from blocks.llamacpp import LlamaCppServer
-from flows.health import artifact_key, llamacpp_health_flow
 from harness.server import free_port
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.health import artifact_key, llamacpp_health_flow
 from tests.conftest import SECRET_KEY
 from tests.flows.conftest import flow_run_record
 from tests.servers import long_generation

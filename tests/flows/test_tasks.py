@@ -7,8 +7,8 @@ import pytest
 import respx
 from prefect import flow
 
-from blocks.llamacpp import LlamaCppServer
-from src.core.utils.exceptions import (
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.exceptions import (
     NotSupportedError,
     ServerLoadingError,
     ServerUnreachableError,

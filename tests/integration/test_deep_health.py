@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from harness.server import LlamaServer
-from src.core.models import ServerState, llamacpp_health_check
-from src.core.models.canary import CanaryOptions, observe_progress
-from src.core.utils.config import LlamaCppSettings
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp import ServerState, llamacpp_health_check
+from prefect_llamacpp.canary import CanaryOptions, observe_progress
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.conftest import SECRET_KEY
 from tests.servers import long_generation, settings_for
 from tests.stalling_proxy import StallingProxy

@@ -8,20 +8,20 @@ import pytest
 from pydantic_ai import Agent, Embedder
 from pydantic_ai.exceptions import ModelHTTPError
 
-from src.core.models import (
+from prefect_llamacpp import (
     LlamaCppModel,
     LlamaCppModelSettings,
     create_llamacpp_embedding_model,
     create_llamacpp_model,
     llamacpp_model_settings,
 )
-from src.core.models.llamacpp_request import (
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.exceptions import NotSupportedError
+from prefect_llamacpp.request import (
     build_chat_request,
     build_embedding_request,
     read_embedding_answer,
 )
-from src.core.utils.exceptions import NotSupportedError
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 from tests.servers import settings_for
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import logging
 import httpx
 import pytest
 
-from src.core.models import ServerState, detect_llamacpp_model, llamacpp_health_check
-from src.core.utils.exceptions import ModelError, NotSupportedError, UnauthorizedError
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp import ServerState, detect_llamacpp_model, llamacpp_health_check
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.exceptions import ModelError, NotSupportedError, UnauthorizedError
 from tests.conftest import SECRET_KEY
 from tests.servers import settings_for
 
@@ -153,7 +153,7 @@ async def _wait_for_router_status(client, model, wanted, timeout=30.0):
     import asyncio
     import time
 
-    from src.infrastructure.llm.llamacpp_client import router_model_status
+    from prefect_llamacpp.client import router_model_status
 
     deadline = time.monotonic() + timeout
     value = None

@@ -13,10 +13,10 @@ from pydantic_ai.output import NativeOutput
 
 from harness.models import ensure_model
 from harness.server import LlamaServer, free_port
-from src.core.models import ServerState, create_llamacpp_model_async, llamacpp_health_check
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import ModelError, ServerNotReadyError
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp import ServerState, create_llamacpp_model_async, llamacpp_health_check
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import ModelError, ServerNotReadyError
 from tests.servers import settings_for
 
 pytestmark = pytest.mark.integration

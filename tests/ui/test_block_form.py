@@ -21,8 +21,8 @@ from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from blocks.llamacpp import LlamaCppServer
-from flows.health import artifact_key
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.health import artifact_key
 from tests.conftest import SECRET_KEY
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from automations.install import ALERTS_FILE, PLACEHOLDER, main, render
-from src.core.models import ServerState
+from prefect_llamacpp import ServerState
 
 HEALTHY = {ServerState.READY, ServerState.SLEEPING, ServerState.BUSY}
 

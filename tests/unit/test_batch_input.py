@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from src.core.batch.jsonl_input import (
+from prefect_llamacpp.batch.jsonl_input import (
     MAX_EMBEDDING_INPUTS,
     BatchItem,
     InputError,
@@ -152,7 +152,7 @@ def test_any_bytes_give_one_entry_per_non_blank_line_and_never_raise(tmp_path):
 
 
 def test_a_line_past_the_limit_is_an_error_and_the_next_line_is_read(tmp_path, monkeypatch):
-    from src.core.batch import jsonl_input
+    from prefect_llamacpp.batch import jsonl_input
 
     monkeypatch.setattr(jsonl_input, "MAX_LINE_BYTES", 1000)
     path = tmp_path / "in.jsonl"
@@ -226,7 +226,7 @@ def test_request_fields_are_honoured_or_refused_never_dropped(fields, kind):
 
 
 def test_sampling_fields_of_a_line_are_sent_and_fingerprinted():
-    from src.core.models.llamacpp_request import build_chat_request
+    from prefect_llamacpp.request import build_chat_request
 
     line = {"custom_id": "a", "prompt": "q", "stop": ["\n"], "seed": 7, "top_p": 0.5}
     item = parse_line(json.dumps(line), 1)

@@ -12,10 +12,10 @@ import httpx
 import pytest
 import respx
 
-from src.core.models import ServerState, llamacpp_health_check
-from src.core.models.canary import CanaryOptions, observe_progress
-from src.core.utils.config import LlamaCppSettings
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp import ServerState, llamacpp_health_check
+from prefect_llamacpp.canary import CanaryOptions, observe_progress
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.unit.fakes import PROPS, ROOT, ready_server
 
 FAST = CanaryOptions(first_byte_timeout=0.2, total_timeout=0.4, progress_interval=0.05)

@@ -17,14 +17,14 @@ from pydantic_ai.messages import (
 from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.output import OutputObjectDefinition
 
-from src.core.models.llamacpp_provider import LlamaCppModel, LlamaCppProvider
-from src.core.models.llamacpp_request import (
+from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.provider import LlamaCppModel, LlamaCppProvider
+from prefect_llamacpp.request import (
     AnswerError,
     build_chat_request,
     read_chat_answer,
     structured_output,
 )
-from src.core.utils.exceptions import ModelError
 
 SCHEMA = {"type": "object", "properties": {"stars": {"type": "integer"}}, "required": ["stars"]}
 COMPLETION = {

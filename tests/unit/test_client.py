@@ -6,7 +6,8 @@ import httpx
 import pytest
 import respx
 
-from src.core.utils.exceptions import (
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.exceptions import (
     NotSupportedError,
     ServerHTTPError,
     ServerLoadingError,
@@ -15,7 +16,6 @@ from src.core.utils.exceptions import (
     UnauthorizedError,
     UnexpectedResponseError,
 )
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
 from tests.unit.fakes import LOADING, MODELS, PROPS, ROOT, UNAUTHORIZED
 
 METRICS_TEXT = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
@@ -45,7 +45,7 @@ def test_base_url_is_the_server_root():
 
 def test_settings_are_the_default(monkeypatch):
     monkeypatch.setenv("LLAMACPP_BASE_URL", "http://from-env:9/v1")
-    from src.core.utils.config import get_settings
+    from prefect_llamacpp.config import get_settings
 
     get_settings.cache_clear()
     assert LlamaCppClient().base_url == "http://from-env:9"
@@ -241,7 +241,7 @@ async def test_router_load_and_unload():
 
 
 def test_explicit_values_never_read_the_environment(monkeypatch):
-    from src.core.utils.config import get_settings
+    from prefect_llamacpp.config import get_settings
 
     monkeypatch.setenv("LLAMACPP_BASE_URL", "http://host:abc/v1")  # invalid: must not matter
     monkeypatch.setenv("LLAMACPP_API_KEY", "env-key")
@@ -255,7 +255,7 @@ def test_explicit_values_never_read_the_environment(monkeypatch):
 
 @respx.mock
 async def test_retry_after_and_transient_statuses():
-    from src.core.utils.exceptions import ServerHTTPError
+    from prefect_llamacpp.exceptions import ServerHTTPError
 
     respx.get(f"{ROOT}/props").mock(
         side_effect=[
@@ -278,7 +278,7 @@ async def test_retry_after_and_transient_statuses():
 
 @respx.mock
 async def test_sent_but_unanswered_is_told_apart_from_never_sent():
-    from src.core.utils.exceptions import (
+    from prefect_llamacpp.exceptions import (
         ServerDisconnectedError,
         ServerTimeoutError,
         ServerUnreachableError,

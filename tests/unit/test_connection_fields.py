@@ -9,8 +9,8 @@ import pytest
 import respx
 from pydantic import SecretStr, ValidationError
 
-from src.core.utils.config import BASE_URL_PATTERN, LlamaCppConnection, LlamaCppSettings
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import BASE_URL_PATTERN, LlamaCppConnection, LlamaCppSettings
 from tests.conftest import SECRET_KEY
 
 SCHEMA = LlamaCppConnection.model_json_schema()

@@ -13,20 +13,20 @@ import respx
 from pydantic_ai import Embedder
 from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
 
-from src.core.models import create_llamacpp_embedding_model
-from src.core.models.llamacpp_request import (
-    AnswerError,
-    build_embedding_request,
-    read_embedding_answer,
-)
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import (
+from prefect_llamacpp import create_llamacpp_embedding_model
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import (
     ModelError,
     NotSupportedError,
     ServerHTTPError,
     ServerUnreachableError,
 )
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.request import (
+    AnswerError,
+    build_embedding_request,
+    read_embedding_answer,
+)
 from tests.unit.fakes import ROOT
 
 # What llama-server (b1-0c1e570) answers without --embeddings, and with it but no pooling type.

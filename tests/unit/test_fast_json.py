@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import pytest
 
-from src.core.utils import fast_json
+from prefect_llamacpp import fast_json
 
 VALUES = [
     {"custom_id": "d1", "output": [0.10000000149011612, -1.5e-7, 3e16, -0.0], "error": None},

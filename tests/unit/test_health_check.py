@@ -6,8 +6,8 @@ import httpx
 import pytest
 import respx
 
-from src.core.models import ServerState, llamacpp_health_check
-from src.core.utils.config import LlamaCppSettings
+from prefect_llamacpp import ServerState, llamacpp_health_check
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.unit.fakes import LOADING, PROPS, ROOT, UNAUTHORIZED, ready_server
 
 

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from src.core.batch.jsonl_input import BatchItem
-from src.core.batch.ledger import Ledger, RunSettings, read_ledger
-from src.core.batch.records import result_line
-from src.core.utils.exceptions import BatchPathError, LedgerInUseError, LedgerSettingsError
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.batch.ledger import Ledger, RunSettings, read_ledger
+from prefect_llamacpp.batch.records import result_line
+from prefect_llamacpp.exceptions import BatchPathError, LedgerInUseError, LedgerSettingsError
 
 SETTINGS = RunSettings(model="tiny", max_tokens=16)
 
@@ -56,7 +56,7 @@ def test_the_lock_is_held_against_other_processes_and_dies_with_them(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from src.core.batch.ledger import Ledger;"
+            "import sys, time; from pathlib import Path; from prefect_llamacpp.batch.ledger import Ledger;"
             f"ledger = Ledger.open(Path({str(path)!r})); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -146,8 +146,8 @@ def test_a_failed_write_then_a_retry_never_gives_an_id_two_lines(tmp_path):
 import json, resource, signal, sys
 from collections import Counter
 from pathlib import Path
-from src.core.batch.ledger import Ledger
-from src.core.batch.records import result_line
+from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.batch.records import result_line
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 out = Path(sys.argv[1])
@@ -291,7 +291,7 @@ def test_a_merged_ledger_needs_the_override(tmp_path):
 
 
 def test_a_lock_taken_on_a_removed_file_is_not_kept(tmp_path):
-    from src.core.batch.ledger import _is_still
+    from prefect_llamacpp.batch.ledger import _is_still
 
     path = tmp_path / "out.jsonl"
     path.write_bytes(b"")

@@ -14,7 +14,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.local_api import STARTUP_TIMEOUT_S, local_prefect_api
+from prefect_llamacpp.flows.local_api import STARTUP_TIMEOUT_S, local_prefect_api
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,11 +10,11 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from src.core.batch.jsonl_input import BatchItem
-from src.core.batch.ledger import Ledger, RunSettings, read_ledger
-from src.core.batch.openai_output import read_openai_line, render_openai_line
-from src.core.batch.records import result_line
-from src.core.utils.exceptions import BatchPathError, LedgerFormatError, LedgerInUseError
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.batch.ledger import Ledger, RunSettings, read_ledger
+from prefect_llamacpp.batch.openai_output import read_openai_line, render_openai_line
+from prefect_llamacpp.batch.records import result_line
+from prefect_llamacpp.exceptions import BatchPathError, LedgerFormatError, LedgerInUseError
 from tests.openai_batch import OpenAIBatchOutputLine, read_openai_lines
 
 SETTINGS = RunSettings(model="tiny", max_tokens=16)

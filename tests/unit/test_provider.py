@@ -10,17 +10,17 @@ import pytest
 import respx
 from pydantic_ai.models.openai import OpenAIChatModel
 
-from src.core.models import (
+from prefect_llamacpp import (
     LlamaCppProvider,
     create_llamacpp_model,
     create_llamacpp_model_async,
     detect_llamacpp_model,
     llamacpp_health_check,
 )
-from src.core.models.llamacpp_provider import PLACEHOLDER_API_KEY, llamacpp_model_profile
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import ModelError
-from src.core.utils.logging import get_logger_with_context
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.log import get_logger_with_context
+from prefect_llamacpp.provider import PLACEHOLDER_API_KEY, llamacpp_model_profile
 from tests.conftest import SECRET_KEY
 from tests.unit.fakes import LOADING, MODELS, ROOT, UNAUTHORIZED, ready_server
 

@@ -15,14 +15,14 @@ from pydantic_ai import Agent, NativeOutput
 from pydantic_ai.messages import ModelResponse, TextPart, ThinkingPart
 from pydantic_ai.models.openai import OpenAIChatModel
 
-from src.core.models import (
+from prefect_llamacpp import (
     LlamaCppModel,
     LlamaCppModelSettings,
     create_llamacpp_model,
     llamacpp_model_settings,
 )
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import ModelError
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import ModelError
 
 
 class Review(BaseModel):

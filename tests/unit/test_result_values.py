@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from src.core.batch.jsonl_input import BatchItem
-from src.core.batch.ledger import Ledger
-from src.core.batch.runner import BatchOptions, BatchRunner
-from src.core.utils.config import LlamaCppSettings
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.batch.runner import BatchOptions, BatchRunner
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.fake_llama import FakeLlamaServer, completion
 
 

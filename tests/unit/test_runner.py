@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from src.core.batch.jsonl_input import BatchItem
-from src.core.batch.runner import BatchOptions, BatchRunner
-from src.core.utils.config import LlamaCppSettings
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.batch.runner import BatchOptions, BatchRunner
+from prefect_llamacpp.config import LlamaCppSettings
 from tests.fake_llama import FakeLlamaServer, completion
 
 
@@ -154,7 +154,7 @@ async def test_a_status_that_retrying_cannot_fix_is_the_items_own_error():
 
 async def test_running_a_chunk_again_sends_and_writes_nothing_twice(tmp_path):
     # A Prefect-level retry of a chunk (a global default for task retries, say) runs it again.
-    from src.core.batch.ledger import Ledger
+    from prefect_llamacpp.batch.ledger import Ledger
 
     async with FakeLlamaServer(lambda request: completion()) as server:
         with Ledger.open(tmp_path / "out.jsonl") as ledger:
@@ -199,13 +199,13 @@ async def test_garbage_answers_are_the_items_error_and_the_run_goes_on():
 async def test_a_deeply_nested_body_does_not_escape_the_error_mapping():
     import httpx
 
-    from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+    from prefect_llamacpp.client import LlamaCppClient
 
     nested = b"[" * 100_000 + b"]" * 100_000
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=nested))
     async with LlamaCppClient("http://127.0.0.1:1") as client:
         client._http = httpx.AsyncClient(transport=transport)
-        from src.core.utils.exceptions import UnexpectedResponseError
+        from prefect_llamacpp.exceptions import UnexpectedResponseError
 
         with pytest.raises(UnexpectedResponseError, match="not JSON"):
             await client.chat_completion(b"{}")
@@ -214,7 +214,7 @@ async def test_a_deeply_nested_body_does_not_escape_the_error_mapping():
 async def test_over_a_fleet_free_slots_pull_the_work():
     # Three scripted servers with 1, 2 and 4 slots and the same time per request: throughput in
     # proportion to the slots, which real servers sharing this 2-core machine cannot show.
-    from src.core.batch.dispatch import Lane
+    from prefect_llamacpp.batch.dispatch import Lane
 
     servers = [
         # 40 ms a request: the servers, not this process's CPU (shared with them), set the pace.
@@ -249,7 +249,7 @@ async def test_over_a_fleet_free_slots_pull_the_work():
 
 async def test_lines_whose_only_server_is_gone_fail_after_the_deadline_the_rest_finish():
     from harness.server import free_port
-    from src.core.batch.dispatch import Lane
+    from prefect_llamacpp.batch.dispatch import Lane
 
     async with FakeLlamaServer(lambda request: completion()) as alive:
         gone = f"http://127.0.0.1:{free_port()}"  # nothing listens: refused

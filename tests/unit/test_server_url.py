@@ -1,8 +1,8 @@
 import pytest
 
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import ModelError
-from src.core.utils.server_url import parse_server_url
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.server_url import parse_server_url
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_settings_read_dotenv(tmp_path):
 
 
 def test_get_settings_is_cached_and_resettable(monkeypatch):
-    from src.core.utils.config import get_settings
+    from prefect_llamacpp.config import get_settings
 
     first = get_settings()
     assert get_settings() is first

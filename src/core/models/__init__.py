@@ -1,7 +1,6 @@
-"""The llama.cpp provider library: health checks, model detection, pydantic-ai models."""
+"""The seed's `src.core.models`: the provider library's public names, from `prefect_llamacpp`."""
 
-from src.core.models.base_provider import ProviderHealthStatus, ServerState
-from src.core.models.llamacpp_provider import (
+from prefect_llamacpp.provider import (
     LlamaCppModel,
     LlamaCppModelSettings,
     LlamaCppProvider,
@@ -12,6 +11,7 @@ from src.core.models.llamacpp_provider import (
     llamacpp_health_check,
     llamacpp_model_settings,
 )
+from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 
 __all__ = [
     "LlamaCppModel",

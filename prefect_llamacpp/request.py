@@ -32,8 +32,8 @@ from typing import Any
 import jsonschema
 from pydantic_ai.profiles import DEFAULT_PROMPTED_OUTPUT_TEMPLATE
 
-from src.core.models.llamacpp_provider import checked_chat_template_kwargs, llamacpp_model_profile
-from src.core.utils import fast_json
+from prefect_llamacpp import fast_json
+from prefect_llamacpp.provider import checked_chat_template_kwargs, llamacpp_model_profile
 
 OUTPUT_NAME = "output"  # the json_schema name pydantic-ai gives native output
 

@@ -22,10 +22,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from src.core.models.base_provider import ProviderHealthStatus
-from src.core.utils.config import DEFAULT_MODEL_NAME, LlamaCppSettings
-from src.core.utils.exceptions import LlamaCppError
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import DEFAULT_MODEL_NAME, LlamaCppSettings
+from prefect_llamacpp.exceptions import LlamaCppError
+from prefect_llamacpp.status import ProviderHealthStatus
 
 # What a server that does not report total_slots is given (llama-server's default -np).
 DEFAULT_TOTAL_SLOTS = 4

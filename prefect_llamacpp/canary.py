@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from src.core.models.base_provider import ServerState
-from src.core.utils.exceptions import (
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.exceptions import (
     DeadlineExceededError,
     LlamaCppError,
     ServerHTTPError,
@@ -29,7 +29,7 @@ from src.core.utils.exceptions import (
     ServerUnreachableError,
     UnauthorizedError,
 )
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.status import ServerState
 
 # Every report carries these keys, None when not measured, so alerts can rely on them.
 LATENCY_KEYS = ("ttfb_s", "total_s", "prompt_tokens_per_s", "predicted_tokens_per_s")

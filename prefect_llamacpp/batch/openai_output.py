@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from src.core.batch.records import ResultLine
+from prefect_llamacpp.batch.records import ResultLine
 
 FACTS_KEY = "llamacpp"
 # What the OpenAI fields already say, or (when a body carries them) what the body holds.

@@ -28,8 +28,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from src.core.batch.records import InputErrorKind
-from src.core.models.llamacpp_request import fingerprint, schema_problem
+from prefect_llamacpp.batch.records import InputErrorKind
+from prefect_llamacpp.request import fingerprint, schema_problem
 
 ROLES = ("system", "developer", "user", "assistant")
 CHAT_COMPLETIONS_URLS = ("/v1/chat/completions", "/chat/completions")

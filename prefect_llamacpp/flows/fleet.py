@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from prefect import get_run_logger
 
-from blocks.llamacpp import LlamaCppServer
-from src.core.batch.dispatch import join_problem
-from src.core.models.base_provider import ProviderHealthStatus, ServerState
-from src.core.utils.exceptions import BatchAbortedError, LlamaCppError
-from tasks.llamacpp import check_health, load_server_or_env, wait_until_ready
+from prefect_llamacpp.batch.dispatch import join_problem
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.exceptions import BatchAbortedError, LlamaCppError
+from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+from prefect_llamacpp.tasks import check_health, load_server_or_env, wait_until_ready
 
 ServerNames = str | list[str] | None
 

@@ -30,22 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from src.core.batch.openai_output import (
+from prefect_llamacpp import fast_json
+from prefect_llamacpp.batch.openai_output import (
     ErrorsFile,
     is_openai_line,
     read_openai_line,
     render_openai_line,
 )
-from src.core.batch.records import INPUT_ERROR_KINDS, OutputFormat, ResultLine
-from src.core.models.llamacpp_request import canonical_json, fingerprint
-from src.core.utils import fast_json
-from src.core.utils.exceptions import (
+from prefect_llamacpp.batch.records import INPUT_ERROR_KINDS, OutputFormat, ResultLine
+from prefect_llamacpp.exceptions import (
     BatchPathError,
     LedgerFormatError,
     LedgerInUseError,
     LedgerSettingsError,
 )
-from src.core.utils.logging import get_logger_with_context
+from prefect_llamacpp.log import get_logger_with_context
+from prefect_llamacpp.request import canonical_json, fingerprint
 
 logger = get_logger_with_context("ledger")
 

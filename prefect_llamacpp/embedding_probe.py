@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 
-from src.core.models.llamacpp_request import build_embedding_request, read_embedding_answer
-from src.infrastructure.llm.llamacpp_client import LlamaCppClient
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.request import build_embedding_request, read_embedding_answer
 
 PROBE_TEXTS = ("llama.cpp probe", "llama.cpp probe " + "word " * 7, "llama.cpp " + "word " * 14)
 MIN_COSINE = 0.999

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from src.core.utils.exceptions import ModelError
+from prefect_llamacpp.exceptions import ModelError
 
 _EXAMPLE = "a URL like http://localhost:8080 or http://localhost:8080/v1"
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")

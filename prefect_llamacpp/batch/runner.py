@@ -29,25 +29,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.core.batch.dispatch import Dispatcher, Lane, NoServerError, Route, join_problem
-from src.core.batch.jsonl_input import BatchItem
-from src.core.batch.ledger import RunSettings
-from src.core.batch.records import ErrorKind, ResultLine, ServerResponse, result_line
-from src.core.models.base_provider import ServerState
-from src.core.models.embedding_probe import packed_embeddings_problem
-from src.core.models.llamacpp_provider import check_server_health
-from src.core.models.llamacpp_request import (
-    AnswerError,
-    ChatRequest,
-    EmbeddingRequest,
-    build_chat_request,
-    build_embedding_request,
-    read_chat_answer,
-    read_embedding_answer,
-    structured_output,
-)
-from src.core.utils.config import LlamaCppSettings
-from src.core.utils.exceptions import (
+from prefect_llamacpp.batch.dispatch import Dispatcher, Lane, NoServerError, Route, join_problem
+from prefect_llamacpp.batch.jsonl_input import BatchItem
+from prefect_llamacpp.batch.ledger import RunSettings
+from prefect_llamacpp.batch.records import ErrorKind, ResultLine, ServerResponse, result_line
+from prefect_llamacpp.client import KEY_HINT
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.embedding_probe import packed_embeddings_problem
+from prefect_llamacpp.exceptions import (
     BatchAbortedError,
     LlamaCppError,
     NotSupportedError,
@@ -59,8 +48,19 @@ from src.core.utils.exceptions import (
     UnauthorizedError,
     UnexpectedResponseError,
 )
-from src.core.utils.logging import get_logger_with_context
-from src.infrastructure.llm.llamacpp_client import KEY_HINT
+from prefect_llamacpp.log import get_logger_with_context
+from prefect_llamacpp.provider import check_server_health
+from prefect_llamacpp.request import (
+    AnswerError,
+    ChatRequest,
+    EmbeddingRequest,
+    build_chat_request,
+    build_embedding_request,
+    read_chat_answer,
+    read_embedding_answer,
+    structured_output,
+)
+from prefect_llamacpp.status import ServerState
 
 logger = get_logger_with_context("batch")
 

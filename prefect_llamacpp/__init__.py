@@ -1,0 +1,134 @@
+"""prefect-llamacpp: watch self-hosted llama.cpp servers and run batch LLM work through them, on
+Prefect 3.
+
+    from prefect_llamacpp import LlamaCppServer, llamacpp_batch_flow, llamacpp_health_flow
+
+The public names below are loaded when first used, so the provider library
+(`prefect_llamacpp.provider`, `.client`, `.config`, ...) can be imported without Prefect's
+start-up cost; `LlamaCppServer`, the flows and the tasks bring Prefect with them. Register the
+block type with `prefect block register -m prefect_llamacpp`.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    # Prefect layer
+    "LlamaCppServer": "blocks",
+    "llamacpp_health_flow": "flows.health",
+    "llamacpp_batch_flow": "flows.batch",
+    "BatchSummary": "flows.batch",
+    "check_health": "tasks",
+    "check_health_with_canary": "tasks",
+    "detect_model": "tasks",
+    "wait_until_ready": "tasks",
+    "get_props": "tasks",
+    "get_slots": "tasks",
+    "get_metrics": "tasks",
+    # provider library
+    "LlamaCppProvider": "provider",
+    "LlamaCppModel": "provider",
+    "LlamaCppModelSettings": "provider",
+    "create_llamacpp_model": "provider",
+    "create_llamacpp_model_async": "provider",
+    "create_llamacpp_embedding_model": "provider",
+    "detect_llamacpp_model": "provider",
+    "llamacpp_health_check": "provider",
+    "llamacpp_model_settings": "provider",
+    "CanaryOptions": "canary",
+    "LlamaCppSettings": "config",
+    "LlamaCppClient": "client",
+    "ProviderHealthStatus": "status",
+    "ServerState": "status",
+    # errors (the tree is drawn in prefect_llamacpp/exceptions.py)
+    "LlamaCppError": "exceptions",
+    "ModelError": "exceptions",
+    "ServerUnreachableError": "exceptions",
+    "ServerTimeoutError": "exceptions",
+    "ServerDisconnectedError": "exceptions",
+    "ServerHTTPError": "exceptions",
+    "ServerLoadingError": "exceptions",
+    "UnauthorizedError": "exceptions",
+    "NotSupportedError": "exceptions",
+    "UnexpectedResponseError": "exceptions",
+    "DeadlineExceededError": "exceptions",
+    "ServerNotReadyError": "exceptions",
+    "BlockNotFoundError": "exceptions",
+    "BatchError": "exceptions",
+    "BatchAbortedError": "exceptions",
+    "BatchPathError": "exceptions",
+    "LedgerInUseError": "exceptions",
+    "LedgerSettingsError": "exceptions",
+    "LedgerFormatError": "exceptions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prefect_llamacpp' has no attribute {name!r}")
+    value = getattr(import_module(f"prefect_llamacpp.{module}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.canary import CanaryOptions
+    from prefect_llamacpp.client import LlamaCppClient
+    from prefect_llamacpp.config import LlamaCppSettings
+    from prefect_llamacpp.exceptions import (
+        BatchAbortedError,
+        BatchError,
+        BatchPathError,
+        BlockNotFoundError,
+        DeadlineExceededError,
+        LedgerFormatError,
+        LedgerInUseError,
+        LedgerSettingsError,
+        LlamaCppError,
+        ModelError,
+        NotSupportedError,
+        ServerDisconnectedError,
+        ServerHTTPError,
+        ServerLoadingError,
+        ServerNotReadyError,
+        ServerTimeoutError,
+        ServerUnreachableError,
+        UnauthorizedError,
+        UnexpectedResponseError,
+    )
+    from prefect_llamacpp.flows.batch import BatchSummary, llamacpp_batch_flow
+    from prefect_llamacpp.flows.health import llamacpp_health_flow
+    from prefect_llamacpp.provider import (
+        LlamaCppModel,
+        LlamaCppModelSettings,
+        LlamaCppProvider,
+        create_llamacpp_embedding_model,
+        create_llamacpp_model,
+        create_llamacpp_model_async,
+        detect_llamacpp_model,
+        llamacpp_health_check,
+        llamacpp_model_settings,
+    )
+    from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+    from prefect_llamacpp.tasks import (
+        check_health,
+        check_health_with_canary,
+        detect_model,
+        get_metrics,
+        get_props,
+        get_slots,
+        wait_until_ready,
+    )

@@ -1,0 +1,679 @@
+"""The batch inference flow: JSONL prompts through a llama-server, resumable, losing nothing.
+
+    llamacpp-batch prompts.jsonl results.jsonl --server my-llama --max-tokens 256
+    (in this repository also: python -m flows.batch ...)
+
+Gate first (wait through loading, check the key, detect the model), then stream the input in
+chunks; each chunk is one Prefect task whose prompts run concurrently, at most `concurrency`
+(default: the server's `total_slots`) in flight across the whole run. Results are appended to the
+output file as they finish; a rerun skips what already succeeded. See the README for the formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+from pydantic import BaseModel, Field
+
+from prefect_llamacpp.batch.dispatch import Lane
+from prefect_llamacpp.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
+from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.batch.records import OutputFormat, ResultLine, result_line
+from prefect_llamacpp.batch.runner import (
+    DEFAULT_EMBEDDING_BATCH,
+    DEFAULT_QUEUE_DEPTH,
+    BatchOptions,
+    BatchRunner,
+)
+from prefect_llamacpp.embedding_probe import packed_embeddings_problem
+from prefect_llamacpp.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
+from prefect_llamacpp.flows.batch_progress import BatchProgress
+from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
+from prefect_llamacpp.flows.local_api import run_cli
+from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.provider import checked_chat_template_kwargs
+from prefect_llamacpp.request import schema_problem
+
+CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
+# Prompts per Prefect task run. Each task run costs the Prefect API about 0.08 s of CPU (measured
+# against a local server: 1.3-1.4 s of server CPU per 1,000 short prompts at 100, 0.65-0.87 s at
+# 500), CPU a llama-server on the same box lacks. (A fleet test once crawled at 500: that was its
+# three servers' threads fighting over 2 cores, at any chunk size; see the README's Fleets.)
+DEFAULT_CHUNK_SIZE = 500
+# Most embedding text one chunk holds, in characters (5,000 documents of 3,000 or so).
+CHUNK_TEXT_CHARS = 16_000_000
+
+
+class ServerShare(BaseModel):
+    """One server's part of a run."""
+
+    server: str
+    capacity: int
+    succeeded: int = 0
+    failed: int = 0
+    completion_tokens_per_s: float = 0.0
+    taken_out: int = 0
+    rejoined: int = 0
+    joined_late: bool = False  # not ready when the run started; joined when it was
+
+
+class BatchSummary(BaseModel):
+    input_path: str
+    output_path: str
+    server: str
+    base_url: str
+    model: str
+    concurrency: int
+    output_format: OutputFormat = "native"
+    errors_path: str | None = None  # the OpenAI format's errors file, once a line failed
+    outcome: str = "completed"  # or "aborted"
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_kind: dict[str, int] = Field(default_factory=dict)
+    skipped_done: int = 0
+    retries: int = 0
+    server_waits: int = 0
+    crashes_seen: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_time_s: float = 0.0
+    completion_tokens_per_s: float = 0.0
+    chunks: int = 0
+    max_in_flight: int = 0
+    ledger_unreadable_lines: int = 0
+    settings_changed: list[str] = Field(default_factory=list)
+    skipped_servers: dict[str, str] = Field(default_factory=dict)
+    servers: list[ServerShare] = Field(default_factory=list)
+    abort_reason: str | None = None
+
+
+@task(
+    name="llama.cpp batch chunk",
+    description="Run one chunk of batch prompts concurrently; results go to the output ledger.",
+    task_run_name="chunk-{number}",
+    cache_policy=NO_CACHE,  # a rerun must ask the server, never replay a stored answer
+    retries=0,  # the runner retries items itself; the ledger refuses a second success anyway
+)
+async def run_chunk(number: int, items: list[BatchItem], runner: BatchRunner) -> int:
+    await runner.run(items)
+    return len(items)
+
+
+@flow(
+    name="llamacpp-batch",
+    description="Run a JSONL file of prompts through a llama.cpp server; resumable.",
+    validate_parameters=True,
+)
+async def llamacpp_batch_flow(
+    input_path: str,
+    output_path: str,
+    server: str | list[str] | None = None,
+    system_prompt: str | None = None,
+    output_schema: dict[str, Any] | None = None,
+    max_tokens: int | None = 512,
+    temperature: float | None = None,
+    concurrency: int | None = None,
+    queue_depth: int = DEFAULT_QUEUE_DEPTH,
+    ready_timeout: float = 300,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_attempts: int = 3,
+    max_crashes: int = 2,
+    request_timeout: float = 600,
+    extra_body: dict[str, Any] | None = None,
+    allow_settings_change: bool = False,
+    ignore_line_models: bool = False,
+    embeddings: bool = False,
+    embedding_batch: int = DEFAULT_EMBEDDING_BATCH,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    output_format: OutputFormat = "native",
+) -> BatchSummary:
+    """Run every line of a JSONL file through one llama-server or a fleet; resumable.
+
+    Fails before sending anything when the output is in use by another run, the named block does
+    not exist, no server is ready within `ready_timeout`, or the settings differ from the
+    ledger's (unless `allow_settings_change`); fails mid-run, with every finished result saved,
+    when no server has been usable for `ready_timeout`. Rerun to finish.
+
+    Args:
+        input_path: JSONL file of prompts: `{"custom_id", "prompt"}`, `{"custom_id",
+            "messages"}` or OpenAI Batch API request lines.
+        output_path: JSONL results file, the ledger: appended to, one line per input line; a
+            rerun skips what is answered. Never the input file.
+        server: Name of a saved llama.cpp Server block, or a list of names for a fleet. Left
+            out: the block saved as `llamacpp`, else the LLAMACPP_* settings.
+        system_prompt: System message for lines that bring none.
+        output_schema: JSON Schema: every answer becomes a validated object.
+        max_tokens: Most tokens per answer (a line's own value wins).
+        temperature: Sampling temperature, 0 to 100 (a line's own value wins).
+        concurrency: Most requests in flight per server; default its total_slots + queue_depth.
+        queue_depth: Requests beyond total_slots that llama-server queues, to hide the round trip.
+        ready_timeout: Seconds to wait for a server to be ready, at the start and when it goes.
+        chunk_size: Requests per Prefect task run: a chat line is one; embedding lines count
+            as the requests their packs make (`embedding_batch` texts each).
+        max_attempts: Tries per prompt on a timeout or a 408/429/5xx from a proxy.
+        max_crashes: Server crashes a prompt may cause (running alone) before it is given up.
+        request_timeout: Seconds to wait for one answer.
+        extra_body: llama-server fields for every request, e.g. {"top_k": 20, "min_p": 0.05}.
+        allow_settings_change: Resume a ledger written with other settings, keeping its answers.
+        ignore_line_models: Send every line to any server, whatever model it names.
+        embeddings: Lines of the native form are `{"custom_id", "input"}` texts to embed
+            (OpenAI lines with url /v1/embeddings are embedded in any run). The servers need
+            `--embeddings`.
+        embedding_batch: Most texts per /v1/embeddings request; lines share requests up to it.
+        chat_template_kwargs: Variables for the chat template, e.g. {"enable_thinking": false}
+            for a reasoning model (a line's own win).
+        output_format: `native` (our result lines) or `openai` (OpenAI Batch output lines, the
+            server's answer as the body; failed lines also in `<output>.errors.jsonl`). A rerun
+            must ask for the format its output file holds.
+
+    Returns:
+        The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
+    """
+    logger = get_run_logger()
+    source, target = Path(input_path), Path(output_path)
+    if not source.is_file():
+        raise BatchPathError(f"batch input {source} does not exist; give a JSONL file path")
+    if chunk_size < 1 or (concurrency is not None and concurrency < 1):
+        raise ValueError("chunk_size and concurrency must be at least 1")
+    if queue_depth < 0:
+        raise ValueError("queue_depth must be 0 or more")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1 (or None for the server's default)")
+    if temperature is not None and not 0 <= temperature <= 100:  # also refuses NaN
+        raise ValueError("temperature must be a number from 0 to 100")
+    server_names(server)  # an empty or repeated name fails before anything is opened
+    if max_attempts < 1 or max_crashes < 1:
+        raise ValueError("max_attempts and max_crashes must be at least 1")
+    if embedding_batch < 1:
+        raise ValueError("embedding_batch must be at least 1")
+    if chat_template_kwargs is not None:
+        chat_template_kwargs = checked_chat_template_kwargs(chat_template_kwargs)
+    total_lines, embedding_lines, other_lines = scan_input(source)
+    if output_schema is not None and (problem := schema_problem(output_schema)):
+        raise ValueError(f"output_schema is {problem}")
+
+    async with contextlib.AsyncExitStack() as closing:
+        ledger = closing.enter_context(Ledger.open(target, source, output_format=output_format))
+        members = await gate_fleet(await resolve_servers(server), ready_timeout)
+        options = BatchOptions(
+            concurrency=0,  # set per server below
+            system_prompt=system_prompt,
+            output_schema=output_schema,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            max_attempts=max_attempts,
+            max_crashes=max_crashes,
+            ready_timeout=ready_timeout,
+            request_timeout=request_timeout,
+            extra_body=extra_body,
+            ignore_line_models=ignore_line_models,
+            chat_template_kwargs=chat_template_kwargs,
+            embedding_batch=embedding_batch,
+            vector_encoding="float" if output_format == "openai" else None,
+            keep_responses=output_format == "openai",
+        )
+        # Servers not ready now join the run when they are (pending lanes, watched).
+        lanes = [
+            Lane.for_server(
+                member.label,
+                member.block.settings(),
+                member.status if member.skipped is None else None,
+                concurrency=concurrency,
+                queue_depth=queue_depth,
+                request_timeout=request_timeout,
+            )
+            for member in members
+            if member.skipped is None or member.may_join
+        ]
+        ready = [lane for lane in lanes if not lane.pending]
+        if embeddings or embedding_lines:
+            # An embeddings run (or a file of embedding lines only) stops here when no server
+            # serves them; in a mixed file the chat lines still run.
+            await _gate_embeddings(ready, logger, must=embeddings or embedding_lines >= total_lines)
+        # A fleet's answers come from whichever server is free, and its members come and go
+        # between runs: lines pin a model by naming it, so the run's settings name none.
+        model = ready[0].model if not isinstance(server, list) else "(fleet)"
+        options = replace(options, concurrency=sum(lane.capacity for lane in ready))
+        summary = BatchSummary(
+            input_path=str(source),
+            output_path=str(target),
+            server=",".join(member.label for member in members),
+            base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
+            model=model,
+            concurrency=options.concurrency,
+            output_format=output_format,
+            ledger_unreadable_lines=ledger.state.unreadable_lines,
+            skipped_servers={m.label: m.skipped for m in members if m.skipped},
+        )
+        summary.settings_changed = ledger.check_settings(
+            options.run_settings(model), allow_change=allow_settings_change
+        )
+        logger.info(
+            "Batch %s -> %s on %s (%s; %d in flight)",
+            source,
+            target,
+            ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
+            summary.model,
+            options.concurrency,
+        )
+        _log_ledger_repairs(logger, ledger, target)
+
+        started = time.monotonic()
+
+        def finished(results: list[ResultLine]) -> None:
+            ledger.write_all(results)
+            failed = sum(result["error"] is not None for result in results)
+            progress.advance(len(results), failed=failed)
+
+        runner = BatchRunner(
+            lanes,
+            summary.model,
+            options,
+            on_results=finished,
+            already_done=ledger.succeeded.__contains__,
+        )
+        runner.names_servers = isinstance(server, list)
+        runner.checks_embeddings = bool(embeddings or embedding_lines)
+        progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
+        closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
+        ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
+        try:
+            try:
+                await _run_chunks(
+                    _pending_items(
+                        source, ledger, runner.settings_fp, summary, progress, embeddings
+                    ),
+                    chunk_size,
+                    runner,
+                    summary,
+                    ledger,
+                )
+            except (BatchAbortedError, ExceptionGroup) as exc:
+                summary.outcome = "aborted"
+                summary.abort_reason = str(_first_cause(exc))
+            ended = True
+        finally:
+            await runner.aclose()
+            ledger.sync()
+            _fill_summary(summary, runner, time.monotonic() - started)
+            if ledger.errors_path is not None and ledger.errors_path.exists():
+                summary.errors_path = str(ledger.errors_path)
+            if not ended:
+                await _report(logger, progress.finish())
+
+        # The last progress figure and the summary: two API calls, sent together.
+        await _report(
+            logger,
+            progress.finish(),
+            acreate_markdown_artifact(
+                markdown=render_summary(summary),
+                key="llamacpp-batch-summary",
+                description=f"llama.cpp batch: {summary.succeeded} succeeded, "
+                f"{summary.failed} failed",
+            ),
+        )
+    logger.info(
+        "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",
+        summary.outcome,
+        summary.succeeded,
+        summary.failed,
+        summary.skipped_done,
+        summary.completion_tokens,
+        summary.completion_tokens_per_s,
+    )
+    if summary.outcome == "aborted":
+        raise BatchAbortedError(summary.abort_reason or "batch aborted")
+    return summary
+
+
+async def _gate_embeddings(lanes: list[Lane], logger, *, must: bool) -> None:
+    """Ask every server whether it serves /v1/embeddings, and gives a text the same vector in a
+    shared request as alone, before any line is sent: embedding lines go only to those that do.
+    With none, the run stops here saying which flag is missing (`must`), or goes on with a
+    warning and the embedding lines get `no_server_for_model`."""
+
+    async def check(lane: Lane) -> NotSupportedError | str | None:
+        try:
+            problem = await packed_embeddings_problem(lane.gate, lane.model)
+        except NotSupportedError as exc:
+            return exc
+        lane.embeddings = problem is None
+        return problem
+
+    problems = await asyncio.gather(*(check(lane) for lane in lanes))
+    refused = {lane.name: why for lane, why in zip(lanes, problems, strict=True) if why}
+    reasons = "; ".join(f"{name}: {why}" for name, why in refused.items())
+    if len(refused) == len(lanes) and must:
+        message = (
+            f"the input asks for embeddings but no server of this run can serve them: {reasons}"
+        )
+        http = next((why for why in refused.values() if isinstance(why, NotSupportedError)), None)
+        if http is None:
+            raise BatchAbortedError(message + ". No line was sent.")
+        raise NotSupportedError(
+            message, status_code=http.status_code, url=http.url, server_message=http.server_message
+        )
+    if len(refused) == len(lanes):
+        logger.warning("No server serves embeddings; the embedding lines fail: %s", reasons)
+    elif refused:
+        logger.warning("Embedding lines go only to the servers that serve them: %s", reasons)
+
+
+def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
+    state = ledger.state
+    if state.dropped_partial_line:
+        logger.warning("Dropped a half-written last line in %s (a crash mid-write).", target)
+    if state.kept_unterminated_line:
+        logger.info("Kept a complete last line of %s that had no newline.", target)
+    if state.unreadable_lines:
+        logger.warning(
+            "%d lines of %s are not result lines and were skipped (edited by hand?).",
+            state.unreadable_lines,
+            target,
+        )
+    if ledger.legacy_lines:
+        logger.warning(
+            "%d answers in %s carry no fingerprint (an older version wrote them); they count as "
+            "done without being checked against the input.",
+            ledger.legacy_lines,
+            target,
+        )
+
+
+async def _report(logger, *calls) -> None:
+    """Send artifact calls together and wait for all of them. Artifacts report a run: a Prefect
+    API that refuses one is logged, and the run's own outcome (its ledger, its abort) stands."""
+    for outcome in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            logger.warning("A batch artifact could not be saved: %s", outcome)
+        elif isinstance(outcome, BaseException):
+            raise outcome
+
+
+def _pending_items(
+    source, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress, embeddings: bool
+):
+    """Input items still to run. Input errors and changed requests get an error line (once);
+    ids already answered for the same request are skipped."""
+    state = ledger.state
+    for entry in InputReader(source, embeddings=embeddings):
+        if isinstance(entry, InputError):
+            _count(summary, entry.kind)
+            if (entry.custom_id, entry.line) not in state.written_input_errors:
+                ledger.write(
+                    result_line(entry.custom_id, entry.line, error=(entry.kind, entry.message))
+                )
+            progress.advance(failed=1)
+            continue
+        done = ledger.is_done(entry.custom_id, entry.input_fp)
+        if done:
+            summary.skipped_done += 1
+        elif done is False:
+            _count(summary, "ledger_mismatch")
+            if (entry.custom_id, entry.input_fp) not in state.written_mismatches:
+                ledger.write(
+                    result_line(
+                        entry.custom_id,
+                        entry.line,
+                        error=(
+                            "ledger_mismatch",
+                            f"line {entry.line}: {ledger.path} already holds an answer for "
+                            f"custom_id {entry.custom_id!r} to a different request (the line "
+                            "changed since); give the line a new custom_id or use a new output "
+                            "file",
+                        ),
+                        input_fp=entry.input_fp,
+                        settings_fp=settings_fp,
+                    )
+                )
+            progress.advance(failed=1)
+        else:
+            yield entry
+
+
+def _count(summary: BatchSummary, kind: str) -> None:
+    summary.failed_by_kind[kind] = summary.failed_by_kind.get(kind, 0) + 1
+
+
+async def _run_chunks(
+    items: Iterator[BatchItem], chunk_size, runner, summary, ledger: Ledger
+) -> None:
+    in_flight: set[asyncio.Task] = set()
+    chunks = _chunked(items, chunk_size, runner.options.embedding_batch)
+    try:
+        for number, chunk in enumerate(chunks, start=1):
+            if len(in_flight) >= CHUNKS_IN_FLIGHT:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                ledger.sync()  # a chunk's end: its lines are on disk, not only in the OS
+                faults = [task.exception() for task in done]  # each retrieved, none left unseen
+                for fault in faults:
+                    if fault is not None:
+                        raise fault  # an aborted chunk stops the run now
+            # quote(): Prefect would otherwise walk every item of every chunk looking for task
+            # inputs (the largest Prefect cost in a cProfile of a 1,000-prompt run).
+            in_flight.add(asyncio.create_task(run_chunk(number, quote(chunk), runner)))
+            summary.chunks = number
+        while in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            ledger.sync()
+            faults = [task.exception() for task in done]
+            for fault in faults:
+                if fault is not None:
+                    raise fault
+    finally:
+        for pending in in_flight:
+            pending.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+
+
+def _chunked(
+    items: Iterator[BatchItem], size: int, embedding_batch: int
+) -> Iterator[list[BatchItem]]:
+    """Chunks of `size` requests. A chat line is one request; embedding lines are packed
+    `embedding_batch` texts to a request, so they count that way (a chunk of embedding lines
+    ends on a full pack): 5,000 one-text lines are one task run, not ten (each task run cost
+    the local Prefect API ~0.08 s of CPU and the flow ~0.05 s; ten of them took an embeddings
+    run from 0.9 to 0.7 of raw httpx). Embedding texts held by one chunk stay under
+    `CHUNK_TEXT_CHARS`, so memory stays bounded."""
+    chunk: list[BatchItem] = []
+    requests, texts, chars = 0, 0, 0
+    for item in items:
+        chunk.append(item)
+        if item.inputs is None:
+            requests += 1
+        else:
+            texts += len(item.inputs)
+            chars += sum(map(len, item.inputs))
+        if requests + texts / embedding_batch >= size or chars >= CHUNK_TEXT_CHARS:
+            yield chunk
+            chunk = []
+            requests, texts, chars = 0, 0, 0
+    if chunk:
+        yield chunk
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _fill_summary(summary: BatchSummary, runner: BatchRunner, wall_time: float) -> None:
+    stats = runner.stats
+    summary.succeeded = stats.succeeded
+    for kind, count in stats.failed.items():
+        summary.failed_by_kind[kind] = summary.failed_by_kind.get(kind, 0) + count
+    summary.failed = sum(summary.failed_by_kind.values())
+    summary.retries = stats.retries
+    summary.server_waits = stats.server_waits
+    summary.crashes_seen = stats.crashes_seen
+    summary.prompt_tokens = stats.prompt_tokens
+    summary.completion_tokens = stats.completion_tokens
+    summary.wall_time_s = round(wall_time, 3)
+    summary.completion_tokens_per_s = (
+        round(stats.completion_tokens / wall_time, 2) if wall_time else 0
+    )
+    summary.max_in_flight = runner.max_in_flight
+    summary.servers = [
+        ServerShare(
+            server=lane.name,
+            capacity=lane.capacity,
+            succeeded=lane.stats.succeeded,
+            failed=lane.stats.failed,
+            completion_tokens_per_s=round(lane.stats.completion_tokens / wall_time, 2)
+            if wall_time
+            else 0,
+            taken_out=lane.stats.taken_out,
+            rejoined=lane.stats.rejoined,
+            joined_late=lane.stats.joined_late,
+        )
+        for lane in runner.lanes
+    ]
+
+
+def render_summary(summary: BatchSummary) -> str:
+    rows = [
+        ("Outcome", f"**{summary.outcome}**"),
+        ("Server", f"{summary.server} ({summary.base_url})"),
+        ("Model", summary.model),
+        ("Succeeded", summary.succeeded),
+        ("Failed", summary.failed),
+        ("Already done (skipped)", summary.skipped_done),
+        ("Prompt / completion tokens", f"{summary.prompt_tokens} / {summary.completion_tokens}"),
+        ("Completion tokens/s", summary.completion_tokens_per_s),
+        ("Wall time (s)", summary.wall_time_s),
+        ("Concurrency (max seen in flight)", f"{summary.concurrency} ({summary.max_in_flight})"),
+        ("Chunks (task runs)", summary.chunks),
+        ("Transient retries / waits for the server", f"{summary.retries} / {summary.server_waits}"),
+        ("Requests dropped by a server crash", summary.crashes_seen),
+        ("Output", summary.output_path),
+    ]
+    if summary.output_format != "native":
+        rows.append(("Output format", summary.output_format))
+    if summary.errors_path:
+        rows.append(("Failed lines (errors file)", summary.errors_path))
+    if summary.ledger_unreadable_lines:
+        rows.append(("Unreadable ledger lines (skipped)", summary.ledger_unreadable_lines))
+    if summary.settings_changed:
+        rows.append(("Settings changed (allowed)", ", ".join(summary.settings_changed)))
+    for name, why in summary.skipped_servers.items():
+        rows.append((f"Skipped server {name}", why))
+    if len(summary.servers) > 1:
+        rows += [
+            (
+                f"Server {share.server}",
+                f"{share.succeeded} done, {share.failed} failed, "
+                f"{share.completion_tokens_per_s} tok/s, {share.capacity} in flight, "
+                f"out {share.taken_out}x, rejoined {share.rejoined}x"
+                + (", joined late" if share.joined_late else ""),
+            )
+            for share in summary.servers
+        ]
+    rows += [(f"Failed: {kind}", count) for kind, count in sorted(summary.failed_by_kind.items())]
+    if summary.abort_reason:
+        rows.append(("Aborted because", summary.abort_reason))
+    return markdown_table("llama.cpp batch", rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamacpp-batch", description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="JSONL file of prompts")
+    parser.add_argument("output", help="JSONL results file (appended; rerun to resume)")
+    parser.add_argument(
+        "--server",
+        action="append",
+        help="llama.cpp Server block name; repeat it for a fleet "
+        "(default: the block 'llamacpp', else the LLAMACPP_* settings)",
+    )
+    parser.add_argument("--system-prompt")
+    parser.add_argument("--schema", type=Path, help="JSON Schema file: answers become objects")
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument(
+        "--concurrency", type=int, help="default: the server's total_slots + queue depth"
+    )
+    parser.add_argument("--queue-depth", type=int, default=DEFAULT_QUEUE_DEPTH)
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--max-attempts", type=int, default=3)
+    parser.add_argument("--max-crashes", type=int, default=2)
+    parser.add_argument("--request-timeout", type=float, default=600)
+    parser.add_argument(
+        "--ignore-line-models",
+        action="store_true",
+        help="send every line to any server, whatever model it names",
+    )
+    parser.add_argument(
+        "--output-format",
+        choices=["native", "openai"],
+        default="native",
+        help="openai: OpenAI Batch output lines, failed ones also in <output>.errors.jsonl",
+    )
+    parser.add_argument(
+        "--allow-settings-change",
+        action="store_true",
+        help="resume a ledger written with other settings, keeping its answers",
+    )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help='native lines are {"custom_id", "input"} texts to embed (servers need --embeddings)',
+    )
+    parser.add_argument("--embedding-batch", type=int, default=DEFAULT_EMBEDDING_BATCH)
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=json.loads,
+        help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}'",
+    )
+    args = parser.parse_args(argv)
+    schema = json.loads(args.schema.read_text()) if args.schema else None
+
+    async def run() -> int:
+        state = await llamacpp_batch_flow(
+            args.input,
+            args.output,
+            server=args.server[0] if args.server and len(args.server) == 1 else args.server,
+            system_prompt=args.system_prompt,
+            output_schema=schema,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            concurrency=args.concurrency,
+            queue_depth=args.queue_depth,
+            ready_timeout=args.ready_timeout,
+            chunk_size=args.chunk_size,
+            max_attempts=args.max_attempts,
+            max_crashes=args.max_crashes,
+            request_timeout=args.request_timeout,
+            allow_settings_change=args.allow_settings_change,
+            ignore_line_models=args.ignore_line_models,
+            embeddings=args.embeddings,
+            embedding_batch=args.embedding_batch,
+            chat_template_kwargs=args.chat_template_kwargs,
+            output_format=args.output_format,
+            return_state=True,
+        )
+        if state.is_failed():
+            print(f"batch failed: {state.message}", file=sys.stderr)
+            return 1
+        summary = await state.aresult()
+        print(json.dumps(summary.model_dump(), indent=2))
+        return 0
+
+    return run_cli(lambda: asyncio.run(run()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The scheduled health flow: is the server up, can it answer, how fast, how busy is it.
+
+Each run checks the server, sends a one-token canary completion (unless the server sleeps or,
+in router mode, has no model loaded), writes a markdown artifact and emits a Prefect event
+named after the state (`llamacpp.server.ready`, `.busy`, `.wedged`, `.unreachable`, ...) with
+the server as its resource and the latency figures in its payload, so the automations in
+`automations/llamacpp-alerts.yaml` can alert on it. A run fails when the server is not ready;
+`busy` (slow but progressing) and `sleeping` count as ready, `wedged` does not.
+
+    llamacpp-health [BLOCK_NAME ...]     # several names: a fleet (here also python -m flows.health)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.events import emit_event
+
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.canary import CanaryOptions, empty_latency
+from prefect_llamacpp.exceptions import LlamaCppError
+from prefect_llamacpp.flows.fleet import server_names
+from prefect_llamacpp.flows.local_api import run_cli
+from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+from prefect_llamacpp.tasks import (
+    check_health,
+    check_health_with_canary,
+    get_metrics,
+    get_slots,
+    load_server_or_env,
+)
+
+EVENT_PREFIX = "llamacpp.server"
+# The /metrics samples worth a line in the report.
+REPORTED_METRICS = (
+    "requests_processing",
+    "requests_deferred",
+    "prompt_tokens_total",
+    "tokens_predicted_total",
+    "predicted_tokens_seconds",
+    "prompt_tokens_seconds",
+)
+
+
+class ServerNotReadyFlowError(LlamaCppError):
+    """The health flow found the server in a state other than ready (or sleeping)."""
+
+
+@flow(
+    name="llamacpp-health",
+    description="Check a llama.cpp server: state, a one-token canary (latency; busy or wedged), "
+    "model, slots and metrics; artifact + event.",
+    retries=0,
+)
+async def llamacpp_health_flow(
+    server: str | list[str] | None = None,
+    fail_when_not_ready: bool = True,
+    read_slots: bool = True,
+    canary: bool = True,
+    first_byte_timeout: float = 10.0,
+    total_timeout: float = 30.0,
+    fail_when_busy: bool = False,
+    min_ready: int | None = None,
+) -> ProviderHealthStatus | list[ProviderHealthStatus]:
+    """Check the server saved as block `server`.
+
+    Args:
+        server: Name of a saved `llama.cpp Server` block (it must exist), or a list of names
+            for a fleet: all are checked at once, one event each and one artifact with a row
+            per server and fleet totals. Left out: the block saved as `llamacpp`, else the
+            `LLAMACPP_*` settings (the run log says which).
+        fail_when_not_ready: Fail the run when the server is not ready (busy and sleeping count
+            as ready; wedged, loading, unreachable, unauthorized and error do not).
+        read_slots: When metrics are off, read /slots for busy/total. /slots resets the
+            server's idle timer, so turn this off if the server uses --sleep-idle-seconds.
+        canary: Send a one-token completion to a ready server to measure latency and tell a
+            busy server from a wedged one. Never sent to a sleeping server or to an unloaded
+            router model. A completion counts as activity for --sleep-idle-seconds.
+        first_byte_timeout: Seconds the canary waits for its first token.
+        total_timeout: Seconds the canary waits for its whole answer.
+        fail_when_busy: Also fail the run when the server (any server of a fleet) is busy.
+        min_ready: For a fleet, how many servers must be ready (busy and sleeping count);
+            default: all of them.
+    """
+    names = server_names(server)
+    members = [await load_server_or_env(name) for name in names]
+    options = (
+        CanaryOptions(first_byte_timeout=first_byte_timeout, total_timeout=total_timeout)
+        if canary
+        else None
+    )
+    checks = await asyncio.gather(
+        *(_check_server(block, label, options, read_slots) for block, label in members)
+    )
+    if isinstance(server, list):
+        return await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
+    ((label, status, load),) = checks
+    await acreate_markdown_artifact(
+        markdown=render_report(label, status, load),
+        key=artifact_key(label),
+        description=f"llama.cpp server health: {status.state}",
+    )
+    if fail_when_busy and status.state == ServerState.BUSY:
+        raise ServerNotReadyFlowError(f"llama-server {label} is busy: {status.error}")
+    if fail_when_not_ready and not status.is_ready:
+        raise ServerNotReadyFlowError(f"llama-server {label} is {status.state}: {status.error}")
+    return status
+
+
+async def _check_server(
+    block: LlamaCppServer, label: str, canary: CanaryOptions | None, read_slots: bool
+) -> tuple[str, ProviderHealthStatus, dict[str, Any]]:
+    """One server's check: state (with the canary when given), slot load, a log line, an event."""
+    logger = get_run_logger()
+    if canary is not None:
+        status = await check_health_with_canary(block, canary)
+    else:
+        status = await check_health(block)
+    healthy = status.state in (ServerState.READY, ServerState.BUSY)
+    load = await _slot_load(block, status, read_slots) if healthy else {}
+    logger.info(
+        "llama-server %s is %s (model %s)%s",
+        label,
+        status.state,
+        status.model_id or "-",
+        f": {status.error}" if status.error else "",
+    )
+    emit_event(
+        event=f"{EVENT_PREFIX}.{status.state}",
+        resource={
+            "prefect.resource.id": f"{EVENT_PREFIX}.{label}",
+            "prefect.resource.name": label,
+            "llamacpp.base_url": status.base_url,
+        },
+        payload={
+            "state": str(status.state),
+            "model_id": status.model_id,
+            "error": status.error,
+            "total_slots": status.metadata.get("total_slots"),
+            **{key: value for key, value in load.items() if key in ("busy_slots",)},
+            "latency": status.metadata.get("latency") or empty_latency(),
+            "canary": canary_note(status, canary is not None),
+        },
+    )
+    return label, status, load
+
+
+async def _fleet_outcome(
+    checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]],
+    min_ready: int | None,
+    fail_when_not_ready: bool,
+    fail_when_busy: bool,
+) -> list[ProviderHealthStatus]:
+    """One artifact for the fleet (a row per server, then totals); fail below `min_ready`."""
+    ready = [label for label, status, _ in checks if status.is_ready]
+    busy = [label for label, status, _ in checks if status.state == ServerState.BUSY]
+    not_ready = {label: status for label, status, _ in checks if not status.is_ready}
+    await acreate_markdown_artifact(
+        markdown=render_fleet_report(checks),
+        key="llamacpp-health-fleet",
+        description=f"llama.cpp fleet health: {len(ready)} of {len(checks)} ready",
+    )
+    wanted = len(checks) if min_ready is None else min_ready
+    if fail_when_busy and busy:
+        raise ServerNotReadyFlowError(f"llama-servers busy: {', '.join(busy)}")
+    if fail_when_not_ready and len(ready) < wanted:
+        problems = "; ".join(
+            f"{label} is {status.state}: {status.error}" for label, status in not_ready.items()
+        )
+        raise ServerNotReadyFlowError(
+            f"{len(ready)} of {len(checks)} llama-servers ready (at least {wanted} wanted): "
+            f"{problems}"
+        )
+    return [status for _, status, _ in checks]
+
+
+def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]]) -> str:
+    header = "| Server | State | Model | Slots busy / total | Canary first byte | Problem |"
+    lines = ["# llama.cpp fleet", "", header, "|---|---|---|---|---|---|"]
+    total_slots = busy_slots = 0
+    for label, status, load in checks:
+        slots = status.metadata.get("total_slots")
+        busy = load.get("busy_slots")
+        total_slots += slots or 0
+        busy_slots += busy or 0
+        latency = status.metadata.get("latency") or {}
+        problem = (status.error or "-").replace("|", "/").replace("\n", " ")
+        lines.append(
+            f"| {label} | **{status.state}** | {status.model_id or '-'} | "
+            f"{busy if busy is not None else '?'} / {slots or '?'} | "
+            f"{_seconds(latency.get('ttfb_s'))} | {problem} |"
+        )
+    ready = sum(1 for _, status, _ in checks if status.is_ready)
+    lines.append(
+        f"| **fleet** | **{ready} of {len(checks)} ready** | | {busy_slots} / {total_slots} | | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+async def _slot_load(
+    block: LlamaCppServer, status: ProviderHealthStatus, read_slots: bool
+) -> dict[str, Any]:
+    """Busy slots and key metrics, from /metrics when enabled (no side effects), else /slots."""
+    logger = get_run_logger()
+    load: dict[str, Any] = {}
+    try:
+        if status.metadata.get("endpoint_metrics"):
+            metrics = await get_metrics(block)
+            load["metrics"] = {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
+            load["busy_slots"] = int(metrics.get("requests_processing", 0))
+        elif read_slots and status.metadata.get("endpoint_slots", True):
+            slots = await get_slots(block)
+            load["busy_slots"] = sum(1 for slot in slots if slot.get("is_processing"))
+    except LlamaCppError as exc:
+        # The state is the answer; a missing detail is a warning, not a failed check.
+        logger.warning("Could not read slot load: %s", exc)
+    return load
+
+
+def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]) -> str:
+    meta = status.metadata
+    total = meta.get("total_slots")
+    busy = load.get("busy_slots")
+    rows = [
+        ("State", f"**{status.state}**"),
+        ("Server", status.base_url),
+        ("Model", status.model_id or "-"),
+        ("Build", meta.get("build_info", "-")),
+        ("Slots busy / total", f"{busy if busy is not None else '?'} / {total or '?'}"),
+        ("Context per slot (n_ctx)", meta.get("n_ctx", "-")),
+        ("Server /health status", meta.get("status", "-")),
+    ]
+    if meta.get("role") == "router":
+        rows.append(
+            ("Router models", ", ".join(f"{k}: {v}" for k, v in meta["router_models"].items()))
+        )
+    latency = meta.get("latency")
+    if latency is not None:
+        rows += [
+            ("Canary", canary_note(status, True)),
+            ("Canary time to first byte", _seconds(latency.get("ttfb_s"))),
+            ("Canary total", _seconds(latency.get("total_s"))),
+            ("Prompt tokens/s (server average)", _rate(latency.get("prompt_tokens_per_s"))),
+            ("Generation tokens/s (server average)", _rate(latency.get("predicted_tokens_per_s"))),
+        ]
+        if meta.get("progress"):
+            rows.append(("Progress while the canary waited", meta["progress"]))
+    if status.error:
+        rows.append(("Problem", status.error))
+    for name, value in (load.get("metrics") or {}).items():
+        rows.append((f"metrics: {name}", f"{value:g}"))
+    return markdown_table(f"llama.cpp server `{label}`", rows)
+
+
+def canary_note(status: ProviderHealthStatus, canary: bool) -> str:
+    """What happened to the canary, in a few words."""
+    if not canary:
+        return "not sent: turned off"
+    return status.metadata.get("canary") or f"not sent: the server is {status.state}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f} ms"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def artifact_key(label: str) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-") or "server"
+    return f"llamacpp-health-{slug}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m flows.health [BLOCK ...]: one name checks one server, several a fleet."""
+    names = sys.argv[1:] if argv is None else argv
+
+    def check() -> int:
+        server = names if len(names) > 1 else (names[0] if names else None)
+        final = asyncio.run(llamacpp_health_flow(server, return_state=True))
+        return 0 if final.is_completed() else 1
+
+    return run_cli(check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""llama.cpp as a pydantic-ai provider, plus health checks and model detection.
+
+status = await llamacpp_health_check()          # never raises for a server fault
+model = await create_llamacpp_model_async()     # raises ModelError unless the server is ready
+agent = Agent(model)                            # model is pydantic-ai's own OpenAIChatModel
+agent.run_sync("Hi", model_settings=llamacpp_model_settings(
+    chat_template_kwargs={"enable_thinking": False}))
+embedder = Embedder(create_llamacpp_embedding_model())  # server started with --embeddings
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Any, cast
+
+from openai import AsyncOpenAI
+from pydantic import SecretStr
+from pydantic_ai.exceptions import UserError
+from pydantic_ai.models import ModelRequestParameters
+from pydantic_ai.models.openai import OpenAIChatModel, OpenAIChatModelSettings
+from pydantic_ai.profiles import ModelProfile, merge_profile
+from pydantic_ai.profiles.deepseek import deepseek_model_profile
+from pydantic_ai.profiles.google import google_model_profile
+from pydantic_ai.profiles.meta import meta_model_profile
+from pydantic_ai.profiles.mistral import mistral_model_profile
+from pydantic_ai.profiles.openai import OpenAIJsonSchemaTransformer, OpenAIModelProfile
+from pydantic_ai.profiles.qwen import qwen_model_profile
+from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
+from pydantic_ai.settings import ModelSettings
+
+from prefect_llamacpp.canary import CanaryOptions, empty_latency, run_canary
+from prefect_llamacpp.client import LlamaCppClient, router_model_status
+from prefect_llamacpp.config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_MODEL_NAME,
+    LlamaCppSettings,
+    get_settings,
+)
+from prefect_llamacpp.exceptions import (
+    LlamaCppError,
+    ModelError,
+    ServerHTTPError,
+    ServerLoadingError,
+    ServerUnreachableError,
+    UnauthorizedError,
+)
+from prefect_llamacpp.log import get_logger_with_context
+from prefect_llamacpp.server_url import parse_server_url
+from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+
+if TYPE_CHECKING:
+    from pydantic_ai.embeddings import EmbeddingSettings
+    from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
+
+# pydantic-ai's OpenAI client insists on a key; llama-server without --api-key ignores it.
+PLACEHOLDER_API_KEY = "llamacpp-no-key"
+
+_FAMILY_PROFILES = {
+    "llama": meta_model_profile,
+    "gemma": google_model_profile,
+    "qwen": qwen_model_profile,
+    "qwq": qwen_model_profile,
+    "deepseek": deepseek_model_profile,
+    "mistral": mistral_model_profile,
+}
+
+logger = get_logger_with_context("provider")
+
+
+def llamacpp_model_profile(model_name: str) -> ModelProfile:
+    """What llama-server supports for `model_name` (a GGUF file name or `--alias`).
+
+    `json_schema` response formats are compiled to a grammar, so native structured output is
+    enforced even for small models; the schema is also put in the instructions so the model
+    knows what it is writing. Tools need `--jinja`, on by default in current servers.
+    """
+    bare = PurePath(model_name.lower()).name
+    family = next(
+        (profile(bare) for prefix, profile in _FAMILY_PROFILES.items() if bare.startswith(prefix)),
+        None,
+    )
+    return merge_profile(
+        OpenAIModelProfile(json_schema_transformer=OpenAIJsonSchemaTransformer),
+        family,
+        OpenAIModelProfile(
+            supports_json_schema_output=True,
+            supports_json_object_output=True,
+            native_output_requires_schema_in_instructions=True,
+            openai_supports_strict_tool_definition=False,
+            openai_chat_supports_document_input=False,
+            supports_tool_return_schema=False,
+            # llama-server puts a reasoning model's thoughts in `reasoning_content` (its default
+            # --reasoning-format) and reads that field back from assistant messages.
+            openai_chat_thinking_field="reasoning_content",
+            openai_chat_send_back_thinking_parts="field",
+        ),
+    )
+
+
+class LlamaCppModelSettings(OpenAIChatModelSettings, total=False):
+    """Model settings for `LlamaCppModel`; every field is `llamacpp_`-prefixed, so they merge
+    with pydantic-ai's own settings. The `OpenAIChatModel` that `create_llamacpp_model` returns
+    does not read them: give it `llamacpp_model_settings(...)`."""
+
+    llamacpp_chat_template_kwargs: dict[str, Any]
+    """Variables for the model's chat template, sent as llama-server's `chat_template_kwargs`:
+    `{"enable_thinking": False}` turns a Qwen3 model's thinking off. Replaces any
+    `chat_template_kwargs` in `extra_body`."""
+
+
+def llamacpp_model_settings(
+    *, chat_template_kwargs: dict[str, Any] | None = None, **settings: Any
+) -> OpenAIChatModelSettings:
+    """pydantic-ai model settings (any `OpenAIChatModelSettings` field in `settings`) that also
+    send llama-server's `chat_template_kwargs`, inside `extra_body`, where pydantic-ai's own
+    `OpenAIChatModel` sends them. Raises `ModelError` for kwargs that are not a JSON object.
+
+    pydantic-ai merges settings one level deep: a run's own `extra_body` replaces this one
+    whole. To keep the kwargs through such merges, use `LlamaCppModel` with
+    `LlamaCppModelSettings`."""
+    result = cast(dict[str, Any], dict(settings))
+    if chat_template_kwargs is not None:
+        result["extra_body"] = _with_template_kwargs(result.get("extra_body"), chat_template_kwargs)
+    return cast(OpenAIChatModelSettings, result)
+
+
+def _with_template_kwargs(extra_body: Any, chat_template_kwargs: Any) -> dict[str, Any]:
+    """`extra_body` with llama-server's `chat_template_kwargs` set (checked)."""
+    kwargs = checked_chat_template_kwargs(chat_template_kwargs)
+    return {**(extra_body or {}), "chat_template_kwargs": kwargs}
+
+
+def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
+    """`value` if it can be sent as `chat_template_kwargs`; `ModelError` naming the fix if not."""
+    # llama-server silently ignores a chat_template_kwargs that is not an object.
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ModelError(
+            "chat_template_kwargs must be a JSON object with string keys, such as "
+            f'{{"enable_thinking": false}}; got {type(value).__name__}'
+        )
+    return value
+
+
+class LlamaCppModel(OpenAIChatModel):
+    """`OpenAIChatModel` that also sends `LlamaCppModelSettings` fields to llama-server, so
+    `llamacpp_chat_template_kwargs` survives a run's own `extra_body`. Build it yourself:
+    `LlamaCppModel(name, provider=LlamaCppProvider(...))`."""
+
+    def prepare_request(
+        self,
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> tuple[ModelSettings | None, ModelRequestParameters]:
+        merged, parameters = super().prepare_request(model_settings, model_request_parameters)
+        if not merged or "llamacpp_chat_template_kwargs" not in merged:
+            return merged, parameters
+        # A copy: the merged settings may be the model's own dict, reused by the next request.
+        settings = cast(dict[str, Any], dict(merged))
+        kwargs = settings.pop("llamacpp_chat_template_kwargs")
+        settings["extra_body"] = _with_template_kwargs(settings.get("extra_body"), kwargs)
+        return cast(ModelSettings, settings), parameters
+
+
+class LlamaCppProvider(OpenAICompatibleProvider):
+    """pydantic-ai provider for a llama.cpp `llama-server`.
+
+    `base_url` may be the server root or its `/v1` URL; it falls back to `LLAMACPP_BASE_URL`, then
+    to http://localhost:8080/v1. `api_key` falls back to `LLAMACPP_API_KEY`; without one a
+    placeholder is sent, which a server started without `--api-key` ignores. Pass `http_client`
+    to size the connection pool yourself (batch work should), or a ready `openai_client`.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        http_client: Any | None = None,
+        openai_client: AsyncOpenAI | None = None,
+    ) -> None:
+        if openai_client is not None:
+            if base_url or api_key or http_client:
+                raise UserError(
+                    "Pass either openai_client or base_url/api_key/http_client, not both"
+                )
+            super().__init__(
+                "llamacpp", openai_client=openai_client, profile=llamacpp_model_profile
+            )
+            return
+        url = base_url or os.getenv("LLAMACPP_BASE_URL") or DEFAULT_BASE_URL
+        key = api_key or os.getenv("LLAMACPP_API_KEY") or PLACEHOLDER_API_KEY
+        super().__init__(
+            "llamacpp",
+            base_url=parse_server_url(url).openai_base,
+            api_key=key,
+            http_client=http_client,
+            profile=llamacpp_model_profile,
+        )
+
+    @property
+    def name(self) -> str:
+        return "llamacpp"
+
+    @staticmethod
+    def model_profile(model_name: str) -> ModelProfile | None:
+        return llamacpp_model_profile(model_name)
+
+    def __repr__(self) -> str:
+        return f"LlamaCppProvider(base_url={self.base_url!r})"
+
+
+def create_llamacpp_model(
+    model_name: str | None = None,
+    settings: LlamaCppSettings | None = None,
+    *,
+    http_client: Any | None = None,
+) -> OpenAIChatModel:
+    """pydantic-ai's own `OpenAIChatModel` for the server in `settings` (default: env), with
+    `LlamaCppProvider` and its profile.
+
+    Needs no server to build. A reasoning model's `reasoning_content` comes back as
+    `ThinkingPart`s; chat template variables go in model settings built with
+    `llamacpp_model_settings(chat_template_kwargs=...)`. Raises `ModelError` when the base URL
+    is invalid.
+    """
+    settings = settings or get_settings().llamacpp
+    name = model_name or settings.model_name or DEFAULT_MODEL_NAME
+    return OpenAIChatModel(name, provider=_provider_for(settings, http_client))
+
+
+def create_llamacpp_embedding_model(
+    model_name: str | None = None,
+    settings: LlamaCppSettings | None = None,
+    *,
+    http_client: Any | None = None,
+    embedding_settings: EmbeddingSettings | None = None,
+) -> OpenAIEmbeddingModel:
+    """An embedding model for `/v1/embeddings` of the server in `settings` (default: env).
+
+    Use it with `pydantic_ai.Embedder`. Needs no server to build; the server must run with
+    `--embeddings` (and a pooling type: the model's own, or `--pooling mean`), else each call
+    fails with HTTP 501 or 400 (`LlamaCppClient.check_embeddings` says which before you send
+    work). llama-server ignores `dimensions`: vectors have the model's `n_embd`. Raises
+    `ModelError` when the base URL is invalid.
+    """
+    # Imported here: it brings tiktoken, which chat-only programs never need.
+    from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
+
+    settings = settings or get_settings().llamacpp
+    name = model_name or settings.model_name or DEFAULT_MODEL_NAME
+    return OpenAIEmbeddingModel(
+        name, provider=_provider_for(settings, http_client), settings=embedding_settings
+    )
+
+
+def _provider_for(settings: LlamaCppSettings, http_client: Any | None) -> LlamaCppProvider:
+    return LlamaCppProvider(
+        base_url=settings.server_url.openai_base,
+        api_key=settings.api_key_value() or PLACEHOLDER_API_KEY,
+        http_client=http_client,
+    )
+
+
+async def create_llamacpp_model_async(
+    model_name: str | None = None,
+    settings: LlamaCppSettings | None = None,
+    auto_detect: bool = True,
+    test_connection: bool = True,
+    *,
+    http_client: Any | None = None,
+) -> OpenAIChatModel:
+    """Like `create_llamacpp_model`, but checks the server first and names the model it serves.
+
+    Raises `ModelError` saying the server's state (loading, unauthorized, unreachable, ...) when
+    `test_connection` is set and the server is not ready. A sleeping server counts as ready.
+    """
+    settings = settings or get_settings().llamacpp
+    name = model_name or settings.model_name
+    if test_connection:
+        status = await llamacpp_health_check(settings)
+        if not status.is_ready:
+            raise ModelError(
+                f"llama-server is not ready ({status.state}): {status.error}",
+                model_name=name,
+                details={"state": str(status.state), "base_url": status.base_url},
+                transient=status.state in (ServerState.LOADING, ServerState.UNREACHABLE),
+            )
+        if auto_detect and not name:
+            name = status.model_id
+    elif auto_detect and not name:
+        name = await detect_llamacpp_model(settings.base_url, settings.timeout, settings.api_key)
+    logger.info("Created llama.cpp model", model_id=name, server=settings.server_url.root)
+    return create_llamacpp_model(name, settings, http_client=http_client)
+
+
+async def detect_llamacpp_model(
+    base_url: str,
+    timeout: float = 10,
+    api_key: str | SecretStr | None = None,
+) -> str | None:
+    """The id of the model the server serves (first of `/v1/models`), or None if it lists none.
+
+    `api_key` defaults to `LLAMACPP_API_KEY`. Raises `ModelError` with `details` (status code,
+    URL) when the server cannot be reached or answers with an error.
+    """
+    if api_key is None:
+        api_key = get_settings().llamacpp.api_key
+    async with LlamaCppClient(base_url, timeout=timeout, api_key=api_key) as client:
+        try:
+            model_id = await client.served_model_id()
+        except LlamaCppError as exc:
+            raise ModelError(
+                f"Could not detect the llama.cpp model: {exc}",
+                details=exc.details,
+                transient=exc.transient,
+            ) from None
+    logger.info("Detected model", model_id=model_id, server=client.base_url)
+    return model_id
+
+
+async def llamacpp_health_check(
+    settings: LlamaCppSettings | None = None, *, canary: bool | CanaryOptions = False
+) -> ProviderHealthStatus:
+    """Ask the server in `settings` (default: env) what state it is in. Never raises for a fault.
+
+    `canary=True` (or `CanaryOptions(...)` for other deadlines) also sends a one-token
+    completion to a ready server and reports `metadata["latency"]`, and `busy` or `wedged`
+    when it misses a deadline (see `prefect_llamacpp.canary`). Off by default: without it the
+    check sends no completion at all.
+    """
+    settings = settings or get_settings().llamacpp
+    options = CanaryOptions() if canary is True else (canary or None)
+    try:
+        server_url = settings.server_url
+    except ModelError as exc:
+        return ProviderHealthStatus(
+            connected=False, base_url=settings.base_url, state=ServerState.ERROR, error=str(exc)
+        )
+    async with LlamaCppClient(
+        server_url.root, timeout=settings.timeout, api_key=settings.api_key
+    ) as client:
+        return await check_server_health(client, model_name=settings.model_name, canary=options)
+
+
+async def check_server_health(
+    client: LlamaCppClient, model_name: str | None = None, canary: CanaryOptions | None = None
+) -> ProviderHealthStatus:
+    """The health check on an open client: `/health`, then `/props`, then `/v1/models`.
+
+    Reads `/props` (which does not wake a sleeping server) and never `/slots` (which does).
+    With `canary`, a ready server then gets the one-token canary; a sleeping one never does,
+    and in router mode only a loaded model does. `/slots` is read only when the canary missed
+    its deadline and `/metrics` is off.
+    """
+    status = _HealthReport(client.openai_base_url)
+    if canary is not None:
+        status.metadata["latency"] = empty_latency()
+    try:
+        health = await client.health_check()
+        status.metadata["status"] = health.get("status") if isinstance(health, dict) else None
+    except UnauthorizedError:
+        # --api-prefix with --api-key makes /health answer 401: the server is up, go on with the key.
+        status.metadata["status"] = "unauthorized"
+    except LlamaCppError as exc:
+        return status.from_error(exc)
+
+    try:
+        props = await client.get_props()
+        status.metadata.update(summarize_props(props))
+    except (UnauthorizedError, ServerLoadingError, ServerUnreachableError) as exc:
+        return status.from_error(exc)
+    except LlamaCppError as exc:
+        # A proxy may not forward /props; the check can still answer from /v1/models.
+        props = {}
+        status.metadata["props_error"] = str(exc)
+
+    if props.get("is_sleeping"):
+        # /v1/models would be served, but sleeping is the state to report; props names the model.
+        model_id = props.get("model_alias") or _file_name(props.get("model_path"))
+        status.skip_canary("the server is asleep, and a completion would wake it")
+        return status.build(ServerState.SLEEPING, model_id=model_id)
+
+    try:
+        models = await client.list_models()
+    except LlamaCppError as exc:
+        return status.from_error(exc)
+    ids = [entry.get("id") for entry in models if entry.get("id")]
+    status.metadata["models"] = ids
+    aliases = [alias for entry in models for alias in entry.get("aliases") or [] if alias]
+    if aliases:
+        status.metadata["model_aliases"] = aliases
+
+    if props.get("role") == "router":
+        statuses = {entry.get("id"): router_model_status(entry) for entry in models}
+        status.metadata["router_models"] = statuses
+        loaded = [model for model, value in statuses.items() if value == "loaded"]
+        chosen = model_name if model_name in loaded else (loaded[0] if loaded else None)
+        if chosen is None:
+            status.skip_canary("no model is loaded, and a check never loads one")
+            return status.build(ServerState.READY)
+        return await status.ready(client, chosen, canary, router=True)
+
+    if not ids:
+        return status.build(ServerState.ERROR, error="the server lists no model in /v1/models")
+    if model_name and not _names_model(models, model_name):
+        # Single-model servers answer any `model`, so this is a warning, not a failure.
+        status.metadata["model_name_not_listed"] = model_name
+        logger.warning("Configured model not listed", model_name=model_name, served=ids[0])
+    return await status.ready(client, ids[0], canary)
+
+
+def summarize_props(props: dict[str, Any]) -> dict[str, Any]:
+    """The `/props` fields a health report keeps."""
+    generation = props.get("default_generation_settings") or {}
+    summary = {
+        "total_slots": props.get("total_slots"),
+        "is_sleeping": props.get("is_sleeping"),
+        "build_info": props.get("build_info"),
+        "n_ctx": generation.get("n_ctx") if isinstance(generation, dict) else None,
+        "model_alias": props.get("model_alias"),
+        "model_path": props.get("model_path"),
+        "role": props.get("role"),
+        "endpoint_slots": props.get("endpoint_slots"),
+        "endpoint_metrics": props.get("endpoint_metrics"),
+    }
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+class _HealthReport:
+    """Collects metadata while the check runs and turns faults into states."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.metadata: dict[str, Any] = {}
+
+    def build(
+        self,
+        state: ServerState,
+        *,
+        model_id: str | None = None,
+        error: str | None = None,
+        connected: bool = True,
+    ) -> ProviderHealthStatus:
+        return ProviderHealthStatus(
+            connected=connected,
+            model_detected=bool(model_id),
+            model_id=model_id,
+            base_url=self.base_url,
+            state=state,
+            metadata=self.metadata,
+            error=error,
+        )
+
+    async def ready(
+        self,
+        client: LlamaCppClient,
+        model_id: str,
+        canary: CanaryOptions | None,
+        *,
+        router: bool = False,
+    ) -> ProviderHealthStatus:
+        """READY, or what the canary found instead when one is asked for."""
+        if canary is None:
+            return self.build(ServerState.READY, model_id=model_id)
+        try:
+            outcome = await run_canary(
+                client,
+                canary,
+                model=model_id,
+                # Router props say nothing about the child's endpoints: try, fall back.
+                metrics=router or bool(self.metadata.get("endpoint_metrics")),
+                slots=router or self.metadata.get("endpoint_slots", True) is not False,
+                router=router,
+            )
+        except LlamaCppError as exc:  # gone, restarted or locked between the reads
+            return self.from_error(exc)
+        self.metadata["latency"] = outcome.latency
+        self.metadata["canary"] = _canary_summary(outcome.state, outcome.detail)
+        self.metadata.update(outcome.detail)
+        return self.build(outcome.state, model_id=model_id, error=outcome.error)
+
+    def skip_canary(self, reason: str) -> None:
+        if "latency" in self.metadata:  # a canary was asked for
+            self.metadata["canary"] = f"not sent: {reason}"
+
+    def from_error(self, exc: LlamaCppError) -> ProviderHealthStatus:
+        if isinstance(exc, ServerUnreachableError):
+            return self.build(ServerState.UNREACHABLE, error=str(exc), connected=False)
+        if isinstance(exc, ServerHTTPError):
+            self.metadata["http_status"] = exc.status_code
+        if isinstance(exc, ServerLoadingError):
+            self.metadata.setdefault("status", "loading")
+            return self.build(ServerState.LOADING, error=str(exc))
+        if isinstance(exc, UnauthorizedError):
+            return self.build(ServerState.UNAUTHORIZED, error=str(exc))
+        return self.build(ServerState.ERROR, error=str(exc))
+
+
+def _canary_summary(state: ServerState, detail: dict[str, Any]) -> str:
+    if "skipped" in detail:
+        return detail["skipped"]
+    if "deadline_missed" in detail:
+        return f"missed its {detail['deadline_missed'].replace('_', '-')} deadline"
+    if state == ServerState.READY:
+        return "answered"
+    return "failed"
+
+
+def _names_model(models: list[dict[str, Any]], model_name: str) -> bool:
+    return any(
+        model_name == entry.get("id") or model_name in (entry.get("aliases") or [])
+        for entry in models
+    )
+
+
+def _file_name(path: str | None) -> str | None:
+    return PurePath(path).name if path else None

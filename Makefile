@@ -30,7 +30,7 @@ lint: setup
 
 # Everything on the locked Python (3.11), then the unit and flow tests again on 3.13.
 test: lint server
-	$(UV) run pytest
+	UV="$(UV)" $(UV) run pytest
 	$(MAKE) --no-print-directory test-3.13
 
 # The unit and flow tests on Python 3.13, in their own environment (.venv-3.13), less four

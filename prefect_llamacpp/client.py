@@ -252,7 +252,7 @@ class LlamaCppClient:
         """`POST /v1/chat/completions` with a JSON `body` already encoded; the parsed answer.
 
         The batch hot path builds and encodes its requests once (`build_chat_request` in
-        `src/core/models/llamacpp_request.py`).
+        `prefect_llamacpp/request.py`).
         Raises `ServerTimeoutError` / `ServerDisconnectedError` when the request was sent but not
         answered, `ServerUnreachableError` when it was never sent, `ServerHTTPError` for a status.
         """
@@ -283,7 +283,7 @@ class LlamaCppClient:
         """`POST /v1/embeddings` with a JSON `body` already encoded; the parsed answer.
 
         Build the body with `build_embedding_request` and read the answer with
-        `read_embedding_answer` (`src/core/models/llamacpp_request.py`). Raises
+        `read_embedding_answer` (`prefect_llamacpp/request.py`). Raises
         `NotSupportedError` naming the flag to add when the server does not serve embeddings,
         and otherwise the errors of `chat_completion`.
         """

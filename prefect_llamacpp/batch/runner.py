@@ -2,7 +2,7 @@
 
 The runner owns one HTTP pool sized to `concurrency` and keeps at most that many requests in
 flight (llama-server defers the rest). Each item is one chat completion built by
-`src/core/models/llamacpp_request.py` and sent over `LlamaCppClient`. Faults are sorted:
+`prefect_llamacpp/request.py` and sent over `LlamaCppClient`. Faults are sorted:
 
 - the item's own (400 context too long, an answer that fails the schema): an error line;
 - transient (timeout, 408/429/502/503/504 from a proxy): retried with backoff, honouring

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from flows import batch_progress
+from prefect_llamacpp.flows import batch_progress
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 
 

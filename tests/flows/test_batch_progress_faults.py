@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from flows import batch as batch_module
-from flows import batch_progress
 from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.flows import batch as batch_module
+from prefect_llamacpp.flows import batch_progress
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from tests.flows.conftest import flow_run_record

@@ -7,6 +7,7 @@ import pytest
 import respx
 from prefect import flow
 
+from prefect_llamacpp import tasks
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.exceptions import (
     NotSupportedError,
@@ -14,7 +15,6 @@ from prefect_llamacpp.exceptions import (
     ServerUnreachableError,
     UnauthorizedError,
 )
-from tasks import llamacpp as tasks
 from tests.unit.fakes import LOADING, PROPS, ROOT, UNAUTHORIZED, ready_server
 
 BLOCK = LlamaCppServer(base_url=ROOT, timeout=2)
@@ -128,13 +128,10 @@ async def test_loading_error_is_transient():
 def every_task():
     from prefect.tasks import Task
 
-    from tasks import canary
-
     found = [
         value
-        for module in (tasks, canary)
-        for value in vars(module).values()
-        if isinstance(value, Task) and value.fn.__module__ == module.__name__
+        for value in vars(tasks).values()
+        if isinstance(value, Task) and value.fn.__module__ == tasks.__name__
     ]
     assert len(found) >= 7
     return found

@@ -30,7 +30,7 @@ class LlamaCppServer(Block, LlamaCppConnection):
         ```python
         from pydantic_ai import Agent
 
-        from prefect_llamacpp.blocks import LlamaCppServer
+        from prefect_llamacpp import LlamaCppServer
 
         server = LlamaCppServer.load("BLOCK_NAME")
         agent = Agent(server.create_model())
@@ -52,7 +52,7 @@ class LlamaCppServer(Block, LlamaCppConnection):
 ```python
 from pydantic_ai import Agent
 
-from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp import LlamaCppServer
 
 server = LlamaCppServer.load("BLOCK_NAME")
 agent = Agent(server.create_model())

@@ -72,10 +72,11 @@ async def test_save_load_round_trip_keeps_key_secret(registered_block_type):
     assert document.data["base_url"] == "http://gpu-1:8080/v1"
 
 
-def test_register_cli(prefect_harness):
+@pytest.mark.parametrize("source", [["-f", "blocks/llamacpp.py"], ["-m", "prefect_llamacpp"]])
+def test_register_cli(prefect_harness, source):
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     result = subprocess.run(
-        [sys.executable, "-m", "prefect", "block", "register", "-f", "blocks/llamacpp.py"],
+        [sys.executable, "-m", "prefect", "block", "register", *source],
         cwd=REPO,
         env=env,
         capture_output=True,

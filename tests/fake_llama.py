@@ -5,7 +5,8 @@ fault it fakes; every behaviour that a real server can show is tested against a 
 `answer(body) -> (status, headers, json) | "crash" | "drop"`: "crash" drops every connection that
 has a request in flight, unanswered, as a dying server does, and the server is then down for
 `restart_s` (a supervisor restarting it: /health and every request answer 503 "Loading model",
-or, with `while_down="drop"`, are dropped unanswered, as a proxy in front of it does);
+or, with `while_down="drop"`, are dropped unanswered, as a proxy in front of it does, or with
+`while_down="502"` answered 502 by that proxy, the requests in flight at the crash included);
 "drop" closes only this request's connection, unanswered, while the server stays up (a proxy or
 the network cutting one request).
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 Answer = tuple[int, dict[str, str], Any] | str
 LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
+BAD_GATEWAY = {"error": {"message": "upstream prematurely closed connection", "code": 502}}
 
 
 def completion(text: str = "ok", tokens: int = 2) -> tuple[int, dict[str, str], Any]:
@@ -48,11 +50,15 @@ class FakeLlamaServer:
         slots: int | None = None,
         restart_s: float = 0.3,
         while_down: str = "loading",
+        routes: dict[str, Answer] | None = None,
     ) -> None:
         self.answer = answer
         self.delay = delay
         self.restart_s = restart_s
         self.while_down = while_down
+        # Fixed answers by path prefix (GET /props, /v1/models ...), before `answer`.
+        self.routes = routes or {}
+        self.gets: list[str] = []
         self.crashes = 0
         self._down_until = 0.0
         # With `slots`, at most that many requests are processed at once (the rest wait), so
@@ -70,6 +76,10 @@ class FakeLlamaServer:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    def down_for(self, seconds: float) -> None:
+        """Not ready (as `while_down` says) for `seconds` from now: loading, say."""
+        self._down_until = time.monotonic() + seconds
+
     async def __aexit__(self, *exc: object) -> None:
         self._server.close()
         for writer in list(self.in_flight):
@@ -86,11 +96,24 @@ class FakeLlamaServer:
                     for k, v in (line.split(":", 1) for line in header_lines if ":" in line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                if method == "GET":
+                    self.gets.append(path)
                 if time.monotonic() < self._down_until:
                     if self.while_down == "drop":
                         writer.transport.abort()
                         return
+                    if self.while_down == "502":
+                        await _respond(writer, 502, {"Connection": "close"}, BAD_GATEWAY)
+                        writer.close()
+                        return
                     await _respond(writer, 503, {}, LOADING)
+                    continue
+                route = next(
+                    (answer for prefix, answer in self.routes.items() if path.startswith(prefix)),
+                    None,
+                )
+                if route is not None:
+                    await _respond(writer, *route)
                     continue
                 if path.startswith("/health"):
                     await _respond(writer, 200, {}, {"status": "ok"})
@@ -108,9 +131,14 @@ class FakeLlamaServer:
                 if outcome == "crash":
                     self.crashes += 1
                     self._down_until = time.monotonic() + self.restart_s
-                    for victim in list(self.in_flight):
-                        victim.transport.abort()
+                    victims = list(self.in_flight)
                     self.in_flight.clear()
+                    for victim in victims:
+                        if self.while_down == "502":
+                            await _respond(victim, 502, {"Connection": "close"}, BAD_GATEWAY)
+                            victim.close()
+                        else:
+                            victim.transport.abort()
                     return
                 if outcome == "drop":
                     self.in_flight.discard(writer)

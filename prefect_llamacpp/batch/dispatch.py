@@ -33,11 +33,13 @@ DEFAULT_TOTAL_SLOTS = 4
 
 class NoServerError(LlamaCppError):
     """No lane that can run the request has been usable for `ready_timeout`. `whole_fleet` says
-    whether that is every lane (the batch stops) or only those serving the line's model."""
+    whether that is every lane (the batch stops) or only those serving the line's model;
+    `unserved`: no lane serves it at all (a late server joined and does not)."""
 
-    def __init__(self, message: str, *, whole_fleet: bool) -> None:
+    def __init__(self, message: str, *, whole_fleet: bool, unserved: bool = False) -> None:
         super().__init__(message)
         self.whole_fleet = whole_fleet
+        self.unserved = unserved
 
 
 @dataclass
@@ -137,6 +139,8 @@ class Lane:
 
     def serves(self, model: str | Route | None) -> bool:
         route = _route(model)
+        if self.pending:
+            return True  # what it serves is known when it joins; until then lines may wait for it
         if route.embeddings and not self.embeddings:
             return False
         return route.model is None or route.model in (self.model, *self.served_models)
@@ -241,6 +245,8 @@ class Dispatcher:
     def lane_down(self, lane: Lane, *, retire: bool = False) -> bool:
         """Take `lane` out (True if it was up); `retire`: for good."""
         lane.retired = lane.retired or retire
+        if retire:
+            self._drop_unserved()
         if not lane.up:
             self._expire()  # a retired lane may leave some waiters with nothing to wait for
             return False
@@ -262,6 +268,7 @@ class Dispatcher:
         else:
             lane.stats.rejoined += 1
         self._hand_out()
+        self._drop_unserved()  # lines that waited for a late server that does not serve them
         self._arm_timer()
 
     def close(self) -> None:
@@ -371,6 +378,17 @@ class Dispatcher:
             "Every finished result is saved; rerun the batch to do the rest.",
             whole_fleet=whole_fleet,
         )
+
+    def _drop_unserved(self) -> None:
+        """Fail the waiters that no lane serves any more (`NoServerError.unserved`)."""
+        for waiter in list(self._waiters):
+            if not waiter.future.done() and not self.serves(waiter.model):
+                self._unqueue(waiter)
+                waiter.future.set_exception(
+                    NoServerError(
+                        f"no server serves {waiter.model}", whole_fleet=False, unserved=True
+                    )
+                )
 
     def _expire(self) -> None:
         """Fail the waiters whose lanes have all been down for `ready_timeout`."""

@@ -69,6 +69,8 @@ logger = get_logger_with_context("batch")
 DEFAULT_QUEUE_DEPTH = 1
 # Texts per /v1/embeddings request: several lines share one request, sparing a round trip each.
 DEFAULT_EMBEDDING_BATCH = 32
+# Seconds between looks at a server that is not ready to (re)join when its answer was no help.
+WATCH_PAUSE_S = 2.0
 
 # llama-server's chat parser could not read the model's output back (seen with json_schema).
 _UNPARSED_OUTPUT = "does not match the expected"
@@ -314,6 +316,8 @@ class BatchRunner:
                 if exc.whole_fleet:
                     raise BatchAbortedError(str(exc)) from exc
                 lane = None
+                if exc.unserved:
+                    return lines(error=("no_server_for_model", self._unserved(items[0], route)))
                 return lines(error=("unreachable", str(exc)))
             epoch = lane.epoch
             if alone and await self._check_lane(lane, epoch):
@@ -358,19 +362,24 @@ class BatchRunner:
 
             if len(items) > 1 and (
                 isinstance(fault, ServerDisconnectedError | ServerTimeoutError)
+                or _bad_gateway(fault)
                 or (isinstance(fault, ServerHTTPError) and not fault.transient)
             ):
                 # A pack the server refused, died on or did not finish: each line alone finds
                 # the one to blame (a server that is down fails them all the same way).
                 return await self._split(items, attempts)
-            if isinstance(fault, ServerDisconnectedError):
+            # Ended without the server's answer: dropped, or a proxy's 502 for an upstream that
+            # closed. Did the server go down with it? (A health check right after says.)
+            down = None
+            if isinstance(fault, ServerDisconnectedError) or _bad_gateway(fault):
                 down = await self._check_lane(lane, epoch)
+            if down is not None:
                 if alone and not down:
-                    # Dropped while the server stayed up (a proxy or the network cut it): no
+                    # Dropped while the server stayed up (a proxy or the network cut it): not a
                     # crash to blame on the request; retried like any transient fault.
                     failures += 1
                     if failures >= options.max_attempts or attempts >= limit:
-                        return lines(error=("unreachable", str(fault)))
+                        return lines(error=("server_crash", _dropped_alone(failures, fault)))
                     self.stats.retries += 1
                     await asyncio.sleep(_backoff(failures))
                     continue
@@ -510,7 +519,12 @@ class BatchRunner:
         )
 
     def _served(self) -> set[str]:
-        return {name for lane in self.lanes for name in (lane.model, *lane.served_models)}
+        return {
+            name
+            for lane in self.lanes
+            if not lane.pending and not lane.retired
+            for name in (lane.model, *lane.served_models)
+        }
 
     # -- lanes going and coming ------------------------------------------------------------------
 
@@ -555,7 +569,7 @@ class BatchRunner:
                 if lane.pending and not await self._shape_pending(lane):
                     if lane.retired:
                         return
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(WATCH_PAUSE_S)
                     continue
             except UnauthorizedError:
                 # Out for good; the dispatcher fails whatever only this lane could run.
@@ -563,6 +577,9 @@ class BatchRunner:
                 self.dispatch.lane_down(lane, retire=True)
                 return
             except LlamaCppError:
+                # Not a llama-server answer (a 404 or 500 from something else at that URL), or
+                # its embeddings probe failed: look again later, never in a tight loop.
+                await asyncio.sleep(WATCH_PAUSE_S)
                 continue
             if lane.pending:
                 logger.info(
@@ -577,13 +594,13 @@ class BatchRunner:
 
     async def _shape_pending(self, lane: Lane) -> bool:
         """Read a late server's health report and shape its lane from it: True when it can
-        join. A server that cannot take work this run (router mode with no model) is retired."""
+        join. A server that cannot take work this run (a wrong key, router mode with no model)
+        is retired."""
         status = await check_server_health(lane.gate, model_name=lane.settings.model_name)
-        if status.state == ServerState.UNAUTHORIZED:
-            raise UnauthorizedError(status.error or "llama-server refused the API key")
         problem = join_problem(status, lane.settings.model_name)
         if problem is not None:
-            if status.is_ready:  # ready, yet unusable as configured: waiting will not help
+            # Ready yet unusable as configured, or refusing the key: waiting will not help.
+            if status.is_ready or status.state == ServerState.UNAUTHORIZED:
                 logger.error("llama-server cannot join the run", server=lane.name, why=problem)
                 self.dispatch.lane_down(lane, retire=True)
             return False
@@ -604,6 +621,23 @@ class BatchRunner:
             raise BatchAbortedError(
                 f"llama-server rejected the API key mid-batch: {KEY_HINT}"
             ) from fault
+
+
+def _bad_gateway(fault: LlamaCppError) -> bool:
+    """A proxy's 502: its upstream closed or refused (a crash looks like this behind nginx)."""
+    return (
+        isinstance(fault, ServerHTTPError)
+        and fault.status_code == 502
+        and not isinstance(fault, ServerLoadingError)
+    )
+
+
+def _dropped_alone(times: int, fault: LlamaCppError) -> str:
+    return (
+        f"the request ran alone and got no answer {times} times, though llama-server answered "
+        "/health right after each: it may restart faster than it can be checked, or a proxy "
+        f"in front of it cuts this request; see both logs ({fault})"
+    )
 
 
 def _status_fault(exc: ServerHTTPError) -> tuple[ErrorKind, str]:

@@ -238,11 +238,18 @@ async def llamacpp_batch_flow(
             for member in members
             if member.skipped is None or member.may_join
         ]
+        for lane in lanes:  # closed whatever fails before the runner owns them (twice is fine)
+            closing.push_async_callback(lane.aclose)
         ready = [lane for lane in lanes if not lane.pending]
         if embeddings or embedding_lines:
             # An embeddings run (or a file of embedding lines only) stops here when no server
             # serves them; in a mixed file the chat lines still run.
-            await _gate_embeddings(ready, logger, must=embeddings or embedding_lines >= total_lines)
+            await _gate_embeddings(
+                ready,
+                logger,
+                must=embeddings or embedding_lines >= total_lines,
+                waiting=[lane.name for lane in lanes if lane.pending],
+            )
         # A fleet's answers come from whichever server is free, and its members come and go
         # between runs: lines pin a model by naming it, so the run's settings name none.
         model = ready[0].model if not isinstance(server, list) else "(fleet)"
@@ -339,11 +346,14 @@ async def llamacpp_batch_flow(
     return summary
 
 
-async def _gate_embeddings(lanes: list[Lane], logger, *, must: bool) -> None:
+async def _gate_embeddings(
+    lanes: list[Lane], logger, *, must: bool, waiting: list[str] | None = None
+) -> None:
     """Ask every server whether it serves /v1/embeddings, and gives a text the same vector in a
     shared request as alone, before any line is sent: embedding lines go only to those that do.
     With none, the run stops here saying which flag is missing (`must`), or goes on with a
-    warning and the embedding lines get `no_server_for_model`."""
+    warning and the embedding lines get `no_server_for_model`; while servers not ready yet
+    (`waiting`) may join, embedding lines wait for them instead."""
 
     async def check(lane: Lane) -> NotSupportedError | str | None:
         try:
@@ -356,6 +366,13 @@ async def _gate_embeddings(lanes: list[Lane], logger, *, must: bool) -> None:
     problems = await asyncio.gather(*(check(lane) for lane in lanes))
     refused = {lane.name: why for lane, why in zip(lanes, problems, strict=True) if why}
     reasons = "; ".join(f"{name}: {why}" for name, why in refused.items())
+    if len(refused) == len(lanes) and waiting:
+        logger.warning(
+            "No ready server serves embeddings (%s); embedding lines wait for %s",
+            reasons,
+            ", ".join(waiting),
+        )
+        return
     if len(refused) == len(lanes) and must:
         message = (
             f"the input asks for embeddings but no server of this run can serve them: {reasons}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.server import LlamaServer
 from prefect_llamacpp.batch.jsonl_input import BatchItem
 from prefect_llamacpp.exceptions import NotSupportedError
 from prefect_llamacpp.flows.batch import _chunked, llamacpp_batch_flow
@@ -194,6 +196,44 @@ async def test_in_a_fleet_embedding_lines_go_only_to_servers_that_serve_them(
     records = read_output(tmp_path / "out.jsonl")
     assert {r["server"] for r in records if r["custom_id"].startswith("e")} == {embed}
     assert {r["server"] for r in records if r["custom_id"].startswith("c")} <= {plain, embed}
+
+
+async def test_an_embeddings_run_waits_for_an_embedding_server_that_is_still_starting(
+    server, llama_server_bin, tiny_model, registered_block_type, tmp_path
+):
+    # The chat server is ready, the only embedding server comes up 3 s into the run: the run
+    # does not stop for want of embeddings, and every line is embedded once it joins.
+    late = LlamaServer(
+        tiny_model,
+        ["-np", "2", "-kvu", "--alias", "tiny-late-embed", "--embeddings", "--pooling", "mean"],
+        binary=llama_server_bin,
+        log_dir=tmp_path,
+    )
+    plain = await save_block("plain-now", server)
+    embed = await save_block("embed-late", late)
+    source = write_lines(
+        tmp_path / "in.jsonl", [{"custom_id": f"e{i}", "input": f"text {i}"} for i in range(20)]
+    )
+
+    async def start_late():
+        await asyncio.sleep(3)
+        await asyncio.to_thread(late.start)
+
+    starting = asyncio.create_task(start_late())
+    try:
+        summary = await llamacpp_batch_flow(
+            str(source),
+            str(tmp_path / "out.jsonl"),
+            server=[plain, embed],
+            embeddings=True,
+            ready_timeout=60,
+        )
+    finally:
+        await starting
+        late.stop()
+    assert (summary.succeeded, summary.failed) == (20, 0)
+    assert {r["server"] for r in read_output(tmp_path / "out.jsonl")} == {embed}
+    assert {share.server: share.joined_late for share in summary.servers}[embed]
 
 
 async def test_an_openai_batch_file_of_chat_and_embedding_lines_in_openai_output(

@@ -325,3 +325,146 @@ async def test_reasoning_goes_apart_and_structured_output_is_read_from_the_answe
     assert result["reasoning"] == body["choices"][0]["message"]["reasoning_content"]
     assert result["response"] == {"status_code": 200, "body": body}
     assert sent["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+@pytest.mark.parametrize("restart_s", [0.0, 1.0])
+async def test_behind_a_proxy_that_answers_502_for_a_crash_the_poison_is_isolated(restart_s):
+    # nginx answers 502 ("upstream prematurely closed") to the requests in flight when the
+    # server dies, and to everything while it restarts. With restart_s=0 the server is back
+    # before anyone can check: the poison still ends as server_crash, the innocents answered.
+    def answer(request):
+        return "crash" if prompt_of(request) == "POISON" else completion()
+
+    batch = items("one", "two", "POISON", "three", "four", "five")
+    async with FakeLlamaServer(answer, delay=0.2, restart_s=restart_s, while_down="502") as server:
+        results = await run(server, batch, max_crashes=2, ready_timeout=30)
+    assert results["id-2"]["error"]["kind"] == "server_crash", results["id-2"]
+    assert all(line["error"] is None for key, line in results.items() if key != "id-2"), results
+    assert server.crashes <= 2 * (3 + 2)
+    assert sum(prompt_of(r) == "POISON" for r in server.requests) <= 2 * (3 + 2)
+
+
+async def test_a_restart_too_fast_to_see_still_gives_the_poison_up_as_server_crash():
+    def answer(request):
+        return "crash" if prompt_of(request) == "POISON" else completion()
+
+    batch = items("one", "POISON", "two", "three")
+    async with FakeLlamaServer(answer, delay=0.2, restart_s=0.0) as server:
+        results = await run(server, batch, max_crashes=2)
+    assert results["id-1"]["error"]["kind"] == "server_crash"
+    assert "answered /health right after" in results["id-1"]["error"]["message"]
+    assert all(line["error"] is None for key, line in results.items() if key != "id-1")
+    assert server.crashes <= 2 * 2
+
+
+# -- servers not ready when the run starts -------------------------------------------------------
+
+MODELS_B = {
+    "/props": (200, {}, {"total_slots": 2}),
+    "/v1/models": (200, {}, {"object": "list", "data": [{"id": "b"}]}),
+}
+UNAUTHORIZED = (401, {}, {"error": {"message": "Invalid API Key", "code": 401}})
+
+
+def ready_lane(server: FakeLlamaServer, name: str, model: str):
+    from prefect_llamacpp.batch.dispatch import Lane
+    from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+
+    status = ProviderHealthStatus(
+        connected=True,
+        model_detected=True,
+        model_id=model,
+        base_url=server.url,
+        state=ServerState.READY,
+        metadata={"total_slots": 2, "models": [model]},
+    )
+    return Lane.for_server(
+        name,
+        LlamaCppSettings(base_url=server.url, timeout=5),
+        status,
+        concurrency=None,
+        queue_depth=1,
+        request_timeout=5,
+    )
+
+
+def pending_lane(server: FakeLlamaServer, name: str):
+    from prefect_llamacpp.batch.dispatch import Lane
+
+    return Lane.for_server(
+        name,
+        LlamaCppSettings(base_url=server.url, timeout=5),
+        None,
+        concurrency=None,
+        queue_depth=1,
+        request_timeout=5,
+    )
+
+
+async def run_lanes(lanes, batch, **options) -> dict[str, dict]:
+    results = {}
+    runner = BatchRunner(
+        lanes,
+        "(fleet)",
+        BatchOptions(**{"concurrency": 0, "ready_timeout": 10, **options}),
+        on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
+    )
+    try:
+        await runner.run(batch)
+    finally:
+        await runner.aclose()
+    return results
+
+
+def naming(model: str | None, *prompts: str) -> list[BatchItem]:
+    return [
+        BatchItem(f"{model}-{i}", i + 1, [{"role": "user", "content": prompt}], model=model)
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+async def test_lines_naming_a_late_servers_model_wait_for_it_and_others_fail_when_it_joins():
+    async with (
+        FakeLlamaServer(lambda request: completion()) as a,
+        FakeLlamaServer(lambda request: completion(), routes=MODELS_B) as b,
+    ):
+        b.down_for(1.0)  # loading when the run starts
+        lanes = [ready_lane(a, "A", "a"), pending_lane(b, "B")]
+        batch = naming("b", "x", "y") + naming("a", "z") + naming("c", "w")
+        results = await run_lanes(lanes, batch)
+    assert [results[f"b-{i}"]["server"] for i in range(2)] == ["B", "B"]
+    assert results["a-0"]["server"] == "A" and results["a-0"]["error"] is None
+    missing = results["c-0"]["error"]
+    assert missing["kind"] == "no_server_for_model" and "'c'" in missing["message"], missing
+    assert "a, b" in missing["message"] and "llamacpp" not in missing["message"]
+
+
+async def test_a_late_server_that_refuses_the_key_never_joins():
+    routes = {"/props": UNAUTHORIZED, "/v1/models": UNAUTHORIZED}
+    async with (
+        FakeLlamaServer(lambda request: completion()) as a,
+        FakeLlamaServer(lambda request: completion(), routes=routes) as c,
+    ):
+        c.down_for(0.5)
+        lanes = [ready_lane(a, "A", "a"), pending_lane(c, "C")]
+        batch = naming(None, *[f"q{i}" for i in range(4)]) + naming("c", "only-c")
+        results = await run_lanes(lanes, batch)
+        assert lanes[1].retired and not lanes[1].up
+    assert all(results[f"None-{i}"]["server"] == "A" for i in range(4))
+    assert results["c-0"]["error"]["kind"] == "no_server_for_model"
+    assert c.requests == [], "nothing was sent to a server that refuses the key"
+
+
+async def test_a_late_server_that_is_not_a_llama_server_is_watched_without_a_busy_loop():
+    routes = {"/health": (404, {}, {"detail": "Not Found"})}
+    async with (
+        FakeLlamaServer(lambda request: completion(), delay=0.5, slots=1) as a,
+        FakeLlamaServer(lambda request: completion(), routes=routes) as other,
+    ):
+        lanes = [ready_lane(a, "A", "a"), pending_lane(other, "elsewhere")]
+        started = time.monotonic()
+        results = await run_lanes(lanes, naming(None, *[f"q{i}" for i in range(6)]))
+        elapsed = time.monotonic() - started
+    assert all(line["error"] is None for line in results.values())
+    assert elapsed > 1.5
+    assert len(other.gets) <= 2 + elapsed, other.gets  # about one look per 2 s, not thousands

@@ -12,6 +12,7 @@ the server as its resource and the latency figures in its payload, so the automa
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import sys
@@ -279,8 +280,18 @@ def artifact_key(label: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m flows.health [BLOCK ...]: one name checks one server, several a fleet."""
-    names = sys.argv[1:] if argv is None else argv
+    """llamacpp-health [BLOCK ...]: one name checks one server, several a fleet."""
+    parser = argparse.ArgumentParser(
+        prog="llamacpp-health",
+        description="Check llama.cpp servers once (state, canary, latency); exit 1 unless ready.",
+    )
+    parser.add_argument(
+        "server",
+        nargs="*",
+        help="llama.cpp Server block names; several check a fleet (default: the block "
+        "'llamacpp', else the LLAMACPP_* settings)",
+    )
+    names = parser.parse_args(argv).server
 
     def check() -> int:
         server = names if len(names) > 1 else (names[0] if names else None)

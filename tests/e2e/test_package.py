@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -153,6 +154,16 @@ def test_the_wheel_installs_and_runs_flows_from_another_project(installed, tmp_p
         assert json.loads(batch.stdout)["succeeded"] == 6
         lines = [json.loads(line) for line in (elsewhere / "out.jsonl").read_text().splitlines()]
         assert sorted(line["custom_id"] for line in lines) == [f"p{i}" for i in range(6)]
+
+        # The README's first example, as written (the server's address put in).
+        readme = (REPO / "README.md").read_text()
+        example = re.search(r"```python\n(.*?)```", readme, flags=re.S).group(1)
+        assert "llamacpp_batch_flow(" in example
+        (elsewhere / "readme_example.py").write_text(
+            example.replace("http://gpu-1:8080/v1", llama.openai_base)
+        )
+        run([str(installed / "python"), "readme_example.py"], cwd=elsewhere, env=env)
+        assert len((elsewhere / "results.jsonl").read_text().splitlines()) == 6
 
         # A project of the user's own: one file importing the flow, a prefect.yaml, a process
         # work pool, and a worker in a directory of its own (another node) that runs it.

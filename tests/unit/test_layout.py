@@ -39,6 +39,20 @@ SEED_PATHS = {
     "src.core.utils.exceptions": "prefect_llamacpp.exceptions",
     "src.core.utils.logging": "prefect_llamacpp.log",
     "src.infrastructure.llm.llamacpp_client": "prefect_llamacpp.client",
+    "src.core.models.canary": "prefect_llamacpp.canary",
+    "src.core.models.embedding_probe": "prefect_llamacpp.embedding_probe",
+    "src.core.models.llamacpp_request": "prefect_llamacpp.request",
+    "src.core.utils.server_url": "prefect_llamacpp.server_url",
+    "src.core.utils.fast_json": "prefect_llamacpp.fast_json",
+    **{
+        f"src.core.batch.{name}": f"prefect_llamacpp.batch.{name}"
+        for name in ("dispatch", "jsonl_input", "ledger", "openai_output", "records", "runner")
+    },
+    # this repository's Prefect project: imported by name, the package's own modules
+    "flows.health": "prefect_llamacpp.flows.health",
+    "flows.batch": "prefect_llamacpp.flows.batch",
+    "tasks.llamacpp": "prefect_llamacpp.tasks",
+    "blocks.llamacpp": "prefect_llamacpp.blocks",
 }
 
 
@@ -66,3 +80,13 @@ def test_every_public_name_resolves_and_the_seed_exports_are_the_same_objects():
         assert getattr(seed, name) is getattr(prefect_llamacpp, name), name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         prefect_llamacpp.nothing  # noqa: B018
+
+
+def test_a_project_entry_point_loaded_from_its_file_holds_the_flow():
+    from prefect.flows import load_flow_from_entrypoint
+
+    for entrypoint, name in (
+        ("flows/health.py:llamacpp_health_flow", "llamacpp-health"),
+        ("flows/batch.py:llamacpp_batch_flow", "llamacpp-batch"),
+    ):
+        assert load_flow_from_entrypoint(str(REPO / entrypoint)).name == name

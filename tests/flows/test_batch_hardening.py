@@ -132,6 +132,15 @@ async def test_hostile_input_every_line_accounted_for_good_lines_answered(
     assert read_output(target) == records, "a rerun writes nothing new"
 
 
+def poisoned_input(path: Path, count: int, at: int) -> Path:
+    """`count` ordinary prompts q0... and, at line `at`, the one that crashes the relay's server."""
+    source = write_input(path, count, prompt="Question {i}")
+    lines = source.read_text().splitlines()
+    lines.insert(at, json.dumps({"custom_id": "poison", "prompt": "POISON-PILL now"}))
+    source.write_text("\n".join(lines) + "\n")
+    return source
+
+
 @pytest.fixture
 def restartable_server(llama_server_bin, tiny_model, tmp_path):
     server = LlamaServer(
@@ -151,10 +160,7 @@ async def test_a_prompt_that_crashes_the_server_is_given_up_alone(
         from prefect_llamacpp.blocks import LlamaCppServer
 
         await LlamaCppServer(base_url=relay.url, timeout=5).save("batch-relay", overwrite=True)
-        source = write_input(tmp_path / "in.jsonl", 40, prompt="Question {i}")
-        lines = source.read_text().splitlines()
-        lines.insert(20, json.dumps({"custom_id": "poison", "prompt": "POISON-PILL now"}))
-        source.write_text("\n".join(lines) + "\n")
+        source = poisoned_input(tmp_path / "in.jsonl", 40, at=20)
         target = tmp_path / "out.jsonl"
         summary = await llamacpp_batch_flow(
             str(source),
@@ -185,10 +191,7 @@ async def test_behind_a_proxy_a_restarting_server_blames_only_the_poison(
         from prefect_llamacpp.blocks import LlamaCppServer
 
         await LlamaCppServer(base_url=relay.url, timeout=5).save("batch-proxy", overwrite=True)
-        source = write_input(tmp_path / "in.jsonl", 48, prompt="Question {i}")
-        lines = source.read_text().splitlines()
-        lines.insert(16, json.dumps({"custom_id": "poison", "prompt": "POISON-PILL now"}))
-        source.write_text("\n".join(lines) + "\n")
+        source = poisoned_input(tmp_path / "in.jsonl", 48, at=16)
         target = tmp_path / "out.jsonl"
         summary = await llamacpp_batch_flow(
             str(source),

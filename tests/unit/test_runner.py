@@ -22,10 +22,14 @@ def items(*prompts: str) -> list[BatchItem]:
     ]
 
 
-async def run(server: FakeLlamaServer, batch: list[BatchItem], **options) -> dict[str, dict]:
+async def run(server: FakeLlamaServer | list, batch: list[BatchItem], **options) -> dict[str, dict]:
+    """Run `batch` over one fake server, or over a list of lanes (a fleet)."""
     results = {}
+    servers = (
+        server if isinstance(server, list) else LlamaCppSettings(base_url=server.url, timeout=5)
+    )
     runner = BatchRunner(
-        LlamaCppSettings(base_url=server.url, timeout=5),
+        servers,
         "fake",
         BatchOptions(**{"concurrency": 4, "ready_timeout": 5, **options}),
         on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
@@ -401,21 +405,6 @@ def pending_lane(server: FakeLlamaServer, name: str):
     )
 
 
-async def run_lanes(lanes, batch, **options) -> dict[str, dict]:
-    results = {}
-    runner = BatchRunner(
-        lanes,
-        "(fleet)",
-        BatchOptions(**{"concurrency": 0, "ready_timeout": 10, **options}),
-        on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
-    )
-    try:
-        await runner.run(batch)
-    finally:
-        await runner.aclose()
-    return results
-
-
 def naming(model: str | None, *prompts: str) -> list[BatchItem]:
     return [
         BatchItem(f"{model}-{i}", i + 1, [{"role": "user", "content": prompt}], model=model)
@@ -431,7 +420,7 @@ async def test_lines_naming_a_late_servers_model_wait_for_it_and_others_fail_whe
         b.down_for(1.0)  # loading when the run starts
         lanes = [ready_lane(a, "A", "a"), pending_lane(b, "B")]
         batch = naming("b", "x", "y") + naming("a", "z") + naming("c", "w")
-        results = await run_lanes(lanes, batch)
+        results = await run(lanes, batch, ready_timeout=10)
     assert [results[f"b-{i}"]["server"] for i in range(2)] == ["B", "B"]
     assert results["a-0"]["server"] == "A" and results["a-0"]["error"] is None
     missing = results["c-0"]["error"]
@@ -448,7 +437,7 @@ async def test_a_late_server_that_refuses_the_key_never_joins():
         c.down_for(0.5)
         lanes = [ready_lane(a, "A", "a"), pending_lane(c, "C")]
         batch = naming(None, *[f"q{i}" for i in range(4)]) + naming("c", "only-c")
-        results = await run_lanes(lanes, batch)
+        results = await run(lanes, batch, ready_timeout=10)
         assert lanes[1].retired and not lanes[1].up
     assert all(results[f"None-{i}"]["server"] == "A" for i in range(4))
     assert results["c-0"]["error"]["kind"] == "no_server_for_model"
@@ -463,7 +452,9 @@ async def test_a_late_server_that_is_not_a_llama_server_is_watched_without_a_bus
     ):
         lanes = [ready_lane(a, "A", "a"), pending_lane(other, "elsewhere")]
         started = time.monotonic()
-        results = await run_lanes(lanes, naming(None, *[f"q{i}" for i in range(6)]))
+        results = await run(
+            lanes, ready_timeout=10, batch=naming(None, *[f"q{i}" for i in range(6)])
+        )
         elapsed = time.monotonic() - started
     assert all(line["error"] is None for line in results.values())
     assert elapsed > 1.5

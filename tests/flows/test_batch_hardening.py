@@ -49,10 +49,12 @@ async def test_a_second_run_on_the_same_output_fails_at_once(
     server, registered_block_type, tmp_path
 ):
     name = await save_block("batch-main", server)
-    source = write_input(tmp_path / "in.jsonl", 200)
+    count = 600
+    source = write_input(tmp_path / "in.jsonl", count)
     target = tmp_path / "out.jsonl"
-    # Answers of exactly 48 tokens: the first run takes seconds (with 24 and the model free to
-    # stop early it once finished before the second run had started, on a loaded CI machine).
+    # Answers of exactly 48 tokens, 600 of them: the first run takes seconds (200 once took 2 s
+    # on Python 3.13 in CI and ended before the second run had started). Only a first run still
+    # holding the output can make the second fail "in use", so that message proves the overlap.
     first = asyncio.create_task(
         llamacpp_batch_flow(
             str(source),
@@ -73,12 +75,12 @@ async def test_a_second_run_on_the_same_output_fails_at_once(
         extra_body={"ignore_eos": True},
         return_state=True,
     )
-    assert not first.done(), "the first run ended before the second started: nothing was tested"
-    assert second.is_failed() and "in use by another batch run" in second.message
+    assert second.is_failed(), "the first run ended before the second started: nothing tested"
+    assert "in use by another batch run" in second.message
     assert time.monotonic() - started < 10
     summary = await first
-    assert summary.succeeded == 200
-    assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(200)})
+    assert summary.succeeded == count
+    assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(count)})
 
 
 @pytest.mark.parametrize(

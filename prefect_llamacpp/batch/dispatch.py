@@ -105,8 +105,8 @@ class Lane:
             1,
             request_timeout=request_timeout,
             pending=status is None,
+            limits=(concurrency, queue_depth),
         )
-        lane.limits = (concurrency, queue_depth)
         if status is not None:
             lane.shape(status)
         return lane

@@ -370,35 +370,25 @@ MODELS_B = {
 UNAUTHORIZED = (401, {}, {"error": {"message": "Invalid API Key", "code": 401}})
 
 
-def ready_lane(server: FakeLlamaServer, name: str, model: str):
+def lane(server: FakeLlamaServer, name: str, model: str | None = None):
+    """A fleet lane for `server`: ready, serving `model` on 2 slots, or (no model) pending."""
     from prefect_llamacpp.batch.dispatch import Lane
     from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 
-    status = ProviderHealthStatus(
-        connected=True,
-        model_detected=True,
-        model_id=model,
-        base_url=server.url,
-        state=ServerState.READY,
-        metadata={"total_slots": 2, "models": [model]},
-    )
+    status = None
+    if model is not None:
+        status = ProviderHealthStatus(
+            connected=True,
+            model_detected=True,
+            model_id=model,
+            base_url=server.url,
+            state=ServerState.READY,
+            metadata={"total_slots": 2, "models": [model]},
+        )
     return Lane.for_server(
         name,
         LlamaCppSettings(base_url=server.url, timeout=5),
         status,
-        concurrency=None,
-        queue_depth=1,
-        request_timeout=5,
-    )
-
-
-def pending_lane(server: FakeLlamaServer, name: str):
-    from prefect_llamacpp.batch.dispatch import Lane
-
-    return Lane.for_server(
-        name,
-        LlamaCppSettings(base_url=server.url, timeout=5),
-        None,
         concurrency=None,
         queue_depth=1,
         request_timeout=5,
@@ -418,7 +408,7 @@ async def test_lines_naming_a_late_servers_model_wait_for_it_and_others_fail_whe
         FakeLlamaServer(lambda request: completion(), routes=MODELS_B) as b,
     ):
         b.down_for(1.0)  # loading when the run starts
-        lanes = [ready_lane(a, "A", "a"), pending_lane(b, "B")]
+        lanes = [lane(a, "A", "a"), lane(b, "B")]
         batch = naming("b", "x", "y") + naming("a", "z") + naming("c", "w")
         results = await run(lanes, batch, ready_timeout=10)
     assert [results[f"b-{i}"]["server"] for i in range(2)] == ["B", "B"]
@@ -435,7 +425,7 @@ async def test_a_late_server_that_refuses_the_key_never_joins():
         FakeLlamaServer(lambda request: completion(), routes=routes) as c,
     ):
         c.down_for(0.5)
-        lanes = [ready_lane(a, "A", "a"), pending_lane(c, "C")]
+        lanes = [lane(a, "A", "a"), lane(c, "C")]
         batch = naming(None, *[f"q{i}" for i in range(4)]) + naming("c", "only-c")
         results = await run(lanes, batch, ready_timeout=10)
         assert lanes[1].retired and not lanes[1].up
@@ -450,7 +440,7 @@ async def test_a_late_server_that_is_not_a_llama_server_is_watched_without_a_bus
         FakeLlamaServer(lambda request: completion(), delay=0.5, slots=1) as a,
         FakeLlamaServer(lambda request: completion(), routes=routes) as other,
     ):
-        lanes = [ready_lane(a, "A", "a"), pending_lane(other, "elsewhere")]
+        lanes = [lane(a, "A", "a"), lane(other, "elsewhere")]
         started = time.monotonic()
         results = await run(
             lanes, ready_timeout=10, batch=naming(None, *[f"q{i}" for i in range(6)])

@@ -4,7 +4,9 @@ A real llama-server cannot be made to answer `/health` while never finishing a c
 the wedge tests put this in front of one: every request is forwarded to the real server except
 `POST .../chat/completions`, which the proxy holds without answering (`mode="stall"`),
 answers with llama-server's 500 "Compute error" (`mode="error"`), or drops without an answer
-(`mode="drop"`, with `on_completion` to kill the real server first: a server dying mid-check). `/health`, `/props`,
+(`mode="drop"`, with `on_completion` to kill the real server first: a server dying mid-check), or
+forwards the first `hold_after` and holds the rest until `release()` (`mode="hold"`: a run that
+is certainly still going while the test does something else). `/health`, `/props`,
 `/v1/models`, `/metrics` and `/slots` are the real server's answers.
 
     with StallingProxy(server.url) as proxy:
@@ -26,16 +28,25 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 
 class StallingProxy:
-    def __init__(self, upstream: str, mode: str = "stall", on_completion=None) -> None:
-        assert mode in ("stall", "error", "drop")
+    def __init__(
+        self, upstream: str, mode: str = "stall", on_completion=None, hold_after: int = 0
+    ) -> None:
+        assert mode in ("stall", "error", "drop", "hold")
         self.upstream = upstream.rstrip("/")
         self.mode = mode
         self.on_completion = on_completion
         self.completions_seen = 0  # chat completions that reached the proxy
+        self.hold_after = hold_after
+        self.held = 0  # completions waiting for release() (mode="hold")
+        self._released = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self.port: int | None = None
+
+    def release(self) -> None:
+        """Let the held completions (and every later one) through."""
+        self._released.set()
 
     @property
     def url(self) -> str:
@@ -47,6 +58,7 @@ class StallingProxy:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._released.set()
         asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -80,11 +92,15 @@ class StallingProxy:
                         await asyncio.to_thread(self.on_completion)
                     if self.mode == "drop":
                         break
+                    if self.mode == "hold" and self.completions_seen > self.hold_after:
+                        self.held += 1
+                        await asyncio.to_thread(self._released.wait)
                     if self.mode == "stall":
                         await reader.read()  # hold until the client gives up and closes
                         return
-                    await self._reply(writer, 500, "Internal Server Error", COMPUTE_ERROR)
-                    continue
+                    if self.mode == "error":
+                        await self._reply(writer, 500, "Internal Server Error", COMPUTE_ERROR)
+                        continue
                 upstream = await self._http.request(
                     method,
                     target,

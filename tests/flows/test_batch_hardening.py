@@ -17,6 +17,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 
 from harness.server import LlamaServer
+from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.conftest import SECRET_KEY
 from tests.crash_relay import CrashingRelay
@@ -25,10 +26,10 @@ from tests.flows.test_batch_flow import (
     read_output,
     save_block,
     successes,
-    wait_for_lines,
     write_input,
 )
 from tests.hostile_input import ERROR_KINDS_COVERED, GOOD, write_hostile_input
+from tests.stalling_proxy import StallingProxy
 
 pytestmark = pytest.mark.integration
 
@@ -48,37 +49,37 @@ async def test_the_same_file_in_and_out_is_refused_and_left_alone(tmp_path):
 async def test_a_second_run_on_the_same_output_fails_at_once(
     server, registered_block_type, tmp_path
 ):
-    name = await save_block("batch-main", server)
-    count = 600
+    count = 60
     source = write_input(tmp_path / "in.jsonl", count)
     target = tmp_path / "out.jsonl"
-    # Answers of exactly 48 tokens, 600 of them: the first run takes seconds (200 once took 2 s
-    # on Python 3.13 in CI and ended before the second run had started). Only a first run still
-    # holding the output can make the second fail "in use", so that message proves the overlap.
-    first = asyncio.create_task(
-        llamacpp_batch_flow(
-            str(source),
-            str(target),
-            server=name,
-            max_tokens=48,
-            extra_body={"ignore_eos": True},
-            chunk_size=20,
+    # A proxy answers the first 20 completions and holds the rest until released, so the first
+    # run is certainly still going (and holding the output) when the second starts; timing alone
+    # once let 600 lines end before the second run began.
+    with StallingProxy(server.url, mode="hold", hold_after=20) as proxy:
+        await LlamaCppServer(base_url=f"{proxy.url}/v1", timeout=30).save(
+            "batch-held", overwrite=True
         )
-    )
-    await wait_for_lines(target, 10, first)
-    started = time.monotonic()
-    second = await llamacpp_batch_flow(
-        str(source),
-        str(target),
-        server=name,
-        max_tokens=48,
-        extra_body={"ignore_eos": True},
-        return_state=True,
-    )
-    assert second.is_failed(), "the first run ended before the second started: nothing tested"
+        first = asyncio.create_task(
+            llamacpp_batch_flow(
+                str(source), str(target), server="batch-held", max_tokens=8, chunk_size=10
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not proxy.held:
+            assert not first.done(), "the first run ended before any completion was held"
+            assert time.monotonic() < deadline, "no completion reached the hold"
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        second = await llamacpp_batch_flow(
+            str(source), str(target), server="batch-held", max_tokens=8, return_state=True
+        )
+        refused_in = time.monotonic() - started
+        assert not first.done()
+        proxy.release()
+        summary = await first
+    assert second.is_failed()
     assert "in use by another batch run" in second.message
-    assert time.monotonic() - started < 10
-    summary = await first
+    assert refused_in < 10
     assert summary.succeeded == count
     assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(count)})
 

@@ -54,7 +54,13 @@ async def test_ready_server_answers_the_canary_with_latency(server):
     async with httpx.AsyncClient(timeout=60) as http:  # some real work for the tokens/s figures
         answer = await http.post(
             f"{server.openai_base}/chat/completions",
-            json={"messages": [{"role": "user", "content": "count"}], "max_tokens": 64},
+            # 256 tokens, no early stop: over the 10 ms of generation the figure needs, even
+            # on a fast machine (64 once ended early enough to leave it unmeasured).
+            json={
+                "messages": [{"role": "user", "content": "count"}],
+                "max_tokens": 256,
+                "ignore_eos": True,
+            },
         )
         assert answer.status_code == 200
     status = await llamacpp_health_check(settings_for(server), canary=True)

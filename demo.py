@@ -50,7 +50,7 @@ async def run(server: LlamaServer) -> None:
     say(f"Batch: {PROMPTS.relative_to(REPO)} -> {RESULTS.relative_to(REPO)}")
     RESULTS.unlink(missing_ok=True)
     summary = await llamacpp_batch_flow(
-        str(PROMPTS), str(RESULTS), server=BLOCK_NAME, max_tokens=48
+        str(PROMPTS), str(RESULTS), server=BLOCK_NAME, request={"max_tokens": 48}
     )
     print(
         f"{summary.succeeded} succeeded, {summary.failed} failed {summary.failed_by_kind}, "
@@ -65,7 +65,9 @@ async def run(server: LlamaServer) -> None:
         print(f"  {record['custom_id']:>16}  output={shown}  error={record['error']}")
 
     say("Batch again: the output file is the ledger, so nothing is redone")
-    again = await llamacpp_batch_flow(str(PROMPTS), str(RESULTS), server=BLOCK_NAME, max_tokens=48)
+    again = await llamacpp_batch_flow(
+        str(PROMPTS), str(RESULTS), server=BLOCK_NAME, request={"max_tokens": 48}
+    )
     print(f"{again.skipped_done} already done, {again.succeeded} new requests")
 
 

@@ -37,7 +37,7 @@ from statistics import mean, median
 
 import httpx
 
-from prefect_llamacpp.batch.runner import DEFAULT_QUEUE_DEPTH
+from prefect_llamacpp.batch.options import DEFAULT_QUEUE_DEPTH
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -92,9 +92,8 @@ async def flow_throughput(block: str, source: Path, max_tokens: int, concurrency
         str(source),
         str(target),
         server=block,
-        max_tokens=max_tokens,
-        concurrency=concurrency,
-        extra_body=EXTRA,
+        request={"max_tokens": max_tokens, "extra_body": EXTRA},
+        run={"concurrency": concurrency},
     )
     assert summary.failed == 0, summary.failed_by_kind
     return summary.completion_tokens_per_s
@@ -191,9 +190,8 @@ def short_child(kind: str, url: str, requests: int, work: Path) -> None:
             summary = await llamacpp_batch_flow(
                 str(source),
                 str(work / f"short-out-{time.monotonic_ns()}.jsonl"),
-                max_tokens=SHORT_TOKENS,
-                queue_depth=depth,
-                extra_body=EXTRA,
+                request={"max_tokens": SHORT_TOKENS, "extra_body": EXTRA},
+                run={"queue_depth": depth},
             )
             assert summary.failed == 0, summary.failed_by_kind
 
@@ -282,8 +280,7 @@ async def measure_fleet(requests: int, rounds: int, work: Path) -> dict[str, flo
             str(source),
             str(work / f"fleet-out-{time.monotonic_ns()}.jsonl"),
             server=server,
-            max_tokens=32,
-            extra_body=EXTRA,
+            request={"max_tokens": 32, "extra_body": EXTRA},
         )
         assert summary.failed == 0, summary.failed_by_kind
         return summary.completion_tokens_per_s
@@ -322,7 +319,10 @@ async def measure_fleet(requests: int, rounds: int, work: Path) -> dict[str, flo
         shares_source = write_jsonl(work / "fleet-shares.jsonl", prompts(80))
         target = work / "fleet-shares.out.jsonl"
         summary = await llamacpp_batch_flow(
-            str(shares_source), str(target), server=names, max_tokens=8, extra_body=EXTRA
+            str(shares_source),
+            str(target),
+            server=names,
+            request={"max_tokens": 8, "extra_body": EXTRA},
         )
         done = {share.server: share.succeeded for share in summary.servers}
         total = sum(done.values())
@@ -341,7 +341,7 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
 
     from harness.models import ensure_model
     from harness.server import LlamaServer
-    from prefect_llamacpp.batch.runner import DEFAULT_EMBEDDING_BATCH
+    from prefect_llamacpp.batch.options import DEFAULT_EMBEDDING_BATCH
     from prefect_llamacpp.blocks import LlamaCppServer
     from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
@@ -389,7 +389,7 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
             str(source),
             str(work / f"embed-out-{time.monotonic_ns()}.jsonl"),
             server="bench-embed",
-            embeddings=True,
+            request={"embeddings": True},
         )
         assert summary.failed == 0, summary.failed_by_kind
         return texts / summary.wall_time_s, texts / (time.monotonic() - started)
@@ -440,8 +440,8 @@ def memory_child(lines: int, url: str, work: Path) -> None:
             str(source),
             str(work / f"mem-{lines}.out.jsonl"),
             server=None,
-            max_tokens=1,
             return_state=True,
+            request={"max_tokens": 1},
         )
         summary = await state.aresult()
         async with get_client() as client:

@@ -26,12 +26,26 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from prefect_llamacpp.batch.decide import (
+    Action,
+    Decision,
+    Fault,
+    GiveUpReason,
+    Limits,
+    Tries,
+    decide,
+)
 from prefect_llamacpp.batch.dispatch import Dispatcher, Lane, NoServerError, Route, join_problem
 from prefect_llamacpp.batch.jsonl_input import BatchItem
-from prefect_llamacpp.batch.ledger import RunSettings
+from prefect_llamacpp.batch.options import (
+    OPTION_GROUPS,
+    RequestOptions,
+    RunOptions,
+    option_names,
+)
 from prefect_llamacpp.batch.records import ErrorKind, ResultLine, ServerResponse, result_line
 from prefect_llamacpp.client import KEY_HINT
 from prefect_llamacpp.config import LlamaCppSettings
@@ -64,11 +78,6 @@ from prefect_llamacpp.status import ServerState
 
 logger = get_logger_with_context("batch")
 
-# Requests beyond total_slots that llama-server queues and starts the moment a slot frees: they
-# hide the client's round trip between one answer and the next request (see the README's bench).
-DEFAULT_QUEUE_DEPTH = 1
-# Texts per /v1/embeddings request: several lines share one request, sparing a round trip each.
-DEFAULT_EMBEDDING_BATCH = 32
 # Seconds between looks at a server that is not ready to (re)join when its answer was no help.
 WATCH_PAUSE_S = 2.0
 
@@ -80,22 +89,12 @@ _INPUT_TOO_LARGE = "too large to process"
 
 @dataclass(frozen=True)
 class BatchOptions:
+    """The runner's options: the run's `RequestOptions` and `RunOptions`, the concurrency they
+    came to, and what the output format asks of the answers."""
+
     concurrency: int
-    system_prompt: str | None = None
-    output_schema: dict[str, Any] | None = None
-    max_tokens: int | None = 512
-    temperature: float | None = None
-    max_attempts: int = 3
-    max_crashes: int = 2
-    ready_timeout: float = 300
-    request_timeout: float = 600
-    # llama-server request fields beyond OpenAI's: top_k, min_p, repeat_penalty, ignore_eos, ...
-    extra_body: dict[str, Any] | None = None
-    # Send every line to any server whatever model it names (OpenAI files name OpenAI models).
-    ignore_line_models: bool = False
-    # Variables for the chat template of every chat request (a line's own win).
-    chat_template_kwargs: dict[str, Any] | None = None
-    embedding_batch: int = DEFAULT_EMBEDDING_BATCH  # most texts per /v1/embeddings request
+    request: RequestOptions = field(default_factory=RequestOptions)
+    run: RunOptions = field(default_factory=RunOptions)
     # How vectors come over the wire for lines that do not say (None: base64, the smallest);
     # "float" when the answers are kept as the server sent them (the OpenAI output format).
     vector_encoding: str | None = None
@@ -103,15 +102,18 @@ class BatchOptions:
     # it a pack's answer is not cut into one body per line, work the native format would drop.
     keep_responses: bool = False
 
-    def run_settings(self, model: str) -> RunSettings:
-        return RunSettings(
-            model=model,
-            system_prompt=self.system_prompt,
-            output_schema=self.output_schema,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            extra_body=self.extra_body,
-            chat_template_kwargs=self.chat_template_kwargs,
+    @classmethod
+    def of(cls, concurrency: int, **options: Any) -> BatchOptions:
+        """From flat names: `BatchOptions.of(4, max_tokens=8, ready_timeout=5)`."""
+        groups: dict[str, dict[str, Any]] = {group: {} for group in OPTION_GROUPS}
+        for group, name in option_names():
+            if name in options:
+                groups[group][name] = options.pop(name)
+        return cls(
+            concurrency,
+            RequestOptions(**groups["request"]),
+            RunOptions(**groups["run"]),
+            **options,
         )
 
 
@@ -156,7 +158,7 @@ class BatchRunner:
     ) -> None:
         self.options = options
         self.model_name = model_name
-        self.run_settings = options.run_settings(model_name)
+        self.run_settings = options.request.run_settings(model_name)
         self.settings_fp = self.run_settings.fingerprint
         self.on_results = on_results
         self.already_done = already_done
@@ -169,12 +171,12 @@ class BatchRunner:
                     servers,
                     model_name,
                     options.concurrency,
-                    request_timeout=options.request_timeout,
+                    request_timeout=options.run.request_timeout,
                 )
             ]
         self.lanes = servers
         self.names_servers = len(servers) > 1  # result lines say which server answered
-        self.dispatch = Dispatcher(servers, options.ready_timeout)
+        self.dispatch = Dispatcher(servers, options.run.ready_timeout)
         self._watchers: dict[Lane, asyncio.Task] = {}
         self._checking: dict[Lane, asyncio.Task] = {}
         # Whether a lane joining late is asked if it serves embeddings (the run has such lines).
@@ -229,10 +231,13 @@ class BatchRunner:
             if not item.embeddings:
                 yield [item]
                 continue
-            key = (None if self.options.ignore_line_models else item.model, item.encoding_format)
+            key = (
+                None if self.options.run.ignore_line_models else item.model,
+                item.encoding_format,
+            )
             count = len(item.inputs or ())
             pack = packs.get(key)
-            if pack and sizes[key] + count > self.options.embedding_batch:
+            if pack and sizes[key] + count > self.options.run.embedding_batch:
                 yield packs.pop(key)
                 pack = None
             if not pack:
@@ -255,17 +260,19 @@ class BatchRunner:
         return build_chat_request(
             item.messages,
             model=model,
-            system_prompt=options.system_prompt,
+            system_prompt=options.request.system_prompt,
             output_schema=item.output_schema
             if item.output_schema is not None
-            else options.output_schema,
-            max_tokens=item.max_tokens or options.max_tokens,
-            temperature=item.temperature if item.temperature is not None else options.temperature,
-            extra_body=options.extra_body,
+            else options.request.output_schema,
+            max_tokens=item.max_tokens or options.request.max_tokens,
+            temperature=item.temperature
+            if item.temperature is not None
+            else options.request.temperature,
+            extra_body=options.request.extra_body,
             sampling=item.sampling,
             chat_template_kwargs=item.chat_template_kwargs
             if item.chat_template_kwargs is not None
-            else options.chat_template_kwargs,
+            else options.request.chat_template_kwargs,
         )
 
     async def _attempts(self, items: list[BatchItem], spent: int = 0) -> list[ResultLine]:
@@ -274,8 +281,8 @@ class BatchRunner:
         started = time.monotonic()
         options = self.options
         requests: dict[str, Any] = {}
-        attempts, failures, crashes = spent, 0, 0
-        limit = 2 * (options.max_attempts + options.max_crashes)
+        tries = Tries(attempts=spent)
+        limits = Limits(options.run.max_attempts, options.run.max_crashes)
         lane: Lane | None = None
         embeddings = items[0].embeddings
 
@@ -283,7 +290,7 @@ class BatchRunner:
             result = result_line(
                 item.custom_id,
                 item.line,
-                attempts=attempts,
+                attempts=tries.attempts,
                 latency_s=time.monotonic() - started,
                 input_fp=item.input_fp,
                 settings_fp=self.settings_fp,
@@ -302,14 +309,14 @@ class BatchRunner:
         def lines(**fields: Any) -> list[ResultLine]:
             return [line(item, **fields) for item in items]
 
-        wanted = None if options.ignore_line_models else items[0].model
+        wanted = None if options.run.ignore_line_models else items[0].model
         route = Route(wanted, embeddings)
         if not self.dispatch.serves(route):
             return lines(error=("no_server_for_model", self._unserved(items[0], route)))
         unready = 0  # times a lane was not ready for a suspect: bounded like the attempts
         while True:
-            attempts += 1
-            alone = crashes > 0
+            tries = replace(tries, attempts=tries.attempts + 1)
+            alone = tries.alone
             try:
                 lane = await self.dispatch.take(route, alone=alone)
             except NoServerError as exc:
@@ -324,9 +331,9 @@ class BatchRunner:
                 # A suspect is sent only to a server that is ready: one sent into a restart
                 # (a proxy drops it unanswered) would be blamed for a crash it did not cause.
                 self.dispatch.give(lane, alone=True)
-                attempts -= 1  # nothing was sent
+                tries = replace(tries, attempts=tries.attempts - 1)  # nothing was sent
                 unready += 1
-                if unready > limit:
+                if unready > limits.limit:
                     return lines(error=("unreachable", f"{lane.name} was never ready to run it"))
                 continue
             self.max_in_flight = max(self.max_in_flight, self.dispatch.in_flight)
@@ -360,86 +367,33 @@ class BatchRunner:
                         error=("invalid_response", f"unreadable answer ({type(exc).__name__})")
                     )
 
-            if len(items) > 1 and (
-                isinstance(fault, ServerDisconnectedError | ServerTimeoutError)
-                or _bad_gateway(fault)
-                or (isinstance(fault, ServerHTTPError) and not fault.transient)
-            ):
-                # A pack the server refused, died on or did not finish: each line alone finds
-                # the one to blame (a server that is down fails them all the same way).
-                return await self._split(items, attempts)
-            # Ended without the server's answer: dropped, or a proxy's 502 for an upstream that
-            # closed. Did the server go down with it? (A health check right after says.)
-            down = None
-            if isinstance(fault, ServerDisconnectedError) or _bad_gateway(fault):
+            kind = _fault_kind(fault)
+            decision = decide(kind, tries, limits, pack=len(items) > 1)
+            if decision.action is Action.CHECK_SERVER:
                 down = await self._check_lane(lane, epoch)
-            if down is not None:
-                if alone and not down:
-                    # Dropped while the server stayed up (a proxy or the network cut it): not a
-                    # crash to blame on the request; retried like any transient fault.
-                    failures += 1
-                    if failures >= options.max_attempts or attempts >= limit:
-                        return lines(error=("server_crash", _dropped_alone(failures, fault)))
-                    self.stats.retries += 1
-                    await asyncio.sleep(_backoff(failures))
-                    continue
-                crashes += 1
+                decision = decide(kind, decision.tries, limits, pack=len(items) > 1, down=down)
+            tries = decision.tries
+            if decision.crashed:
                 self.stats.crashes_seen += 1
                 logger.warning(
                     "llama-server dropped a request unanswered; it runs alone from now on",
                     custom_id=items[0].custom_id,
                     server=lane.name,
-                    crashes=crashes,
+                    crashes=tries.crashes,
                 )
-                # Only a crash with nothing else in flight is this request's own doing: sent
-                # alone to a ready server (checked above), and the server went down.
-                if alone and crashes >= options.max_crashes:
-                    return lines(
-                        error=(
-                            "server_crash",
-                            f"llama-server went down {crashes} times while this request ran "
-                            f"(the last time alone): {fault}. The prompt likely crashes the "
-                            "server; see its log, shorten the prompt or lower max_tokens.",
-                        )
-                    )
-                if attempts >= limit:
-                    return lines(error=("unreachable", str(fault)))
-            elif isinstance(fault, ServerTimeoutError):
-                if await self._check_lane(lane, epoch):
-                    if attempts >= limit:
-                        return lines(error=("timeout", str(fault)))
-                    continue  # the server stopped answering: another one runs it
-                failures += 1
-                if failures >= options.max_attempts or attempts >= limit:
-                    return lines(error=("timeout", str(fault)))
-                self.stats.retries += 1
-                await asyncio.sleep(_backoff(failures))
-            elif isinstance(fault, ServerUnreachableError | ServerLoadingError):
-                if attempts >= limit:
-                    kind = "unreachable"
-                    if isinstance(fault, ServerHTTPError):
-                        kind = "server_unavailable"
-                    return lines(error=(kind, str(fault)))
-                await self._check_lane(lane, epoch)
-            elif isinstance(fault, UnauthorizedError):
+            if decision.retire:
                 self._retire(lane, fault)
-                if attempts >= limit:
-                    return lines(error=("unreachable", str(fault)))
-            elif isinstance(fault, ServerHTTPError) and not fault.transient:
-                return lines(error=_status_fault(fault), response=_error_response(fault))
-            elif isinstance(fault, ServerHTTPError):
-                failures += 1
-                if attempts >= limit:
-                    return lines(error=("server_unavailable", str(fault)))
-                if failures >= options.max_attempts:
-                    if not await self._check_lane(lane, epoch):
-                        return lines(error=("server_unavailable", str(fault)))
-                    failures = 0  # a proxy in front of a server that is gone: wait for it
-                    continue
-                self.stats.retries += 1
-                await asyncio.sleep(max(_backoff(failures), fault.retry_after or 0))
-            else:
-                raise fault
+            match decision.action:
+                case Action.SPLIT:
+                    return await self._split(items, tries.attempts)
+                case Action.GIVE_UP:
+                    return lines(**_given_up(decision, fault))
+                case Action.RETRY:
+                    self.stats.retries += 1
+                    retry_after = getattr(fault, "retry_after", None) or 0
+                    await asyncio.sleep(max(_backoff(tries.failures), retry_after))
+                case Action.WAIT_FOR_SERVER:
+                    await self._check_lane(lane, epoch)
 
     def _answered(self, item: BatchItem, request: ChatRequest, body: Any, line) -> ResultLine:
         """The result line of a chat answer; `AnswerError` when it is unusable."""
@@ -565,7 +519,7 @@ class BatchRunner:
         let it take work."""
         while True:
             try:
-                await lane.gate.wait_until_ready(timeout=self.options.ready_timeout)
+                await lane.gate.wait_until_ready(timeout=self.options.run.ready_timeout)
                 if lane.pending and not await self._shape_pending(lane):
                     if lane.retired:
                         return
@@ -630,6 +584,44 @@ def _bad_gateway(fault: LlamaCppError) -> bool:
         and fault.status_code == 502
         and not isinstance(fault, ServerLoadingError)
     )
+
+
+def _fault_kind(fault: LlamaCppError) -> Fault:
+    """A failed send as `decide` sees it; a fault no rule covers is raised."""
+    if isinstance(fault, ServerDisconnectedError) or _bad_gateway(fault):
+        return Fault.DROPPED
+    if isinstance(fault, ServerTimeoutError):
+        return Fault.TIMEOUT
+    if isinstance(fault, ServerLoadingError):
+        return Fault.LOADING
+    if isinstance(fault, ServerUnreachableError):
+        return Fault.NOT_SENT
+    if isinstance(fault, UnauthorizedError):
+        return Fault.UNAUTHORIZED
+    if isinstance(fault, ServerHTTPError):
+        return Fault.TRANSIENT if fault.transient else Fault.REFUSED
+    raise fault
+
+
+def _given_up(decision: Decision, fault: LlamaCppError) -> dict[str, Any]:
+    """The error fields of a request given up."""
+    tries = decision.tries
+    match decision.reason:
+        case GiveUpReason.SERVER_REFUSED:
+            assert isinstance(fault, ServerHTTPError)
+            return {"error": _status_fault(fault), "response": _error_response(fault)}
+        case GiveUpReason.DROPPED_ALONE:
+            return {"error": (decision.kind, _dropped_alone(tries.failures, fault))}
+        case GiveUpReason.CRASHED_ALONE:
+            return {
+                "error": (
+                    decision.kind,
+                    f"llama-server went down {tries.crashes} times while this request ran "
+                    f"(the last time alone): {fault}. The prompt likely crashes the "
+                    "server; see its log, shorten the prompt or lower max_tokens.",
+                )
+            }
+    return {"error": (decision.kind, str(fault))}
 
 
 def _dropped_alone(times: int, fault: LlamaCppError) -> str:

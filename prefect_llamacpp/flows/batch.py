@@ -11,14 +11,13 @@ output file as they finish; a rerun skips what already succeeded. See the README
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +25,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import CliApp, CliPositionalArg, SettingsConfigDict
 
 from prefect_llamacpp.batch.dispatch import Lane
 from prefect_llamacpp.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
 from prefect_llamacpp.batch.ledger import Ledger
+from prefect_llamacpp.batch.options import RequestOptions, RunOptions, option_names
 from prefect_llamacpp.batch.records import OutputFormat, ResultLine, result_line
-from prefect_llamacpp.batch.runner import (
-    DEFAULT_EMBEDDING_BATCH,
-    DEFAULT_QUEUE_DEPTH,
-    BatchOptions,
-    BatchRunner,
-)
+from prefect_llamacpp.batch.runner import BatchOptions, BatchRunner
 from prefect_llamacpp.embedding_probe import packed_embeddings_problem
 from prefect_llamacpp.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
 from prefect_llamacpp.flows.local_api import run_cli
 from prefect_llamacpp.flows.report import markdown_table
-from prefect_llamacpp.provider import checked_chat_template_kwargs
-from prefect_llamacpp.request import schema_problem
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
-# Prompts per Prefect task run. Each task run costs the Prefect API about 0.08 s of CPU (measured
-# against a local server: 1.3-1.4 s of server CPU per 1,000 short prompts at 100, 0.65-0.87 s at
-# 500), CPU a llama-server on the same box lacks. (A fleet test once crawled at 500: that was its
-# three servers' threads fighting over 2 cores, at any chunk size; see the README's Fleets.)
-DEFAULT_CHUNK_SIZE = 500
 # Most embedding text one chunk holds, in characters (5,000 documents of 3,000 or so).
 CHUNK_TEXT_CHARS = 16_000_000
 
@@ -121,31 +110,16 @@ async def llamacpp_batch_flow(
     input_path: str,
     output_path: str,
     server: str | list[str] | None = None,
-    system_prompt: str | None = None,
-    output_schema: dict[str, Any] | None = None,
-    max_tokens: int | None = 512,
-    temperature: float | None = None,
-    concurrency: int | None = None,
-    queue_depth: int = DEFAULT_QUEUE_DEPTH,
-    ready_timeout: float = 300,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    max_attempts: int = 3,
-    max_crashes: int = 2,
-    request_timeout: float = 600,
-    extra_body: dict[str, Any] | None = None,
-    allow_settings_change: bool = False,
-    ignore_line_models: bool = False,
-    embeddings: bool = False,
-    embedding_batch: int = DEFAULT_EMBEDDING_BATCH,
-    chat_template_kwargs: dict[str, Any] | None = None,
+    request: RequestOptions = RequestOptions(),
+    run: RunOptions = RunOptions(),
     output_format: OutputFormat = "native",
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
     Fails before sending anything when the output is in use by another run, the named block does
-    not exist, no server is ready within `ready_timeout`, or the settings differ from the
-    ledger's (unless `allow_settings_change`); fails mid-run, with every finished result saved,
-    when no server has been usable for `ready_timeout`. Rerun to finish.
+    not exist, no server is ready within `run.ready_timeout`, or the settings differ from the
+    ledger's (unless `run.allow_settings_change`); fails mid-run, with every finished result
+    saved, when no server has been usable for `run.ready_timeout`. Rerun to finish.
 
     Args:
         input_path: JSONL file of prompts: `{"custom_id", "prompt"}`, `{"custom_id",
@@ -154,27 +128,8 @@ async def llamacpp_batch_flow(
             rerun skips what is answered. Never the input file.
         server: Name of a saved llama.cpp Server block, or a list of names for a fleet. Left
             out: the block saved as `llamacpp`, else the LLAMACPP_* settings.
-        system_prompt: System message for lines that bring none.
-        output_schema: JSON Schema: every answer becomes a validated object.
-        max_tokens: Most tokens per answer (a line's own value wins).
-        temperature: Sampling temperature, 0 to 100 (a line's own value wins).
-        concurrency: Most requests in flight per server; default its total_slots + queue_depth.
-        queue_depth: Requests beyond total_slots that llama-server queues, to hide the round trip.
-        ready_timeout: Seconds to wait for a server to be ready, at the start and when it goes.
-        chunk_size: Requests per Prefect task run: a chat line is one; embedding lines count
-            as the requests their packs make (`embedding_batch` texts each).
-        max_attempts: Tries per prompt on a timeout or a 408/429/5xx from a proxy.
-        max_crashes: Server crashes a prompt may cause (running alone) before it is given up.
-        request_timeout: Seconds to wait for one answer.
-        extra_body: llama-server fields for every request, e.g. {"top_k": 20, "min_p": 0.05}.
-        allow_settings_change: Resume a ledger written with other settings, keeping its answers.
-        ignore_line_models: Send every line to any server, whatever model it names.
-        embeddings: Lines of the native form are `{"custom_id", "input"}` texts to embed
-            (OpenAI lines with url /v1/embeddings are embedded in any run). The servers need
-            `--embeddings`.
-        embedding_batch: Most texts per /v1/embeddings request; lines share requests up to it.
-        chat_template_kwargs: Variables for the chat template, e.g. {"enable_thinking": false}
-            for a reasoning model (a line's own win).
+        request: What to ask: the settings of every request (`RequestOptions`).
+        run: How to run: in flight, timeouts, attempts, chunks (`RunOptions`).
         output_format: `native` (our result lines) or `openai` (OpenAI Batch output lines, the
             server's answer as the body; failed lines also in `<output>.errors.jsonl`). A rerun
             must ask for the format its output file holds.
@@ -183,155 +138,180 @@ async def llamacpp_batch_flow(
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
     """
     logger = get_run_logger()
-    source, target = Path(input_path), Path(output_path)
+    job = _check_job(input_path, output_path, server, request, run, output_format)
+    async with contextlib.AsyncExitStack() as closing:
+        ledger = closing.enter_context(
+            Ledger.open(job.target, job.source, output_format=output_format)
+        )
+        lanes, summary, options = await _open_fleet(job, ledger, closing, logger)
+        progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
+        closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
+        await _run(job, lanes, summary, options, ledger, progress, logger)
+    _log_outcome(logger, summary)
+    if summary.outcome == "aborted":
+        raise BatchAbortedError(summary.abort_reason or "batch aborted")
+    return summary
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A run's parameters, checked, and what a first read of the input found."""
+
+    source: Path
+    target: Path
+    server: str | list[str] | None
+    request: RequestOptions
+    run: RunOptions
+    output_format: OutputFormat
+    lines: int
+    embedding_lines: int
+
+    @property
+    def embeds(self) -> bool:
+        """Whether any line may be embedded (so the servers' embeddings are checked)."""
+        return self.request.embeddings or self.embedding_lines > 0
+
+
+def _check_job(input_path, output_path, server, request, run, output_format) -> _Job:
+    """What can be refused before anything is opened: a missing input, bad server names."""
+    source = Path(input_path)
     if not source.is_file():
         raise BatchPathError(f"batch input {source} does not exist; give a JSONL file path")
-    if chunk_size < 1 or (concurrency is not None and concurrency < 1):
-        raise ValueError("chunk_size and concurrency must be at least 1")
-    if queue_depth < 0:
-        raise ValueError("queue_depth must be 0 or more")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError("max_tokens must be at least 1 (or None for the server's default)")
-    if temperature is not None and not 0 <= temperature <= 100:  # also refuses NaN
-        raise ValueError("temperature must be a number from 0 to 100")
     server_names(server)  # an empty or repeated name fails before anything is opened
-    if max_attempts < 1 or max_crashes < 1:
-        raise ValueError("max_attempts and max_crashes must be at least 1")
-    if embedding_batch < 1:
-        raise ValueError("embedding_batch must be at least 1")
-    if chat_template_kwargs is not None:
-        chat_template_kwargs = checked_chat_template_kwargs(chat_template_kwargs)
-    total_lines, embedding_lines, other_lines = scan_input(source)
-    if output_schema is not None and (problem := schema_problem(output_schema)):
-        raise ValueError(f"output_schema is {problem}")
+    lines, embedding_lines, _ = scan_input(source)
+    return _Job(
+        source, Path(output_path), server, request, run, output_format, lines, embedding_lines
+    )
 
-    async with contextlib.AsyncExitStack() as closing:
-        ledger = closing.enter_context(Ledger.open(target, source, output_format=output_format))
-        members = await gate_fleet(await resolve_servers(server), ready_timeout)
-        options = BatchOptions(
-            concurrency=0,  # set per server below
-            system_prompt=system_prompt,
-            output_schema=output_schema,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            max_attempts=max_attempts,
-            max_crashes=max_crashes,
-            ready_timeout=ready_timeout,
-            request_timeout=request_timeout,
-            extra_body=extra_body,
-            ignore_line_models=ignore_line_models,
-            chat_template_kwargs=chat_template_kwargs,
-            embedding_batch=embedding_batch,
-            vector_encoding="float" if output_format == "openai" else None,
-            keep_responses=output_format == "openai",
-        )
-        # Servers not ready now join the run when they are (pending lanes, watched).
-        lanes = [
-            Lane.for_server(
-                member.label,
-                member.block.settings(),
-                member.status if member.skipped is None else None,
-                concurrency=concurrency,
-                queue_depth=queue_depth,
-                request_timeout=request_timeout,
-            )
-            for member in members
-            if member.skipped is None or member.may_join
-        ]
-        for lane in lanes:  # closed whatever fails before the runner owns them (twice is fine)
-            closing.push_async_callback(lane.aclose)
-        ready = [lane for lane in lanes if not lane.pending]
-        if embeddings or embedding_lines:
-            # An embeddings run (or a file of embedding lines only) stops here when no server
-            # serves them; in a mixed file the chat lines still run.
-            await _gate_embeddings(
-                ready,
-                logger,
-                must=embeddings or embedding_lines >= total_lines,
-                waiting=[lane.name for lane in lanes if lane.pending],
-            )
-        # A fleet's answers come from whichever server is free, and its members come and go
-        # between runs: lines pin a model by naming it, so the run's settings name none.
-        model = ready[0].model if not isinstance(server, list) else "(fleet)"
-        options = replace(options, concurrency=sum(lane.capacity for lane in ready))
-        summary = BatchSummary(
-            input_path=str(source),
-            output_path=str(target),
-            server=",".join(member.label for member in members),
-            base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
-            model=model,
-            concurrency=options.concurrency,
-            output_format=output_format,
-            ledger_unreadable_lines=ledger.state.unreadable_lines,
-            skipped_servers={m.label: m.skipped for m in members if m.skipped},
-        )
-        summary.settings_changed = ledger.check_settings(
-            options.run_settings(model), allow_change=allow_settings_change
-        )
-        logger.info(
-            "Batch %s -> %s on %s (%s; %d in flight)",
-            source,
-            target,
-            ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
-            summary.model,
-            options.concurrency,
-        )
-        _log_ledger_repairs(logger, ledger, target)
 
-        started = time.monotonic()
-
-        def finished(results: list[ResultLine]) -> None:
-            ledger.write_all(results)
-            failed = sum(result["error"] is not None for result in results)
-            progress.advance(len(results), failed=failed)
-
-        runner = BatchRunner(
-            lanes,
-            summary.model,
-            options,
-            on_results=finished,
-            already_done=ledger.succeeded.__contains__,
+async def _open_fleet(
+    job: _Job, ledger: Ledger, closing: contextlib.AsyncExitStack, logger
+) -> tuple[list[Lane], BatchSummary, BatchOptions]:
+    """Gate the servers, open a lane for each (pending for those not ready yet), check the
+    embedding servers and the ledger's settings: everything that may refuse the run before a
+    line is sent."""
+    request, run, server = job.request, job.run, job.server
+    members = await gate_fleet(await resolve_servers(server), run.ready_timeout)
+    # Servers not ready now join the run when they are (pending lanes, watched).
+    lanes = [
+        Lane.for_server(
+            member.label,
+            member.block.settings(),
+            member.status if member.skipped is None else None,
+            concurrency=run.concurrency,
+            queue_depth=run.queue_depth,
+            request_timeout=run.request_timeout,
         )
-        runner.names_servers = isinstance(server, list)
-        runner.checks_embeddings = bool(embeddings or embedding_lines)
-        progress = await BatchProgress.start(total_lines, done=len(ledger.state.done))
-        closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
-        ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
-        try:
-            try:
-                await _run_chunks(
-                    _pending_items(
-                        source, ledger, runner.settings_fp, summary, progress, embeddings
-                    ),
-                    chunk_size,
-                    runner,
-                    summary,
-                    ledger,
-                )
-            except (BatchAbortedError, ExceptionGroup) as exc:
-                summary.outcome = "aborted"
-                summary.abort_reason = str(_first_cause(exc))
-            ended = True
-        finally:
-            await runner.aclose()
-            ledger.sync()
-            _fill_summary(summary, runner, time.monotonic() - started)
-            if ledger.errors_path is not None and ledger.errors_path.exists():
-                summary.errors_path = str(ledger.errors_path)
-            if not ended:
-                await _report(logger, progress.finish())
-
-        # The last progress figure and the summary: two API calls, sent together.
-        await _report(
+        for member in members
+        if member.skipped is None or member.may_join
+    ]
+    for lane in lanes:  # closed whatever fails before the runner owns them (twice is fine)
+        closing.push_async_callback(lane.aclose)
+    ready = [lane for lane in lanes if not lane.pending]
+    if job.embeds:
+        # An embeddings run (or a file of embedding lines only) stops here when no server
+        # serves them; in a mixed file the chat lines still run.
+        await _gate_embeddings(
+            ready,
             logger,
-            progress.finish(),
-            acreate_markdown_artifact(
-                markdown=render_summary(summary),
-                key="llamacpp-batch-summary",
-                description=f"llama.cpp batch: {summary.succeeded} succeeded, "
-                f"{summary.failed} failed",
-            ),
+            must=request.embeddings or job.embedding_lines >= job.lines,
+            waiting=[lane.name for lane in lanes if lane.pending],
         )
+    options = BatchOptions(
+        concurrency=sum(lane.capacity for lane in ready),
+        request=request,
+        run=run,
+        vector_encoding="float" if job.output_format == "openai" else None,
+        keep_responses=job.output_format == "openai",
+    )
+    # A fleet's answers come from whichever server is free, and its members come and go
+    # between runs: lines pin a model by naming it, so the run's settings name none.
+    model = ready[0].model if not isinstance(server, list) else "(fleet)"
+    summary = BatchSummary(
+        input_path=str(job.source),
+        output_path=str(job.target),
+        server=",".join(member.label for member in members),
+        base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
+        model=model,
+        concurrency=options.concurrency,
+        output_format=job.output_format,
+        ledger_unreadable_lines=ledger.state.unreadable_lines,
+        skipped_servers={m.label: m.skipped for m in members if m.skipped},
+    )
+    summary.settings_changed = ledger.check_settings(
+        request.run_settings(model), allow_change=run.allow_settings_change
+    )
+    logger.info(
+        "Batch %s -> %s on %s (%s; %d in flight)",
+        job.source,
+        job.target,
+        ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
+        summary.model,
+        options.concurrency,
+    )
+    _log_ledger_repairs(logger, ledger, job.target)
+    return lanes, summary, options
+
+
+async def _run(
+    job: _Job,
+    lanes: list[Lane],
+    summary: BatchSummary,
+    options: BatchOptions,
+    ledger: Ledger,
+    progress: BatchProgress,
+    logger,
+) -> None:
+    """Run the pending lines in chunks, then report: the summary artifact and the last progress.
+    An abort is an outcome in `summary`; anything else unexpected is raised after the report."""
+    started = time.monotonic()
+
+    def finished(results: list[ResultLine]) -> None:
+        ledger.write_all(results)
+        failed = sum(result["error"] is not None for result in results)
+        progress.advance(len(results), failed=failed)
+
+    runner = BatchRunner(
+        lanes,
+        summary.model,
+        options,
+        on_results=finished,
+        already_done=ledger.succeeded.__contains__,
+    )
+    runner.names_servers = isinstance(job.server, list)
+    runner.checks_embeddings = job.embeds
+    pending = _pending_items(
+        job.source, ledger, runner.settings_fp, summary, progress, job.request.embeddings
+    )
+    ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
+    try:
+        try:
+            await _run_chunks(pending, job.run.chunk_size, runner, summary, ledger)
+        except (BatchAbortedError, ExceptionGroup) as exc:
+            summary.outcome = "aborted"
+            summary.abort_reason = str(_first_cause(exc))
+        ended = True
+    finally:
+        await runner.aclose()
+        ledger.sync()
+        _fill_summary(summary, runner, time.monotonic() - started)
+        if ledger.errors_path is not None and ledger.errors_path.exists():
+            summary.errors_path = str(ledger.errors_path)
+        if not ended:
+            await _report(logger, progress.finish())
+    # The last progress figure and the summary: two API calls, sent together.
+    await _report(
+        logger,
+        progress.finish(),
+        acreate_markdown_artifact(
+            markdown=render_summary(summary),
+            key="llamacpp-batch-summary",
+            description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
+        ),
+    )
+
+
+def _log_outcome(logger, summary: BatchSummary) -> None:
     logger.info(
         "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",
         summary.outcome,
@@ -341,9 +321,6 @@ async def llamacpp_batch_flow(
         summary.completion_tokens,
         summary.completion_tokens_per_s,
     )
-    if summary.outcome == "aborted":
-        raise BatchAbortedError(summary.abort_reason or "batch aborted")
-    return summary
 
 
 async def _gate_embeddings(
@@ -469,7 +446,7 @@ async def _run_chunks(
     items: Iterator[BatchItem], chunk_size, runner, summary, ledger: Ledger
 ) -> None:
     in_flight: set[asyncio.Task] = set()
-    chunks = _chunked(items, chunk_size, runner.options.embedding_batch)
+    chunks = _chunked(items, chunk_size, runner.options.run.embedding_batch)
     try:
         for number, chunk in enumerate(chunks, start=1):
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
@@ -501,10 +478,9 @@ def _chunked(
 ) -> Iterator[list[BatchItem]]:
     """Chunks of `size` requests. A chat line is one request; embedding lines are packed
     `embedding_batch` texts to a request, so they count that way (a chunk of embedding lines
-    ends on a full pack): 5,000 one-text lines are one task run, not ten (each task run cost
-    the local Prefect API ~0.08 s of CPU and the flow ~0.05 s; ten of them took an embeddings
-    run from 0.9 to 0.7 of raw httpx). Embedding texts held by one chunk stay under
-    `CHUNK_TEXT_CHARS`, so memory stays bounded."""
+    ends on a full pack): 5,000 one-text lines are one task run, not ten, since every task run
+    costs Prefect CPU. Embedding texts held by one chunk stay under `CHUNK_TEXT_CHARS`, so
+    memory stays bounded."""
     chunk: list[BatchItem] = []
     requests, texts, chars = 0, 0, 0
     for item in items:
@@ -605,83 +581,69 @@ def render_summary(summary: BatchSummary) -> str:
     return markdown_table("llama.cpp batch", rows)
 
 
+class BatchCommand(BaseModel):
+    """Run a JSONL file of prompts through a llama.cpp server; resumable. Every option of
+    `RequestOptions` and `RunOptions` is a flag (`--max-tokens`, or `--request.max-tokens`)."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="llamacpp-batch",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=True,
+        cli_hide_none_type=True,
+        # The short form of each option: --max-tokens for --request.max-tokens.
+        cli_shortcuts={
+            f"{group}.{name}".replace("_", "-"): name.replace("_", "-")
+            for group, name in option_names()
+        }
+        | {"schema-file": "schema"},
+    )
+
+    input_path: CliPositionalArg[str] = Field(description="JSONL file of prompts")
+    output_path: CliPositionalArg[str] = Field(
+        description="JSONL results file (appended; rerun to resume)"
+    )
+    server: list[str] = Field(
+        default_factory=list,
+        description="llama.cpp Server block name; repeat it for a fleet (default: the block "
+        "'llamacpp', else the LLAMACPP_* settings)",
+    )
+    schema_file: Path | None = Field(
+        None, description="JSON Schema file: answers become objects (sets output_schema)"
+    )
+    output_format: OutputFormat = Field(
+        "native",
+        description="openai: OpenAI Batch output lines, failed ones also in <output>.errors.jsonl",
+    )
+    request: RequestOptions = RequestOptions()
+    run: RunOptions = RunOptions()
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The flow's parameters, as the command line gave them."""
+        request = self.request
+        if self.schema_file is not None:
+            schema = json.loads(self.schema_file.read_text())
+            request = RequestOptions(**{**request.model_dump(), "output_schema": schema})
+        return {
+            "input_path": self.input_path,
+            "output_path": self.output_path,
+            "server": self.server[0] if len(self.server) == 1 else (self.server or None),
+            "request": request,
+            "run": self.run,
+            "output_format": self.output_format,
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llamacpp-batch", description=__doc__.split("\n")[0])
-    parser.add_argument("input", help="JSONL file of prompts")
-    parser.add_argument("output", help="JSONL results file (appended; rerun to resume)")
-    parser.add_argument(
-        "--server",
-        action="append",
-        help="llama.cpp Server block name; repeat it for a fleet "
-        "(default: the block 'llamacpp', else the LLAMACPP_* settings)",
-    )
-    parser.add_argument("--system-prompt")
-    parser.add_argument("--schema", type=Path, help="JSON Schema file: answers become objects")
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float)
-    parser.add_argument(
-        "--concurrency", type=int, help="default: the server's total_slots + queue depth"
-    )
-    parser.add_argument("--queue-depth", type=int, default=DEFAULT_QUEUE_DEPTH)
-    parser.add_argument("--ready-timeout", type=float, default=300)
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    parser.add_argument("--max-attempts", type=int, default=3)
-    parser.add_argument("--max-crashes", type=int, default=2)
-    parser.add_argument("--request-timeout", type=float, default=600)
-    parser.add_argument(
-        "--ignore-line-models",
-        action="store_true",
-        help="send every line to any server, whatever model it names",
-    )
-    parser.add_argument(
-        "--output-format",
-        choices=["native", "openai"],
-        default="native",
-        help="openai: OpenAI Batch output lines, failed ones also in <output>.errors.jsonl",
-    )
-    parser.add_argument(
-        "--allow-settings-change",
-        action="store_true",
-        help="resume a ledger written with other settings, keeping its answers",
-    )
-    parser.add_argument(
-        "--embeddings",
-        action="store_true",
-        help='native lines are {"custom_id", "input"} texts to embed (servers need --embeddings)',
-    )
-    parser.add_argument("--embedding-batch", type=int, default=DEFAULT_EMBEDDING_BATCH)
-    parser.add_argument(
-        "--chat-template-kwargs",
-        type=json.loads,
-        help="JSON object for the chat template, e.g. '{\"enable_thinking\": false}'",
-    )
-    args = parser.parse_args(argv)
-    schema = json.loads(args.schema.read_text()) if args.schema else None
+    try:
+        command = CliApp.run(BatchCommand, cli_args=sys.argv[1:] if argv is None else argv)
+        parameters = command.flow_parameters()
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"llamacpp-batch: {_cli_problem(exc)}", file=sys.stderr)
+        return 2
 
     async def run() -> int:
-        state = await llamacpp_batch_flow(
-            args.input,
-            args.output,
-            server=args.server[0] if args.server and len(args.server) == 1 else args.server,
-            system_prompt=args.system_prompt,
-            output_schema=schema,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            concurrency=args.concurrency,
-            queue_depth=args.queue_depth,
-            ready_timeout=args.ready_timeout,
-            chunk_size=args.chunk_size,
-            max_attempts=args.max_attempts,
-            max_crashes=args.max_crashes,
-            request_timeout=args.request_timeout,
-            allow_settings_change=args.allow_settings_change,
-            ignore_line_models=args.ignore_line_models,
-            embeddings=args.embeddings,
-            embedding_batch=args.embedding_batch,
-            chat_template_kwargs=args.chat_template_kwargs,
-            output_format=args.output_format,
-            return_state=True,
-        )
+        state = await llamacpp_batch_flow(**parameters, return_state=True)
         if state.is_failed():
             print(f"batch failed: {state.message}", file=sys.stderr)
             return 1
@@ -690,6 +652,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(lambda: asyncio.run(run()))
+
+
+def _cli_problem(exc: Exception) -> str:
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 if __name__ == "__main__":

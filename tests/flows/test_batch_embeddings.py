@@ -53,7 +53,11 @@ async def test_a_few_thousand_inputs_one_vector_line_each_and_a_rerun_resumes(
     output = tmp_path / "vectors.jsonl"
 
     summary = await llamacpp_batch_flow(
-        str(source), str(output), server=block, embeddings=True, embedding_batch=32, chunk_size=30
+        str(source),
+        str(output),
+        server=block,
+        request={"embeddings": True},
+        run={"embedding_batch": 32, "chunk_size": 30},
     )
 
     assert (summary.succeeded, summary.failed) == (count, 0)
@@ -70,7 +74,11 @@ async def test_a_few_thousand_inputs_one_vector_line_each_and_a_rerun_resumes(
     assert summary.prompt_tokens == sum(r["usage"]["prompt_tokens"] for r in records)
 
     again = await llamacpp_batch_flow(
-        str(source), str(output), server=block, embeddings=True, embedding_batch=32
+        str(source),
+        str(output),
+        server=block,
+        request={"embeddings": True},
+        run={"embedding_batch": 32},
     )
     assert (again.succeeded, again.skipped_done) == (0, count)
     assert len(read_output(output)) == count
@@ -87,10 +95,14 @@ async def test_mixed_file_chat_and_embeddings_packed_vectors_match_single_ones(
     source = write_lines(tmp_path / "mixed.jsonl", lines)
 
     packed = await llamacpp_batch_flow(
-        str(source), str(tmp_path / "packed.jsonl"), server=block, max_tokens=4
+        str(source), str(tmp_path / "packed.jsonl"), server=block, request={"max_tokens": 4}
     )
     single = await llamacpp_batch_flow(
-        str(source), str(tmp_path / "single.jsonl"), server=block, max_tokens=4, embedding_batch=1
+        str(source),
+        str(tmp_path / "single.jsonl"),
+        server=block,
+        request={"max_tokens": 4},
+        run={"embedding_batch": 1},
     )
 
     assert packed.failed == single.failed == 0
@@ -129,7 +141,9 @@ async def test_a_server_without_embeddings_is_refused_before_anything_is_sent(se
     with pytest.raises(NotSupportedError, match="--embeddings"):
         await llamacpp_batch_flow(str(source), str(output), server=block)
     with pytest.raises(NotSupportedError, match="--embeddings"):
-        await llamacpp_batch_flow(str(native), str(output), server=block, embeddings=True)
+        await llamacpp_batch_flow(
+            str(native), str(output), server=block, request={"embeddings": True}
+        )
 
     assert not output.exists() or output.read_text() == ""
 
@@ -157,15 +171,14 @@ async def test_chat_template_kwargs_reach_the_template(template_server, tmp_path
         ],
     )
     without = await llamacpp_batch_flow(
-        str(source), str(tmp_path / "a.jsonl"), server=block, max_tokens=1
+        str(source), str(tmp_path / "a.jsonl"), server=block, request={"max_tokens": 1}
     )
     greeting = {"greeting": "hello there " * 20}
     with_kwargs = await llamacpp_batch_flow(
         str(source),
         str(tmp_path / "b.jsonl"),
         server=block,
-        max_tokens=1,
-        chat_template_kwargs=greeting,
+        request={"max_tokens": 1, "chat_template_kwargs": greeting},
     )
 
     assert without.failed == with_kwargs.failed == 0
@@ -188,8 +201,8 @@ async def test_in_a_fleet_embedding_lines_go_only_to_servers_that_serve_them(
         str(source),
         str(tmp_path / "out.jsonl"),
         server=[plain, embed],
-        max_tokens=4,
-        embedding_batch=4,
+        request={"max_tokens": 4},
+        run={"embedding_batch": 4},
     )
 
     assert (summary.succeeded, summary.failed) == (52, 0)
@@ -225,8 +238,8 @@ async def test_an_embeddings_run_waits_for_an_embedding_server_that_is_still_sta
             str(source),
             str(tmp_path / "out.jsonl"),
             server=[plain, embed],
-            embeddings=True,
-            ready_timeout=60,
+            request={"embeddings": True},
+            run={"ready_timeout": 60},
         )
     finally:
         await starting
@@ -262,7 +275,7 @@ async def test_an_openai_batch_file_of_chat_and_embedding_lines_in_openai_output
     target = tmp_path / "out.jsonl"
 
     summary = await llamacpp_batch_flow(
-        str(source), str(target), server=block, output_format="openai", embedding_batch=4
+        str(source), str(target), server=block, output_format="openai", run={"embedding_batch": 4}
     )
 
     assert (summary.succeeded, summary.failed) == (10, 2)
@@ -284,7 +297,7 @@ async def test_an_openai_batch_file_of_chat_and_embedding_lines_in_openai_output
     assert failed == {"huge", "bad"}
 
     again = await llamacpp_batch_flow(
-        str(source), str(target), server=block, output_format="openai", embedding_batch=4
+        str(source), str(target), server=block, output_format="openai", run={"embedding_batch": 4}
     )
     assert (again.succeeded, again.skipped_done, again.failed) == (0, 10, 2)
 
@@ -302,7 +315,9 @@ async def test_a_server_whose_packed_vectors_differ_is_refused_naming_kvu(
         source = write_lines(tmp_path / "in.jsonl", [{"custom_id": "d", "input": "text"}])
         output = tmp_path / "out.jsonl"
         with pytest.raises(BatchAbortedError, match="-kvu"):
-            await llamacpp_batch_flow(str(source), str(output), server=block, embeddings=True)
+            await llamacpp_batch_flow(
+                str(source), str(output), server=block, request={"embeddings": True}
+            )
     assert not output.exists() or output.read_text() == ""
 
 

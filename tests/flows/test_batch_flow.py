@@ -88,10 +88,9 @@ async def test_a_few_hundred_prompts_each_get_exactly_one_line(
         str(source),
         str(target),
         server=name,
-        max_tokens=12,
-        concurrency=3,
-        chunk_size=50,
         return_state=True,
+        request={"max_tokens": 12},
+        run={"concurrency": 3, "chunk_size": 50},
     )
     stop.set()
     most_at_once = await watcher
@@ -120,7 +119,7 @@ async def test_default_concurrency_is_total_slots_plus_queue_depth(
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 24)
     summary = await llamacpp_batch_flow(
-        str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=8
+        str(source), str(tmp_path / "out.jsonl"), server=name, request={"max_tokens": 8}
     )
     assert summary.concurrency == 4 + 1 and summary.succeeded == 24
 
@@ -130,7 +129,10 @@ async def test_structured_output_gives_validated_objects(server, registered_bloc
     source = write_input(tmp_path / "in.jsonl", 20, prompt="Review number {i}: it was fine.")
     target = tmp_path / "out.jsonl"
     summary = await llamacpp_batch_flow(
-        str(source), str(target), server=name, output_schema=REVIEW_SCHEMA, max_tokens=200
+        str(source),
+        str(target),
+        server=name,
+        request={"output_schema": REVIEW_SCHEMA, "max_tokens": 200},
     )
     records = read_output(target)
     assert summary.succeeded == 20, [r["error"] for r in records if r["error"]]
@@ -167,7 +169,9 @@ async def test_openai_batch_lines_and_bad_lines(server, registered_block_type, t
     ]
     source = write_input(tmp_path / "in.jsonl", 5, extra)
     target = tmp_path / "out.jsonl"
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=8)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 8}
+    )
     by_line = {r["line"]: r for r in read_output(target)}
     assert (
         by_line[6]["error"]["kind"] == "invalid_json" and "line 6" in by_line[6]["error"]["message"]
@@ -190,7 +194,9 @@ async def test_openai_batch_lines_and_bad_lines(server, registered_block_type, t
         "bad_request": 1,
     }
 
-    rerun = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=8)
+    rerun = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 8}
+    )
     assert rerun.skipped_done == 7
     after = read_output(target)
     # Input errors are not written again; the context error is retried (and fails again).
@@ -204,7 +210,10 @@ async def test_identical_prompts_are_each_answered(server, registered_block_type
     async with LlamaCppClient(server.url, api_key=None) as client:
         before = (await client.get_metrics())["tokens_predicted_total"]
         summary = await llamacpp_batch_flow(
-            str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=6, temperature=1.0
+            str(source),
+            str(tmp_path / "out.jsonl"),
+            server=name,
+            request={"max_tokens": 6, "temperature": 1.0},
         )
         grown = (await client.get_metrics())["tokens_predicted_total"] - before
     assert summary.succeeded == 12
@@ -234,10 +243,9 @@ async def test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing(
             str(source),
             str(target),
             server=name,
-            max_tokens=48,
-            ready_timeout=2,
-            chunk_size=40,
             return_state=True,
+            request={"max_tokens": 48},
+            run={"ready_timeout": 2, "chunk_size": 40},
         )
     )
     await wait_for_lines(target, 60, run)
@@ -251,7 +259,9 @@ async def test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing(
     assert set(done_before.values()) == {1}
 
     server.start()
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 48}
+    )
     assert target.read_bytes().startswith(first_run), "finished results were rewritten"
     assert summary.skipped_done == sum(done_before.values())
     assert summary.succeeded == 400 - summary.skipped_done
@@ -267,7 +277,13 @@ async def test_server_back_within_the_deadline_finishes_in_one_run(
     source = write_input(tmp_path / "in.jsonl", 300)
     target = tmp_path / "out.jsonl"
     run = asyncio.create_task(
-        llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=48, ready_timeout=60)
+        llamacpp_batch_flow(
+            str(source),
+            str(target),
+            server=name,
+            request={"max_tokens": 48},
+            run={"ready_timeout": 60},
+        )
     )
     await wait_for_lines(target, 40, run)
     server.kill()
@@ -284,11 +300,13 @@ async def test_truncated_last_line_is_dropped_and_redone(server, registered_bloc
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 10)
     target = tmp_path / "out.jsonl"
-    await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=6)
+    await llamacpp_batch_flow(str(source), str(target), server=name, request={"max_tokens": 6})
     lines = target.read_text().splitlines()
     cut = "\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2]  # a crash mid-write
     target.write_text(cut)
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=6)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 6}
+    )
     assert summary.skipped_done == 9 and summary.succeeded == 1
     assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(10)})
 
@@ -309,7 +327,7 @@ async def test_right_key_runs_and_is_never_recorded(key_server, registered_block
     source = write_input(tmp_path / "in.jsonl", 6)
     target = tmp_path / "out.jsonl"
     state = await llamacpp_batch_flow(
-        str(source), str(target), server=name, max_tokens=6, return_state=True
+        str(source), str(target), server=name, return_state=True, request={"max_tokens": 6}
     )
     assert state.is_completed(), state.message
     record = await flow_run_record(state.state_details.flow_run_id)
@@ -334,7 +352,11 @@ async def test_waits_for_a_loading_server_then_runs(
         name = await save_block("batch-loading", server)
         source = write_input(tmp_path / "in.jsonl", 4)
         summary = await llamacpp_batch_flow(
-            str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=4, ready_timeout=120
+            str(source),
+            str(tmp_path / "out.jsonl"),
+            server=name,
+            request={"max_tokens": 4},
+            run={"ready_timeout": 120},
         )
         assert summary.succeeded == 4 and summary.model == "slow"
     finally:
@@ -353,7 +375,10 @@ async def test_answer_cut_short_is_a_validation_error_line(server, registered_bl
     source = write_input(tmp_path / "in.jsonl", 3)
     target = tmp_path / "out.jsonl"
     summary = await llamacpp_batch_flow(
-        str(source), str(target), server=name, output_schema=REVIEW_SCHEMA, max_tokens=3
+        str(source),
+        str(target),
+        server=name,
+        request={"output_schema": REVIEW_SCHEMA, "max_tokens": 3},
     )
     assert summary.failed_by_kind == {"validation": 3}
     for record in read_output(target):

@@ -61,7 +61,11 @@ async def test_a_second_run_on_the_same_output_fails_at_once(
         )
         first = asyncio.create_task(
             llamacpp_batch_flow(
-                str(source), str(target), server="batch-held", max_tokens=8, chunk_size=10
+                str(source),
+                str(target),
+                server="batch-held",
+                request={"max_tokens": 8},
+                run={"chunk_size": 10},
             )
         )
         deadline = time.monotonic() + 60
@@ -71,7 +75,11 @@ async def test_a_second_run_on_the_same_output_fails_at_once(
             await asyncio.sleep(0.05)
         started = time.monotonic()
         second = await llamacpp_batch_flow(
-            str(source), str(target), server="batch-held", max_tokens=8, return_state=True
+            str(source),
+            str(target),
+            server="batch-held",
+            return_state=True,
+            request={"max_tokens": 8},
         )
         refused_in = time.monotonic() - started
         assert not first.done()
@@ -114,7 +122,9 @@ async def test_hostile_input_every_line_accounted_for_good_lines_answered(
     expected = write_hostile_input(source)
     assert len(ERROR_KINDS_COVERED) >= 7 and len(expected) - 1 >= 20
     target = tmp_path / "out.jsonl"
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=8)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 8}
+    )
     records = read_output(target)
     by_line = {record["line"]: record for record in records}
     assert len(records) == len(by_line) == len(expected), "one line out per line in"
@@ -130,7 +140,9 @@ async def test_hostile_input_every_line_accounted_for_good_lines_answered(
     good = sum(outcome == GOOD for _, outcome in expected.values())
     assert summary.succeeded == good and summary.failed == len(expected) - good
 
-    rerun = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=8)
+    rerun = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 8}
+    )
     assert rerun.skipped_done == good and rerun.succeeded == 0
     assert read_output(target) == records, "a rerun writes nothing new"
 
@@ -169,9 +181,8 @@ async def test_a_prompt_that_crashes_the_server_is_given_up_alone(
             str(source),
             str(target),
             server="batch-relay",
-            max_tokens=64,
-            extra_body={"ignore_eos": True},
-            ready_timeout=60,
+            request={"max_tokens": 64, "extra_body": {"ignore_eos": True}},
+            run={"ready_timeout": 60},
         )
     records = read_output(target)
     assert relay.crashes == 2, "in flight at one crash, alone at the second, then given up"
@@ -200,10 +211,8 @@ async def test_behind_a_proxy_a_restarting_server_blames_only_the_poison(
             str(source),
             str(target),
             server="batch-proxy",
-            max_tokens=8,
-            extra_body={"ignore_eos": True},
-            ready_timeout=30,
-            max_crashes=2,
+            request={"max_tokens": 8, "extra_body": {"ignore_eos": True}},
+            run={"ready_timeout": 30, "max_crashes": 2},
         )
     records = read_output(target)
     poison = [r for r in records if r["custom_id"] == "poison"]
@@ -230,12 +239,14 @@ async def test_a_mistyped_block_fails_before_sending_and_env_is_only_the_fallbac
     # An invalid URL in the environment does not break a run that names a valid block...
     monkeypatch.setenv("LLAMACPP_BASE_URL", "http://host:abc/v1")
     name = await save_block("batch-main", server)
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=4)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 4}
+    )
     assert summary.succeeded == 3
     # ...and with no server named and no default block, the environment is used, and said so.
     monkeypatch.setenv("LLAMACPP_BASE_URL", server.openai_base)
     state = await llamacpp_batch_flow(
-        str(source), str(tmp_path / "env.jsonl"), max_tokens=4, return_state=True
+        str(source), str(tmp_path / "env.jsonl"), return_state=True, request={"max_tokens": 4}
     )
     assert state.is_completed(), state.message
     record = await flow_run_record(state.state_details.flow_run_id)
@@ -249,12 +260,14 @@ async def test_a_changed_line_or_changed_settings_are_never_silently_skipped(
     name = await save_block("batch-main", server)
     source = write_input(tmp_path / "in.jsonl", 6)
     target = tmp_path / "out.jsonl"
-    await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=4)
+    await llamacpp_batch_flow(str(source), str(target), server=name, request={"max_tokens": 4})
 
     lines = source.read_text().splitlines()
     lines[2] = json.dumps({"custom_id": "q2", "prompt": "a different question"})
     source.write_text("\n".join(lines) + "\n")
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=4)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 4}
+    )
     assert summary.skipped_done == 5 and summary.failed_by_kind == {"ledger_mismatch": 1}
     mismatch = [r for r in read_output(target) if r["error"]]
     assert len(mismatch) == 1 and mismatch[0]["custom_id"] == "q2"
@@ -262,13 +275,17 @@ async def test_a_changed_line_or_changed_settings_are_never_silently_skipped(
     assert "new output file" in mismatch[0]["error"]["message"]
 
     state = await llamacpp_batch_flow(
-        str(source), str(target), server=name, max_tokens=9, return_state=True
+        str(source), str(target), server=name, return_state=True, request={"max_tokens": 9}
     )
     assert state.is_failed() and "max_tokens 4 -> 9" in state.message
     assert "allow_settings_change" in state.message
     more = write_input(tmp_path / "more.jsonl", 8)
     summary = await llamacpp_batch_flow(
-        str(more), str(target), server=name, max_tokens=9, allow_settings_change=True
+        str(more),
+        str(target),
+        server=name,
+        request={"max_tokens": 9},
+        run={"allow_settings_change": True},
     )
     # more.jsonl asks q2 as first answered: every answer stays done, q6 and q7 run
     assert summary.skipped_done == 6 and summary.succeeded == 2
@@ -303,7 +320,9 @@ async def test_sigkill_of_the_flow_process_loses_and_repeats_nothing(
     done_before = successes(read_output_tolerant(target))
     assert 100 <= sum(done_before.values()) < 600 and set(done_before.values()) == {1}
 
-    summary = await llamacpp_batch_flow(str(source), str(target), server=name, max_tokens=32)
+    summary = await llamacpp_batch_flow(
+        str(source), str(target), server=name, request={"max_tokens": 32}
+    )
     assert summary.skipped_done == sum(done_before.values()), "finished work was redone"
     assert summary.succeeded == 600 - summary.skipped_done
     assert successes(read_output(target)) == Counter({f"q{i}": 1 for i in range(600)})
@@ -325,7 +344,7 @@ async def test_the_key_is_in_no_file_the_batch_writes(key_server, registered_blo
     source = write_input(tmp_path / "in.jsonl", 4)
     target = tmp_path / "out.jsonl"
     state = await llamacpp_batch_flow(
-        str(source), str(target), server=name, max_tokens=4, return_state=True
+        str(source), str(target), server=name, return_state=True, request={"max_tokens": 4}
     )
     assert state.is_completed(), state.message
     record = await flow_run_record(state.state_details.flow_run_id)

@@ -69,7 +69,11 @@ def progress_api_down(monkeypatch) -> None:
 async def run(name, tmp_path, lines=6):
     source = write_input(tmp_path / "in.jsonl", lines)
     return await llamacpp_batch_flow(
-        str(source), str(tmp_path / "out.jsonl"), server=name, max_tokens=4, return_state=True
+        str(source),
+        str(tmp_path / "out.jsonl"),
+        server=name,
+        return_state=True,
+        request={"max_tokens": 4},
     )
 
 

@@ -20,7 +20,7 @@ async def one_line(tmp_path, answer, output_format="native", **options) -> dict:
             runner = BatchRunner(
                 LlamaCppSettings(base_url=server.url, timeout=5),
                 "fake",
-                BatchOptions(**options, keep_responses=output_format == "openai"),
+                BatchOptions.of(**options, keep_responses=output_format == "openai"),
                 on_results=ledger.write_all,
             )
             try:

@@ -31,7 +31,7 @@ async def run(server: FakeLlamaServer | list, batch: list[BatchItem], **options)
     runner = BatchRunner(
         servers,
         "fake",
-        BatchOptions(**{"concurrency": 4, "ready_timeout": 5, **options}),
+        BatchOptions.of(**{"concurrency": 4, "ready_timeout": 5, **options}),
         on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
     )
     try:
@@ -165,7 +165,7 @@ async def test_running_a_chunk_again_sends_and_writes_nothing_twice(tmp_path):
             runner = BatchRunner(
                 LlamaCppSettings(base_url=server.url, timeout=5),
                 "fake",
-                BatchOptions(concurrency=2),
+                BatchOptions.of(concurrency=2),
                 on_results=ledger.write_all,
                 already_done=ledger.succeeded.__contains__,
             )
@@ -236,7 +236,7 @@ async def test_over_a_fleet_free_slots_pull_the_work():
         runner = BatchRunner(
             lanes,
             "fake",
-            BatchOptions(concurrency=10),
+            BatchOptions.of(concurrency=10),
             on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
         )
         await runner.run(items(*[f"p{i}" for i in range(700)]))
@@ -269,7 +269,7 @@ async def test_lines_whose_only_server_is_gone_fail_after_the_deadline_the_rest_
         runner = BatchRunner(
             lanes,
             "fleet",
-            BatchOptions(concurrency=4, ready_timeout=1),
+            BatchOptions.of(concurrency=4, ready_timeout=1),
             on_results=lambda lines: results.update((line["custom_id"], line) for line in lines),
         )
         started = time.monotonic()
@@ -313,7 +313,7 @@ async def test_reasoning_goes_apart_and_structured_output_is_read_from_the_answe
         runner = BatchRunner(
             LlamaCppSettings(base_url="http://llama.test"),
             "qwen3",
-            BatchOptions(
+            BatchOptions.of(
                 concurrency=1,
                 output_schema=schema,
                 chat_template_kwargs={"enable_thinking": True},

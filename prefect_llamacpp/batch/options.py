@@ -1,0 +1,126 @@
+"""A batch run's options, grouped: what every request asks (`RequestOptions`) and how the run goes
+(`RunOptions`). The one owner of each option's default, limits and description: the flow's
+parameters, the Prefect UI's run form and the `llamacpp-batch` command line are built from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prefect_llamacpp.batch.ledger import RunSettings
+from prefect_llamacpp.request import schema_problem
+
+# Requests beyond total_slots that llama-server queues and starts the moment a slot frees: they
+# hide the client's round trip between one answer and the next request (docs/benchmarks.md).
+DEFAULT_QUEUE_DEPTH = 1
+# Texts per /v1/embeddings request: several lines share one request, sparing a round trip each.
+DEFAULT_EMBEDDING_BATCH = 32
+# Requests per Prefect task run: each task run costs the Prefect API CPU that a llama-server on
+# the same machine lacks, so chunks are large (docs/benchmarks.md).
+DEFAULT_CHUNK_SIZE = 500
+
+
+class RequestOptions(BaseModel):
+    """What to ask: settings for every request. A line's own values win."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_prompt: str | None = Field(None, description="System message for lines that bring none.")
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema: every answer becomes a validated object."
+    )
+    max_tokens: int | None = Field(
+        512, ge=1, description="Most tokens per answer; empty: the server's default."
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=100, allow_inf_nan=False, description="Sampling temperature, 0 to 100."
+    )
+    extra_body: dict[str, Any] | None = Field(
+        None,
+        description='llama-server fields for every request, e.g. {"top_k": 20, "min_p": 0.05}.',
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description='Variables for the chat template, e.g. {"enable_thinking": false} for a '
+        "reasoning model.",
+    )
+    embeddings: bool = Field(
+        False,
+        description='Native lines are {"custom_id", "input"} texts to embed (OpenAI lines with '
+        "url /v1/embeddings are embedded in any run); the servers need --embeddings.",
+    )
+
+    @field_validator("output_schema")
+    @classmethod
+    def _usable_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None and (problem := schema_problem(schema)):
+            raise ValueError(f"output_schema is {problem}")
+        return schema
+
+    def run_settings(self, model: str) -> RunSettings:
+        """The settings whose fingerprint each result line carries."""
+        return RunSettings(
+            model=model,
+            system_prompt=self.system_prompt,
+            output_schema=self.output_schema,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            extra_body=self.extra_body,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+
+
+class RunOptions(BaseModel):
+    """How to run: how much in flight, how long to wait, how often to try."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Most requests in flight per server; empty: total_slots + queue_depth.",
+    )
+    queue_depth: int = Field(
+        DEFAULT_QUEUE_DEPTH,
+        ge=0,
+        description="Requests beyond total_slots that llama-server queues, to hide the round trip.",
+    )
+    ready_timeout: float = Field(
+        300, gt=0, description="Seconds to wait for a server to be ready, at the start and mid-run."
+    )
+    request_timeout: float = Field(600, gt=0, description="Seconds to wait for one answer.")
+    max_attempts: int = Field(
+        3, ge=1, description="Tries per line on a timeout or a 408/429/5xx from a proxy."
+    )
+    max_crashes: int = Field(
+        2,
+        ge=1,
+        description="Server crashes a line may cause (running alone) before it is given up.",
+    )
+    chunk_size: int = Field(
+        DEFAULT_CHUNK_SIZE,
+        ge=1,
+        description="Requests per Prefect task run (embedding lines count as their packs).",
+    )
+    embedding_batch: int = Field(
+        DEFAULT_EMBEDDING_BATCH, ge=1, description="Most texts per /v1/embeddings request."
+    )
+    ignore_line_models: bool = Field(
+        False, description="Send every line to any server, whatever model it names."
+    )
+    allow_settings_change: bool = Field(
+        False, description="Resume an output written with other settings, keeping its answers."
+    )
+
+
+OPTION_GROUPS: dict[str, type[BaseModel]] = {"request": RequestOptions, "run": RunOptions}
+
+
+def option_names() -> Iterator[tuple[str, str]]:
+    """(group, field) for every option: for shortcuts and for tests that walk them all."""
+    for group, model in OPTION_GROUPS.items():
+        for name in model.model_fields:
+            yield group, name

@@ -23,6 +23,8 @@ _EXPORTS = {
     "llamacpp_health_flow": "flows.health",
     "llamacpp_batch_flow": "flows.batch",
     "BatchSummary": "flows.batch",
+    "RequestOptions": "batch.options",
+    "RunOptions": "batch.options",
     "check_health": "tasks",
     "check_health_with_canary": "tasks",
     "detect_model": "tasks",
@@ -47,7 +49,9 @@ _EXPORTS = {
     "ServerState": "status",
     # errors (the tree is drawn in prefect_llamacpp/exceptions.py)
     "LlamaCppError": "exceptions",
+    "ConfigurationError": "exceptions",
     "ModelError": "exceptions",
+    "TransportError": "exceptions",
     "ServerUnreachableError": "exceptions",
     "ServerTimeoutError": "exceptions",
     "ServerDisconnectedError": "exceptions",
@@ -57,6 +61,8 @@ _EXPORTS = {
     "NotSupportedError": "exceptions",
     "UnexpectedResponseError": "exceptions",
     "DeadlineExceededError": "exceptions",
+    "AnswerError": "exceptions",
+    "NoServerError": "exceptions",
     "ServerNotReadyError": "exceptions",
     "BlockNotFoundError": "exceptions",
     "BatchError": "exceptions",
@@ -84,21 +90,25 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from prefect_llamacpp.batch.options import RequestOptions, RunOptions
     from prefect_llamacpp.blocks import LlamaCppServer
     from prefect_llamacpp.canary import CanaryOptions
     from prefect_llamacpp.client import LlamaCppClient
     from prefect_llamacpp.config import LlamaCppSettings
     from prefect_llamacpp.exceptions import (
+        AnswerError,
         BatchAbortedError,
         BatchError,
         BatchPathError,
         BlockNotFoundError,
+        ConfigurationError,
         DeadlineExceededError,
         LedgerFormatError,
         LedgerInUseError,
         LedgerSettingsError,
         LlamaCppError,
         ModelError,
+        NoServerError,
         NotSupportedError,
         ServerDisconnectedError,
         ServerHTTPError,
@@ -106,6 +116,7 @@ if TYPE_CHECKING:
         ServerNotReadyError,
         ServerTimeoutError,
         ServerUnreachableError,
+        TransportError,
         UnauthorizedError,
         UnexpectedResponseError,
     )

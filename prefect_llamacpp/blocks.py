@@ -74,5 +74,5 @@ print(agent.run_sync("Say hello in five words.").output)
         return create_llamacpp_model(model_name, self.settings())
 
     async def create_model_async(self, model_name: str | None = None, **kwargs) -> OpenAIChatModel:
-        """A pydantic-ai model after checking the server is ready; raises `ModelError` if not."""
+        """A pydantic-ai model after checking the server is ready; raises `ServerNotReadyError` if not."""
         return await create_llamacpp_model_async(model_name, self.settings(), **kwargs)

@@ -26,7 +26,7 @@ from prefect_llamacpp.exceptions import (
     LlamaCppError,
     ServerHTTPError,
     ServerLoadingError,
-    ServerUnreachableError,
+    TransportError,
     UnauthorizedError,
 )
 from prefect_llamacpp.status import ServerState
@@ -88,7 +88,7 @@ async def run_canary(
 
     `metrics` / `slots`: whether `/props` says those endpoints are on (they decide how progress
     is read). Returns `ready` (answered in time), `busy`, `wedged` or `error` (the canary was
-    refused, or failed while other work progressed). Raises `ServerUnreachableError`,
+    refused, or failed while other work progressed). Raises `TransportError`,
     `ServerLoadingError` or `UnauthorizedError` when the server went away, restarted or
     started asking for a key between the check's reads: the caller reports those states.
     """
@@ -100,7 +100,7 @@ async def run_canary(
             first_byte_timeout=options.first_byte_timeout,
             total_timeout=options.total_timeout,
         )
-    except ServerUnreachableError as exc:
+    except TransportError as exc:
         # The answer was cut off or refused. A dead server is unreachable; a live one that
         # drops completions is at fault like one that answers them with errors.
         await _still_alive(client)
@@ -173,7 +173,7 @@ async def observe_progress(
 
     Both are answered by the server's task loop, so a wedged loop answers neither: a read that
     takes longer than `interval` (at least 2 s) counts as no progress. Raises
-    `ServerUnreachableError` when the server is gone.
+    `TransportError` when the server is gone.
     """
     read_timeout = max(interval, 2.0)
     if metrics:
@@ -184,7 +184,7 @@ async def observe_progress(
             return _metrics_progress(before, after, interval)
         except TimeoutError:
             return Progress(False, f"/metrics did not answer within {read_timeout:g} s")
-        except ServerUnreachableError:
+        except TransportError:
             raise
         except LlamaCppError:
             pass  # e.g. a proxy that does not forward /metrics: try /slots
@@ -195,7 +195,7 @@ async def observe_progress(
             after = await asyncio.wait_for(client.get_slots(model=model), read_timeout)
         except TimeoutError:
             return Progress(False, f"/slots did not answer within {read_timeout:g} s")
-        except ServerUnreachableError:
+        except TransportError:
             raise
         except LlamaCppError as exc:
             return Progress(None, f"progress unknown: /slots failed ({exc})")
@@ -244,7 +244,7 @@ def _slots_progress(before: list[dict], after: list[dict], interval: float) -> P
 
 
 async def _still_alive(client: LlamaCppClient) -> None:
-    """Raises `ServerUnreachableError` (or `ServerLoadingError`) unless `/health` answers."""
+    """Raises `TransportError` (or `ServerLoadingError`) unless `/health` answers."""
     try:
         await client.health_check()
     except UnauthorizedError:
@@ -255,7 +255,7 @@ async def _throughput(client: LlamaCppClient, model: str | None) -> dict[str, fl
     """Server-lifetime averages from the /metrics counters (a missing detail, not a fault)."""
     try:
         metrics = await client.get_metrics(model=model)
-    except ServerUnreachableError:
+    except TransportError:
         raise
     except LlamaCppError:
         return {}

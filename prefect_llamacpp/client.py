@@ -4,7 +4,7 @@
         props = await client.get_props()
         print(props["total_slots"])
 
-Faults surface as the errors in `prefect_llamacpp.exceptions`: `ServerUnreachableError` (no answer),
+Faults surface as the errors in `prefect_llamacpp.exceptions`: `TransportError` (no answer),
 `ServerLoadingError` (503 while the model loads), `UnauthorizedError` (401), `NotSupportedError`
 (501, an endpoint switched off by a server flag; also embeddings without pooling, a 400),
 `ServerHTTPError` (any other status), and `UnexpectedResponseError` (an answer llama-server would
@@ -29,8 +29,8 @@ from pydantic import SecretStr
 
 from prefect_llamacpp.config import get_settings
 from prefect_llamacpp.exceptions import (
+    ConfigurationError,
     DeadlineExceededError,
-    ModelError,
     NotSupportedError,
     ServerDisconnectedError,
     ServerHTTPError,
@@ -38,6 +38,7 @@ from prefect_llamacpp.exceptions import (
     ServerNotReadyError,
     ServerTimeoutError,
     ServerUnreachableError,
+    TransportError,
     UnauthorizedError,
     UnexpectedResponseError,
 )
@@ -193,7 +194,7 @@ class LlamaCppClient:
             await self.health_check()
         except (ServerLoadingError, UnauthorizedError):
             return True
-        except (ServerUnreachableError, ServerHTTPError):
+        except (TransportError, ServerHTTPError):
             return False
         return True
 
@@ -205,7 +206,7 @@ class LlamaCppClient:
         try:
             await self.health_check()
             models = await self.list_models()
-        except (ServerUnreachableError, ServerHTTPError):
+        except (TransportError, ServerHTTPError):
             return False
         for entry in models:
             names = {entry.get("id"), *(entry.get("aliases") or [])}
@@ -230,7 +231,7 @@ class LlamaCppClient:
             except ServerLoadingError:
                 last_state = "loading"
                 reason = "it was still loading the model"
-            except ServerUnreachableError as exc:
+            except TransportError as exc:
                 last_state = "unreachable"
                 reason = f"it was unreachable ({exc})"
             except ServerHTTPError as exc:
@@ -387,12 +388,12 @@ class LlamaCppClient:
                 )
         except httpx.LocalProtocolError:
             # Its message quotes the offending header, which may be the key: never chain it.
-            raise ModelError(
+            raise ConfigurationError(
                 f"the request to llama-server at {self.base_url} could not be sent: a header is "
                 "invalid (is the API key pasted with a line break or a space inside?)"
             ) from None
         except httpx.InvalidURL:
-            raise ModelError(
+            raise ConfigurationError(
                 f"{self.base_url} is not a URL httpx can use; use a URL like http://localhost:8080"
             ) from None
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -570,7 +571,7 @@ class LlamaCppClient:
                 details={"url": url},
             ) from None
         except httpx.RequestError as exc:
-            raise ServerUnreachableError(
+            raise ServerDisconnectedError(
                 f"lost llama-server at {self.base_url} during {path} ({type(exc).__name__}); "
                 "is it running?",
                 details={"url": url},

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.server_url import ServerURL, parse_server_url
 
 DEFAULT_BASE_URL = "http://localhost:8080/v1"
@@ -67,7 +67,7 @@ class LlamaCppConnection(BaseModel):
     def _valid_server_url(cls, value: str) -> str:
         try:
             parse_server_url(value)
-        except ModelError as exc:
+        except ConfigurationError as exc:
             raise ValueError(str(exc)) from exc
         return value.strip()
 

@@ -1,28 +1,36 @@
-"""Every error this project raises, in one module.
+"""Every error this project raises on purpose, in one module.
 
     LlamaCppError                      base; `transient` says whether waiting and retrying can help
-    ├── ModelError                     a model cannot be found, created or configured (bad URL, ...)
-    ├── ServerUnreachableError         no HTTP answer (transient)
-    │   ├── ServerTimeoutError         the request was sent; no answer before the deadline
-    │   └── ServerDisconnectedError    the request was sent; the connection dropped unanswered
+    ├── ConfigurationError             a setting or argument that cannot work (also a ValueError)
+    │   └── BlockNotFoundError         no saved `llama.cpp Server` block of that name
+    ├── TransportError                 no HTTP answer (transient)
+    │   ├── ServerUnreachableError     not sent: connection refused, DNS, no connection in time
+    │   ├── ServerTimeoutError         sent; no answer before the deadline
+    │   └── ServerDisconnectedError    sent; the connection closed unanswered
     ├── ServerHTTPError                an answer with a status we did not want
     │   ├── ServerLoadingError         503 "Loading model" (transient)
     │   ├── UnauthorizedError          401: key missing or wrong
     │   ├── NotSupportedError          501: endpoint switched off by a server flag (400: no pooling)
     │   └── UnexpectedResponseError    not what llama-server sends (a proxy's HTML page)
-    ├── ServerNotReadyError            not ready before a deadline (transient)
+    ├── AnswerError                    an answer that cannot be used (`kind`: invalid_response,
+    │                                  validation)
+    ├── ServerNotReadyError            not ready now or before a deadline; `last_state` says why
     ├── DeadlineExceededError          the health canary missed its first-byte or total deadline
-    ├── BlockNotFoundError             no saved `llama.cpp Server` block of that name
+    ├── ModelError                     the served model could not be detected (the cause is kept)
     └── BatchError                     a batch cannot start or go on; finished work is saved
         ├── BatchAbortedError          stopped mid-run (wrong key, server gone past the deadline)
+        ├── NoServerError              no server that can run a line has been usable in time
         ├── BatchPathError             input/output paths unusable (same file, missing input)
         ├── LedgerInUseError           another run holds the output file
         ├── LedgerSettingsError        the run's settings differ from the ledger's
         └── LedgerFormatError          the run asks for another output format than the ledger's
 
+Configuration errors are fixed by the caller and never retried; the others happen at run time.
 `transient` is what Prefect task retries and the batch runner decide on. No error ever carries
 the API key: messages and `details` hold URLs, status codes and the server's own message, nothing
-from request headers. Library errors are mapped with `raise Mapped(...) from exc`.
+from request headers. Library errors are mapped with `raise Mapped(...) from exc`, keeping the
+cause, except where the cause's text may quote a header. Every error pickles (Prefect stores
+a failed run's exception), keyword-only fields and all.
 """
 
 from __future__ import annotations
@@ -46,9 +54,29 @@ class LlamaCppError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):
+        # Subclasses take keyword-only arguments, which Exception's own pickling cannot pass.
+        return (_restore, (type(self), self.message, self.__dict__))
+
+
+def _restore(cls: type[LlamaCppError], message: str, state: dict[str, Any]) -> LlamaCppError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class ConfigurationError(LlamaCppError, ValueError):
+    """A setting or an argument that cannot work (a bad base URL, a key with a space in it, bad
+    server names, a template variable that is not an object): fix it, then run again."""
+
+
+class BlockNotFoundError(ConfigurationError):
+    """No saved `llama.cpp Server` block has the given name."""
+
 
 class ModelError(LlamaCppError):
-    """The model cannot be found, created or reached; `model_name` and `details` say which and why."""
+    """The served model could not be detected; `__cause__` is the error that stopped it."""
 
     def __init__(
         self,
@@ -63,17 +91,21 @@ class ModelError(LlamaCppError):
         self.transient = transient
 
 
-class ServerUnreachableError(LlamaCppError):
-    """No HTTP answer: connection refused, DNS failure or timeout. The request never ran."""
+class TransportError(LlamaCppError):
+    """No HTTP answer came back: the request was not sent, or it was and nothing answered."""
 
     transient = True
 
 
-class ServerTimeoutError(ServerUnreachableError):
+class ServerUnreachableError(TransportError):
+    """The request was not sent: connection refused, DNS failure, no connection in time."""
+
+
+class ServerTimeoutError(TransportError):
     """The request was sent but no answer came before the deadline (the server may still run it)."""
 
 
-class ServerDisconnectedError(ServerUnreachableError):
+class ServerDisconnectedError(TransportError):
     """The request was sent and the connection closed without an answer: the server crashed,
     was restarted, or a proxy cut the request."""
 
@@ -140,18 +172,29 @@ class DeadlineExceededError(LlamaCppError):
         self.limit_s = limit_s
 
 
+class AnswerError(LlamaCppError):
+    """The answer is not usable: `kind` is `invalid_response` or `validation`."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class ServerNotReadyError(LlamaCppError):
-    """The server did not become ready before the deadline; `last_state` says what it was doing."""
+    """The server is not ready (now, or before a deadline); `last_state` says what it was doing.
+    Transient unless the state needs a fix (a wrong key, an error)."""
 
-    transient = True
-
-    def __init__(self, message: str, *, last_state: str, details: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        last_state: str,
+        details: dict[str, Any] | None = None,
+        transient: bool = True,
+    ):
         super().__init__(message, details=details)
         self.last_state = last_state
-
-
-class BlockNotFoundError(LlamaCppError):
-    """No saved `llama.cpp Server` block has the given name."""
+        self.transient = transient
 
 
 class BatchError(LlamaCppError):
@@ -160,6 +203,17 @@ class BatchError(LlamaCppError):
 
 class BatchAbortedError(BatchError):
     """The batch stopped mid-run (wrong key, server gone past the deadline); rerun to finish."""
+
+
+class NoServerError(BatchError):
+    """No lane that can run the request has been usable for `ready_timeout`. `whole_fleet` says
+    whether that is every lane (the batch stops) or only those serving the line's model;
+    `unserved`: no lane serves it at all (a late server joined and does not)."""
+
+    def __init__(self, message: str, *, whole_fleet: bool, unserved: bool = False) -> None:
+        super().__init__(message)
+        self.whole_fleet = whole_fleet
+        self.unserved = unserved
 
 
 class BatchPathError(BatchError):

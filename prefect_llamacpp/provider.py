@@ -1,7 +1,7 @@
 """llama.cpp as a pydantic-ai provider, plus health checks and model detection.
 
 status = await llamacpp_health_check()          # never raises for a server fault
-model = await create_llamacpp_model_async()     # raises ModelError unless the server is ready
+model = await create_llamacpp_model_async()     # raises ServerNotReadyError unless ready
 agent = Agent(model)                            # model is pydantic-ai's own OpenAIChatModel
 agent.run_sync("Hi", model_settings=llamacpp_model_settings(
     chat_template_kwargs={"enable_thinking": False}))
@@ -38,11 +38,13 @@ from prefect_llamacpp.config import (
     get_settings,
 )
 from prefect_llamacpp.exceptions import (
+    ConfigurationError,
     LlamaCppError,
     ModelError,
     ServerHTTPError,
     ServerLoadingError,
-    ServerUnreachableError,
+    ServerNotReadyError,
+    TransportError,
     UnauthorizedError,
 )
 from prefect_llamacpp.log import get_logger_with_context
@@ -114,7 +116,7 @@ def llamacpp_model_settings(
 ) -> OpenAIChatModelSettings:
     """pydantic-ai model settings (any `OpenAIChatModelSettings` field in `settings`) that also
     send llama-server's `chat_template_kwargs`, inside `extra_body`, where pydantic-ai's own
-    `OpenAIChatModel` sends them. Raises `ModelError` for kwargs that are not a JSON object.
+    `OpenAIChatModel` sends them. Raises `ConfigurationError` for kwargs that are not a JSON object.
 
     pydantic-ai merges settings one level deep: a run's own `extra_body` replaces this one
     whole. To keep the kwargs through such merges, use `LlamaCppModel` with
@@ -132,10 +134,10 @@ def _with_template_kwargs(extra_body: Any, chat_template_kwargs: Any) -> dict[st
 
 
 def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
-    """`value` if it can be sent as `chat_template_kwargs`; `ModelError` naming the fix if not."""
+    """`value` if it can be sent as `chat_template_kwargs`; `ConfigurationError` naming the fix if not."""
     # llama-server silently ignores a chat_template_kwargs that is not an object.
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
-        raise ModelError(
+        raise ConfigurationError(
             "chat_template_kwargs must be a JSON object with string keys, such as "
             f'{{"enable_thinking": false}}; got {type(value).__name__}'
         )
@@ -220,7 +222,7 @@ def create_llamacpp_model(
 
     Needs no server to build. A reasoning model's `reasoning_content` comes back as
     `ThinkingPart`s; chat template variables go in model settings built with
-    `llamacpp_model_settings(chat_template_kwargs=...)`. Raises `ModelError` when the base URL
+    `llamacpp_model_settings(chat_template_kwargs=...)`. Raises `ConfigurationError` when the base URL
     is invalid.
     """
     settings = settings or get_settings().llamacpp
@@ -241,7 +243,7 @@ def create_llamacpp_embedding_model(
     `--embeddings` (and a pooling type: the model's own, or `--pooling mean`), else each call
     fails with HTTP 501 or 400 (`LlamaCppClient.check_embeddings` says which before you send
     work). llama-server ignores `dimensions`: vectors have the model's `n_embd`. Raises
-    `ModelError` when the base URL is invalid.
+    `ConfigurationError` when the base URL is invalid.
     """
     # Imported here: it brings tiktoken, which chat-only programs never need.
     from pydantic_ai.embeddings.openai import OpenAIEmbeddingModel
@@ -271,7 +273,7 @@ async def create_llamacpp_model_async(
 ) -> OpenAIChatModel:
     """Like `create_llamacpp_model`, but checks the server first and names the model it serves.
 
-    Raises `ModelError` saying the server's state (loading, unauthorized, unreachable, ...) when
+    Raises `ServerNotReadyError` saying the server's state (loading, unauthorized, unreachable, ...) when
     `test_connection` is set and the server is not ready. A sleeping server counts as ready.
     """
     settings = settings or get_settings().llamacpp
@@ -279,9 +281,9 @@ async def create_llamacpp_model_async(
     if test_connection:
         status = await llamacpp_health_check(settings)
         if not status.is_ready:
-            raise ModelError(
+            raise ServerNotReadyError(
                 f"llama-server is not ready ({status.state}): {status.error}",
-                model_name=name,
+                last_state=str(status.state),
                 details={"state": str(status.state), "base_url": status.base_url},
                 transient=status.state in (ServerState.LOADING, ServerState.UNREACHABLE),
             )
@@ -300,7 +302,7 @@ async def detect_llamacpp_model(
 ) -> str | None:
     """The id of the model the server serves (first of `/v1/models`), or None if it lists none.
 
-    `api_key` defaults to `LLAMACPP_API_KEY`. Raises `ModelError` with `details` (status code,
+    `api_key` defaults to `LLAMACPP_API_KEY`. Raises `ModelError` (its cause the client's error) with `details` (status code,
     URL) when the server cannot be reached or answers with an error.
     """
     if api_key is None:
@@ -313,7 +315,7 @@ async def detect_llamacpp_model(
                 f"Could not detect the llama.cpp model: {exc}",
                 details=exc.details,
                 transient=exc.transient,
-            ) from None
+            ) from exc
     logger.info("Detected model", model_id=model_id, server=client.base_url)
     return model_id
 
@@ -332,7 +334,7 @@ async def llamacpp_health_check(
     options = CanaryOptions() if canary is True else (canary or None)
     try:
         server_url = settings.server_url
-    except ModelError as exc:
+    except ConfigurationError as exc:
         return ProviderHealthStatus(
             connected=False, base_url=settings.base_url, state=ServerState.ERROR, error=str(exc)
         )
@@ -367,7 +369,7 @@ async def check_server_health(
     try:
         props = await client.get_props()
         status.metadata.update(summarize_props(props))
-    except (UnauthorizedError, ServerLoadingError, ServerUnreachableError) as exc:
+    except (UnauthorizedError, ServerLoadingError, TransportError) as exc:
         return status.from_error(exc)
     except LlamaCppError as exc:
         # A proxy may not forward /props; the check can still answer from /v1/models.
@@ -484,7 +486,7 @@ class _HealthReport:
             self.metadata["canary"] = f"not sent: {reason}"
 
     def from_error(self, exc: LlamaCppError) -> ProviderHealthStatus:
-        if isinstance(exc, ServerUnreachableError):
+        if isinstance(exc, TransportError):
             return self.build(ServerState.UNREACHABLE, error=str(exc), connected=False)
         if isinstance(exc, ServerHTTPError):
             self.metadata["http_status"] = exc.status_code

@@ -33,6 +33,7 @@ import jsonschema
 from pydantic_ai.profiles import DEFAULT_PROMPTED_OUTPUT_TEMPLATE
 
 from prefect_llamacpp import fast_json
+from prefect_llamacpp.exceptions import AnswerError, ConfigurationError
 from prefect_llamacpp.provider import checked_chat_template_kwargs, llamacpp_model_profile
 
 OUTPUT_NAME = "output"  # the json_schema name pydantic-ai gives native output
@@ -54,14 +55,6 @@ class ChatAnswer:
     model: str | None
     prompt_tokens: int
     completion_tokens: int
-
-
-class AnswerError(ValueError):
-    """The answer is not usable: `kind` is `invalid_response` or `validation`."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 # Built once: `json.dumps` with options builds an encoder per call (a third of a fingerprint's cost).
@@ -212,9 +205,9 @@ def build_embedding_request(
     """
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     if not texts:
-        raise ValueError("an embedding request needs at least one input text")
+        raise ConfigurationError("an embedding request needs at least one input text")
     if not all(isinstance(text, str) for text in texts):
-        raise ValueError("embedding inputs must be strings")
+        raise ConfigurationError("embedding inputs must be strings")
     body: dict[str, Any] = {"encoding_format": "base64", **(extra_body or {})}
     body["model"] = model
     body["input"] = texts

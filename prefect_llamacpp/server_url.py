@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import ConfigurationError
 
 _EXAMPLE = "a URL like http://localhost:8080 or http://localhost:8080/v1"
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -37,22 +37,22 @@ class ServerURL:
 
 
 def parse_server_url(url: str | None) -> ServerURL:
-    """Normalise a server root or `/v1` URL. Raises `ModelError` naming a valid form when it is bad."""
+    """Normalise a server root or `/v1` URL. Raises `ConfigurationError` naming a valid form when it is bad."""
     text = (url or "").strip() if isinstance(url, str | None) else ""
     if not text:
-        raise ModelError(f"The llama.cpp base URL is empty; set {_EXAMPLE}.")
+        raise ConfigurationError(f"The llama.cpp base URL is empty; set {_EXAMPLE}.")
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unclosed IPv6 bracket
         raise _invalid(text, "it cannot be parsed") from None
     if parts.username is not None or parts.password is not None:
         # Keys in URLs end up in logs; the key has its own setting.
-        raise ModelError(
+        raise ConfigurationError(
             "Do not put credentials in the llama.cpp base URL; set the API key with "
             "LLAMACPP_API_KEY or the block's api_key field instead.",
         )
     if parts.query or parts.fragment or ";" in parts.path:
-        raise ModelError(
+        raise ConfigurationError(
             "The llama.cpp base URL must not carry a query, fragment or ;parameters (keys belong in "
             f"LLAMACPP_API_KEY or the block's api_key field); use {_EXAMPLE}.",
             details={"base_url": _redacted(text)},
@@ -96,9 +96,9 @@ def _valid_host(netloc: str, host: str) -> bool:
     return all(_HOST_LABEL.match(label) for label in labels)
 
 
-def _invalid(text: str, why: str) -> ModelError:
+def _invalid(text: str, why: str) -> ConfigurationError:
     shown = _redacted(text)
-    return ModelError(
+    return ConfigurationError(
         f"{shown!r} is not a valid llama.cpp server URL ({why}): use {_EXAMPLE}.",
         details={"base_url": shown},
     )

@@ -24,22 +24,11 @@ from dataclasses import dataclass, field
 
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import DEFAULT_MODEL_NAME, LlamaCppSettings
-from prefect_llamacpp.exceptions import LlamaCppError
+from prefect_llamacpp.exceptions import NoServerError
 from prefect_llamacpp.status import ProviderHealthStatus
 
 # What a server that does not report total_slots is given (llama-server's default -np).
 DEFAULT_TOTAL_SLOTS = 4
-
-
-class NoServerError(LlamaCppError):
-    """No lane that can run the request has been usable for `ready_timeout`. `whole_fleet` says
-    whether that is every lane (the batch stops) or only those serving the line's model;
-    `unserved`: no lane serves it at all (a late server joined and does not)."""
-
-    def __init__(self, message: str, *, whole_fleet: bool, unserved: bool = False) -> None:
-        super().__init__(message)
-        self.whole_fleet = whole_fleet
-        self.unserved = unserved
 
 
 @dataclass

@@ -59,6 +59,7 @@ from prefect_llamacpp.exceptions import (
     ServerLoadingError,
     ServerTimeoutError,
     ServerUnreachableError,
+    TransportError,
     UnauthorizedError,
     UnexpectedResponseError,
 )
@@ -506,7 +507,7 @@ class BatchRunner:
     async def _is_down(self, lane: Lane) -> bool:
         try:
             await lane.gate.health_check()
-        except (ServerUnreachableError, ServerLoadingError):
+        except (TransportError, ServerLoadingError):
             return True  # refused, timed out, or loading
         except ServerHTTPError as exc:
             return exc.transient  # a proxy answering 502/503/504 for a server that is gone

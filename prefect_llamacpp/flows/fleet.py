@@ -17,7 +17,7 @@ from prefect import get_run_logger
 
 from prefect_llamacpp.batch.dispatch import join_problem
 from prefect_llamacpp.blocks import LlamaCppServer
-from prefect_llamacpp.exceptions import BatchAbortedError, LlamaCppError
+from prefect_llamacpp.exceptions import BatchAbortedError, ConfigurationError, LlamaCppError
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import check_health, load_server_or_env, wait_until_ready
 
@@ -45,15 +45,17 @@ def server_names(server: ServerNames) -> list[str | None]:
     empty list, or a name given twice."""
     names = [server] if server is None or isinstance(server, str) else list(server)
     if not names:
-        raise ValueError("server is an empty list: name at least one llama.cpp Server block")
+        raise ConfigurationError(
+            "server is an empty list: name at least one llama.cpp Server block"
+        )
     for name in names:
         if name is not None and not name.strip():
-            raise ValueError(
+            raise ConfigurationError(
                 "server is an empty name: give the name of a llama.cpp Server block, or leave it "
                 "out to use the 'llamacpp' block (else the LLAMACPP_* settings)"
             )
     if len(set(names)) != len(names):
-        raise ValueError(f"server names a block twice: {names}")
+        raise ConfigurationError(f"server names a block twice: {names}")
     return names
 
 

@@ -24,7 +24,7 @@ from prefect.events import emit_event
 
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.canary import CanaryOptions, empty_latency
-from prefect_llamacpp.exceptions import LlamaCppError
+from prefect_llamacpp.exceptions import LlamaCppError, ServerNotReadyError
 from prefect_llamacpp.flows.fleet import server_names
 from prefect_llamacpp.flows.local_api import run_cli
 from prefect_llamacpp.flows.report import markdown_table
@@ -47,10 +47,6 @@ REPORTED_METRICS = (
     "predicted_tokens_seconds",
     "prompt_tokens_seconds",
 )
-
-
-class ServerNotReadyFlowError(LlamaCppError):
-    """The health flow found the server in a state other than ready (or sleeping)."""
 
 
 @flow(
@@ -108,9 +104,15 @@ async def llamacpp_health_flow(
         description=f"llama.cpp server health: {status.state}",
     )
     if fail_when_busy and status.state == ServerState.BUSY:
-        raise ServerNotReadyFlowError(f"llama-server {label} is busy: {status.error}")
+        raise ServerNotReadyError(
+            f"llama-server {label} is busy: {status.error}", last_state=str(status.state)
+        )
     if fail_when_not_ready and not status.is_ready:
-        raise ServerNotReadyFlowError(f"llama-server {label} is {status.state}: {status.error}")
+        raise ServerNotReadyError(
+            f"llama-server {label} is {status.state}: {status.error}",
+            last_state=str(status.state),
+            transient=status.state in (ServerState.LOADING, ServerState.UNREACHABLE),
+        )
     return status
 
 
@@ -169,14 +171,15 @@ async def _fleet_outcome(
     )
     wanted = len(checks) if min_ready is None else min_ready
     if fail_when_busy and busy:
-        raise ServerNotReadyFlowError(f"llama-servers busy: {', '.join(busy)}")
+        raise ServerNotReadyError(f"llama-servers busy: {', '.join(busy)}", last_state="busy")
     if fail_when_not_ready and len(ready) < wanted:
         problems = "; ".join(
             f"{label} is {status.state}: {status.error}" for label, status in not_ready.items()
         )
-        raise ServerNotReadyFlowError(
+        raise ServerNotReadyError(
             f"{len(ready)} of {len(checks)} llama-servers ready (at least {wanted} wanted): "
-            f"{problems}"
+            f"{problems}",
+            last_state="not enough ready",
         )
     return [status for _, status, _ in checks]
 

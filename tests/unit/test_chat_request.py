@@ -17,7 +17,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.output import OutputObjectDefinition
 
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.provider import LlamaCppModel, LlamaCppProvider
 from prefect_llamacpp.request import (
     AnswerError,
@@ -164,9 +164,9 @@ async def test_chat_template_kwargs_replace_those_in_extra_body_on_both_paths():
 @pytest.mark.parametrize("bad", ["enable_thinking=false", ["enable_thinking"], {1: True}])
 async def test_chat_template_kwargs_that_are_not_an_object_are_refused_on_both_paths(bad):
     # llama-server would ignore them silently, and the user would never know.
-    with pytest.raises(ModelError, match="JSON object"):
+    with pytest.raises(ConfigurationError, match="JSON object"):
         build_chat_request([{"role": "user", "content": "q"}], model="m", chat_template_kwargs=bad)
-    with pytest.raises(ModelError, match="JSON object"):
+    with pytest.raises(ConfigurationError, match="JSON object"):
         await pydantic_ai_body([ModelRequest(parts=[UserPromptPart("q")])], None, 3, None, {}, bad)
 
 

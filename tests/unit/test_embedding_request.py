@@ -17,7 +17,7 @@ from prefect_llamacpp import create_llamacpp_embedding_model
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppSettings
 from prefect_llamacpp.exceptions import (
-    ModelError,
+    ConfigurationError,
     NotSupportedError,
     ServerHTTPError,
     ServerUnreachableError,
@@ -101,7 +101,7 @@ def test_model_needs_no_server_and_uses_the_openai_base():
 
 
 def test_model_refuses_a_bad_url_naming_the_fix():
-    with pytest.raises(ModelError, match="http://localhost:8080"):
+    with pytest.raises(ConfigurationError, match="http://localhost:8080"):
         create_llamacpp_embedding_model(settings=LlamaCppSettings.model_construct(base_url="x"))
 
 

@@ -18,7 +18,13 @@ from prefect_llamacpp import (
     llamacpp_health_check,
 )
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import (
+    ConfigurationError,
+    LlamaCppError,
+    ModelError,
+    ServerHTTPError,
+    ServerNotReadyError,
+)
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.provider import PLACEHOLDER_API_KEY, llamacpp_model_profile
 from tests.conftest import SECRET_KEY
@@ -54,7 +60,7 @@ def test_provider_falls_back_to_env(monkeypatch):
 
 
 def test_provider_rejects_bad_url():
-    with pytest.raises(ModelError, match="http://localhost:8080"):
+    with pytest.raises(ConfigurationError, match="http://localhost:8080"):
         LlamaCppProvider(base_url="localhost:8080")
 
 
@@ -94,9 +100,9 @@ async def test_async_model_without_connection_test_detects():
 @respx.mock
 async def test_async_model_refuses_a_loading_server():
     respx.get(f"{ROOT}/health").mock(return_value=LOADING)
-    with pytest.raises(ModelError, match="still loading the model") as info:
+    with pytest.raises(ServerNotReadyError, match="still loading the model") as info:
         await create_llamacpp_model_async(settings=LlamaCppSettings(base_url=ROOT))
-    assert info.value.details["state"] == "loading"
+    assert info.value.details["state"] == info.value.last_state == "loading"
     assert info.value.transient
 
 
@@ -105,6 +111,7 @@ async def test_detect_errors_carry_status_and_url():
     respx.get(f"{ROOT}/v1/models").respond(500, json={"error": {"message": "kaput"}})
     with pytest.raises(ModelError, match="kaput") as info:
         await detect_llamacpp_model(ROOT)
+    assert isinstance(info.value.__cause__, ServerHTTPError)  # the cause is kept
     assert info.value.details["status_code"] == 500
     assert info.value.details["url"] == f"{ROOT}/v1/models"
 
@@ -139,9 +146,10 @@ async def test_key_never_leaks_into_logs_errors_or_status(caplog):
         lambda: create_llamacpp_model_async(settings=settings),
         lambda: detect_llamacpp_model(ROOT, api_key=SECRET_KEY),
     ):
-        with pytest.raises(ModelError) as info:
+        with pytest.raises(LlamaCppError) as info:
             await call()
         captured += [str(info.value), repr(info.value), repr(info.value.details)]
+        captured += [str(info.value.__cause__), repr(info.value.__cause__)]
     model = create_llamacpp_model(settings=settings)
     captured += [repr(model), repr(model._provider)]
     captured.append(caplog.text)

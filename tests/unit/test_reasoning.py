@@ -22,7 +22,7 @@ from prefect_llamacpp import (
     llamacpp_model_settings,
 )
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import ConfigurationError
 
 
 class Review(BaseModel):
@@ -155,7 +155,7 @@ async def test_chat_template_kwargs_reach_the_body_through_pydantic_ais_own_mode
 
 
 def test_chat_template_kwargs_that_are_not_an_object_are_refused():
-    with pytest.raises(ModelError, match="JSON object"):
+    with pytest.raises(ConfigurationError, match="JSON object"):
         llamacpp_model_settings(chat_template_kwargs=["enable_thinking"])
 
 

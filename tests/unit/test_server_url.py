@@ -1,7 +1,7 @@
 import pytest
 
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.exceptions import ModelError
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.server_url import parse_server_url
 
 
@@ -36,19 +36,19 @@ def test_root_and_openai_base(given, root):
     ["", "   ", None, "localhost:8080", "ftp://host/v1", "http://", "//host:8080", "http:///v1"],
 )
 def test_bad_urls_say_what_a_valid_one_looks_like(bad):
-    with pytest.raises(ModelError, match="http://localhost:8080"):
+    with pytest.raises(ConfigurationError, match="http://localhost:8080"):
         parse_server_url(bad)
 
 
 def test_credentials_in_url_are_refused_without_echoing_them():
-    with pytest.raises(ModelError) as info:
+    with pytest.raises(ConfigurationError) as info:
         parse_server_url("http://user:hunter2@host:8080/v1")
     assert "hunter2" not in str(info.value)
     assert "LLAMACPP_API_KEY" in str(info.value)
 
 
 def test_query_is_refused():
-    with pytest.raises(ModelError, match="query"):
+    with pytest.raises(ConfigurationError, match="query"):
         parse_server_url("http://host:8080/v1?x=1")
 
 
@@ -100,7 +100,7 @@ def test_get_settings_is_cached_and_resettable(monkeypatch):
     ],
 )
 def test_bad_ports_and_hosts_are_refused_when_parsed(bad):
-    with pytest.raises(ModelError, match="http://localhost:8080"):
+    with pytest.raises(ConfigurationError, match="http://localhost:8080"):
         parse_server_url(bad)
 
 
@@ -123,7 +123,7 @@ def test_v1_in_any_case_is_the_api_suffix(given):
     ],
 )
 def test_no_error_about_a_url_repeats_a_secret_in_it(url):
-    with pytest.raises(ModelError) as info:
+    with pytest.raises(ConfigurationError) as info:
         parse_server_url(url)
     assert "hunter2" not in str(info.value) and "hunter2" not in str(info.value.details)
     with pytest.raises(ValueError) as validation:
@@ -145,7 +145,7 @@ def test_no_error_about_a_url_repeats_a_secret_in_it(url):
     ],
 )
 def test_numeric_hosts_must_be_real_addresses(bad):
-    with pytest.raises(ModelError, match="http://localhost:8080"):
+    with pytest.raises(ConfigurationError, match="http://localhost:8080"):
         parse_server_url(bad)
 
 

@@ -25,8 +25,8 @@ _EXPORTS = {
     "BatchSummary": "flows.batch",
     "RequestOptions": "batch.options",
     "RunOptions": "batch.options",
-    "check_health": "tasks",
-    "check_health_with_canary": "tasks",
+    "check_server": "tasks",
+    "check_server_with_canary": "tasks",
     "detect_model": "tasks",
     "wait_until_ready": "tasks",
     "get_props": "tasks",
@@ -135,8 +135,8 @@ if TYPE_CHECKING:
     )
     from prefect_llamacpp.status import ProviderHealthStatus, ServerState
     from prefect_llamacpp.tasks import (
-        check_health,
-        check_health_with_canary,
+        check_server,
+        check_server_with_canary,
         detect_model,
         get_metrics,
         get_props,

@@ -246,7 +246,7 @@ def _slots_progress(before: list[dict], after: list[dict], interval: float) -> P
 async def _still_alive(client: LlamaCppClient) -> None:
     """Raises `TransportError` (or `ServerLoadingError`) unless `/health` answers."""
     try:
-        await client.health_check()
+        await client.get_health()
     except UnauthorizedError:
         pass  # --api-prefix with --api-key: /health asks for the key, the server is up
 

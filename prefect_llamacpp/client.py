@@ -19,6 +19,8 @@ import functools
 import json
 import ssl
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -61,6 +63,15 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def _environment_proxy(url: str) -> str | None:
+    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, ...) names for `url`."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
+
+
 class LlamaCppClient:
     """An async client for one llama-server. Use it with `async with`, or call `aclose()`."""
 
@@ -96,15 +107,19 @@ class LlamaCppClient:
         limits = (
             httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
             if max_connections
-            else None
+            else httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's own
+        )
+        # The client's own transport: one server, so one route (through the environment's proxy
+        # for it, if any), and the hot path below can hand requests to it directly.
+        self._transport = httpx.AsyncHTTPTransport(
+            verify=_tls_context(), limits=limits, proxy=_environment_proxy(self.base_url)
         )
         self._http = httpx.AsyncClient(
-            verify=_tls_context(),
+            transport=self._transport,
             timeout=httpx.Timeout(
                 timeout, connect=connect_timeout if connect_timeout else min(timeout, 10)
             ),
             headers={"Authorization": f"Bearer {key}"} if key else None,
-            **({"limits": limits} if limits else {}),
         )
         self._timeouts = {"timeout": self._http.timeout.as_dict()}
         self._urls: dict[str, httpx.URL] = {}
@@ -127,7 +142,7 @@ class LlamaCppClient:
 
     # -- endpoints -------------------------------------------------------------------------
 
-    async def health_check(self) -> dict[str, Any]:
+    async def get_health(self) -> dict[str, Any]:
         """`GET /health`: `{"status": "ok"}` when the model is loaded. Liveness only."""
         return await self._get_json("/health")
 
@@ -191,7 +206,7 @@ class LlamaCppClient:
     async def is_running(self) -> bool:
         """True when a server answers `/health` at all (ready, loading, or asking for a key)."""
         try:
-            await self.health_check()
+            await self.get_health()
         except (ServerLoadingError, UnauthorizedError):
             return True
         except (TransportError, ServerHTTPError):
@@ -204,7 +219,7 @@ class LlamaCppClient:
         In router mode a model counts only when its status is `loaded`.
         """
         try:
-            await self.health_check()
+            await self.get_health()
             models = await self.list_models()
         except (TransportError, ServerHTTPError):
             return False
@@ -343,7 +358,7 @@ class LlamaCppClient:
 
     async def _probe_ready(self) -> dict:
         try:
-            return await self.health_check()
+            return await self.get_health()
         except UnauthorizedError:
             # With --api-prefix and --api-key, /health answers 401 (upstream bug): the server is
             # up; ask an authenticated endpoint whether the model is loaded.
@@ -432,20 +447,15 @@ class LlamaCppClient:
     async def _send_body(
         self, method: str, url: str, content: bytes, headers: dict[str, str] | None
     ) -> httpx.Response:
-        """Send an encoded body straight to the transport (the batch hot path).
+        """Send an encoded body straight to the client's transport (the batch hot path).
 
         `AsyncClient.request` merges URLs, default headers and cookies and walks auth and
-        redirect hooks for every request, none of which a POST to llama-server needs: about a
-        quarter of the client's CPU per short answer (`make bench`). The transport is the one
-        the client would use for this URL (proxies from the environment included), and it raises
-        the same httpx errors, so `_request` maps them as for any request.
+        redirect hooks for every request, none of which a POST to llama-server needs, and that
+        is a large part of the client's CPU per short answer (docs/benchmarks.md). The transport
+        raises the same httpx errors, so `_request` maps them as for any request.
         """
-        http = self._http
-        transport_for = getattr(http, "_transport_for_url", None)  # httpx's own routing
-        if transport_for is None:  # an httpx without it: the full path, same answers
-            return await http.request(method, url, content=content, headers=headers)
         sent = {**(headers or {})}
-        if auth := http.headers.get("Authorization"):
+        if auth := self._http.headers.get("Authorization"):
             sent["Authorization"] = auth
         target = self._urls.get(url)
         if target is None:
@@ -453,7 +463,7 @@ class LlamaCppClient:
         request = httpx.Request(
             method, target, content=content, headers=sent, extensions=self._timeouts
         )
-        response = await transport_for(target).handle_async_request(request)
+        response = await self._transport.handle_async_request(request)
         response.request = request
         try:
             await response.aread()

@@ -341,10 +341,10 @@ async def llamacpp_health_check(
     async with LlamaCppClient(
         server_url.root, timeout=settings.timeout, api_key=settings.api_key
     ) as client:
-        return await check_server_health(client, model_name=settings.model_name, canary=options)
+        return await read_server_status(client, model_name=settings.model_name, canary=options)
 
 
-async def check_server_health(
+async def read_server_status(
     client: LlamaCppClient, model_name: str | None = None, canary: CanaryOptions | None = None
 ) -> ProviderHealthStatus:
     """The health check on an open client: `/health`, then `/props`, then `/v1/models`.
@@ -358,7 +358,7 @@ async def check_server_health(
     if canary is not None:
         status.metadata["latency"] = empty_latency()
     try:
-        health = await client.health_check()
+        health = await client.get_health()
         status.metadata["status"] = health.get("status") if isinstance(health, dict) else None
     except UnauthorizedError:
         # --api-prefix with --api-key makes /health answer 401: the server is up, go on with the key.

@@ -7,9 +7,9 @@ health checks in one flow run must ask the server twice.
 Every task takes `server`: a `LlamaCppServer` block, the name of a saved one, or None for the
 `LLAMACPP_*` environment settings. Never a raw key.
 
-`check_health` sends no completion; `check_health_with_canary` also sends the one-token canary
+`check_server` sends no completion; `check_server_with_canary` also sends the one-token canary
 when the server is ready and awake (never to a sleeping server, never to an unloaded router
-model). Like `check_health` it never fails for a server fault and is never retried or cached:
+model). Like `check_server` it never fails for a server fault and is never retried or cached:
 the state is the answer.
 """
 
@@ -29,7 +29,7 @@ from prefect_llamacpp.canary import CanaryOptions
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppConnection, LlamaCppSettings
 from prefect_llamacpp.exceptions import BlockNotFoundError, LlamaCppError
-from prefect_llamacpp.provider import check_server_health
+from prefect_llamacpp.provider import read_server_status
 from prefect_llamacpp.status import ProviderHealthStatus
 
 ServerRef = LlamaCppServer | str | None
@@ -137,7 +137,7 @@ RETRY_OPTIONS: dict[str, Any] = {
     "error), its model and /props summary. Never fails for a server fault; it reports it.",
     cache_policy=NO_CACHE,
 )
-async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
+async def check_server(server: ServerRef = None) -> ProviderHealthStatus:
     """The server's state, model and `/props` summary; a server fault is reported, not raised.
 
     Args:
@@ -150,7 +150,7 @@ async def check_health(server: ServerRef = None) -> ProviderHealthStatus:
     """
     block = await resolve_server(server)
     async with block.get_client() as client:
-        return await check_server_health(client, model_name=block.model_name)
+        return await read_server_status(client, model_name=block.model_name)
 
 
 @task(
@@ -267,7 +267,7 @@ async def wait_until_ready(server: ServerRef = None, timeout: float = 300) -> di
     "progressing) or wedged (stuck) when it does not. Never fails for a server fault.",
     cache_policy=NO_CACHE,
 )
-async def check_health_with_canary(
+async def check_server_with_canary(
     server: ServerRef = None, canary: CanaryOptions | None = None
 ) -> ProviderHealthStatus:
     """The server's state with the canary's latency figures; a server fault is reported.
@@ -285,6 +285,6 @@ async def check_health_with_canary(
     """
     block = await resolve_server(server)
     async with block.get_client() as client:
-        return await check_server_health(
+        return await read_server_status(
             client, model_name=block.model_name, canary=canary or CanaryOptions()
         )

@@ -4,8 +4,8 @@ import sys
 
 from prefect_llamacpp import tasks as _module
 from prefect_llamacpp.tasks import (
-    check_health,
-    check_health_with_canary,
+    check_server,
+    check_server_with_canary,
     detect_model,
     get_metrics,
     get_props,
@@ -14,8 +14,8 @@ from prefect_llamacpp.tasks import (
 )
 
 __all__ = [
-    "check_health",
-    "check_health_with_canary",
+    "check_server",
+    "check_server_with_canary",
     "detect_model",
     "get_metrics",
     "get_props",

@@ -64,7 +64,7 @@ from prefect_llamacpp.exceptions import (
     UnexpectedResponseError,
 )
 from prefect_llamacpp.log import get_logger_with_context
-from prefect_llamacpp.provider import check_server_health
+from prefect_llamacpp.provider import read_server_status
 from prefect_llamacpp.request import (
     AnswerError,
     ChatRequest,
@@ -506,7 +506,7 @@ class BatchRunner:
 
     async def _is_down(self, lane: Lane) -> bool:
         try:
-            await lane.gate.health_check()
+            await lane.gate.get_health()
         except (TransportError, ServerLoadingError):
             return True  # refused, timed out, or loading
         except ServerHTTPError as exc:
@@ -551,7 +551,7 @@ class BatchRunner:
         """Read a late server's health report and shape its lane from it: True when it can
         join. A server that cannot take work this run (a wrong key, router mode with no model)
         is retired."""
-        status = await check_server_health(lane.gate, model_name=lane.settings.model_name)
+        status = await read_server_status(lane.gate, model_name=lane.settings.model_name)
         problem = join_problem(status, lane.settings.model_name)
         if problem is not None:
             # Ready yet unusable as configured, or refusing the key: waiting will not help.

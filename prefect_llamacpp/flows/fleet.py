@@ -19,7 +19,7 @@ from prefect_llamacpp.batch.dispatch import join_problem
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.exceptions import BatchAbortedError, ConfigurationError, LlamaCppError
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
-from prefect_llamacpp.tasks import check_health, load_server_or_env, wait_until_ready
+from prefect_llamacpp.tasks import check_server, load_server_or_env, wait_until_ready
 
 ServerNames = str | list[str] | None
 
@@ -110,7 +110,7 @@ async def gate_fleet(members: list[FleetMember], ready_timeout: float) -> list[F
 
 async def _check_all(members: list[FleetMember]) -> None:
     statuses = await asyncio.gather(
-        *(check_health(member.block) for member in members), return_exceptions=True
+        *(check_server(member.block) for member in members), return_exceptions=True
     )
     for member, status in zip(members, statuses, strict=True):
         if isinstance(status, BaseException):

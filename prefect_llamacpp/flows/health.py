@@ -30,8 +30,8 @@ from prefect_llamacpp.flows.local_api import run_cli
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
-    check_health,
-    check_health_with_canary,
+    check_server,
+    check_server_with_canary,
     get_metrics,
     get_slots,
     load_server_or_env,
@@ -122,9 +122,9 @@ async def _check_server(
     """One server's check: state (with the canary when given), slot load, a log line, an event."""
     logger = get_run_logger()
     if canary is not None:
-        status = await check_health_with_canary(block, canary)
+        status = await check_server_with_canary(block, canary)
     else:
-        status = await check_health(block)
+        status = await check_server(block)
     healthy = status.state in (ServerState.READY, ServerState.BUSY)
     load = await _slot_load(block, status, read_slots) if healthy else {}
     logger.info(

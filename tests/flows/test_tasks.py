@@ -93,8 +93,8 @@ async def test_health_is_not_cached_within_a_flow_run(llama):
 
     @flow
     async def twice():
-        first = await tasks.check_health(BLOCK)
-        second = await tasks.check_health(BLOCK)
+        first = await tasks.check_server(BLOCK)
+        second = await tasks.check_server(BLOCK)
         return first, second
 
     first, second = await twice()

@@ -16,7 +16,7 @@ from harness.server import LlamaServer, free_port
 from prefect_llamacpp import ServerState, create_llamacpp_model_async, llamacpp_health_check
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.exceptions import ModelError, ServerNotReadyError
+from prefect_llamacpp.exceptions import ServerNotReadyError
 from tests.servers import settings_for
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ async def test_loading_then_ready(llama_server_bin, tmp_path):
         status = await llamacpp_health_check(settings)
         assert status.state == ServerState.LOADING, server.log_tail()
         assert status.connected and "loading" in status.error
-        with pytest.raises(ModelError, match="still loading the model"):
+        with pytest.raises(ServerNotReadyError, match="still loading the model"):
             await create_llamacpp_model_async(settings=settings)
         async with LlamaCppClient(server.url, api_key=None) as client:
             await client.wait_until_ready(timeout=120, poll_interval=0.1)
@@ -73,7 +73,7 @@ async def test_nothing_listening_is_unreachable():
     status = await llamacpp_health_check(settings)
     assert status.state == ServerState.UNREACHABLE
     assert not status.connected
-    with pytest.raises(ModelError, match="unreachable"):
+    with pytest.raises(ServerNotReadyError, match="unreachable"):
         await create_llamacpp_model_async(settings=settings)
     async with LlamaCppClient(settings.base_url, api_key=None) as client:
         with pytest.raises(ServerNotReadyError, match="unreachable") as info:

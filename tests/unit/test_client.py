@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -164,17 +165,17 @@ async def test_errors_are_typed():
     )
     async with client(api_key=None) as c:
         with pytest.raises(ServerLoadingError) as loading:
-            await c.health_check()
+            await c.get_health()
         assert loading.value.transient
         with pytest.raises(UnauthorizedError, match="requires an API key"):
-            await c.health_check()
+            await c.get_health()
         with pytest.raises(ServerHTTPError, match="boom") as boom:
-            await c.health_check()
+            await c.get_health()
         assert boom.value.details["status_code"] == 500
         with pytest.raises(UnexpectedResponseError, match="not JSON"):
-            await c.health_check()
+            await c.get_health()
         with pytest.raises(ServerUnreachableError):
-            await c.health_check()
+            await c.get_health()
 
 
 @respx.mock
@@ -308,3 +309,46 @@ async def test_apply_template_posts_the_chat_body_and_returns_the_prompt():
         route.respond(json={"no": "prompt"})
         with pytest.raises(UnexpectedResponseError, match="without a 'prompt'"):
             await c.apply_template(b"{}")
+
+
+async def test_a_proxy_from_the_environment_carries_the_hot_path_too(monkeypatch):
+    """The client's own transport routes through HTTP_PROXY (and skips NO_PROXY hosts), as
+    httpx itself would: a proxy that answers for the server sees both kinds of request."""
+    seen: list[str] = []
+
+    async def proxy(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            ),
+            0,
+        )
+        await reader.readexactly(length)
+        seen.append(head.split(b" ")[1].decode())
+        body = b'{"status": "ok", "choices": [{"message": {"content": "hi"}}]}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    async with server, LlamaCppClient("http://llama.invalid:8080", api_key=None) as client:
+        await client.get_health()
+        await client.chat_completion(b"{\"messages\": []}")
+    assert seen == [
+        "http://llama.invalid:8080/health",
+        "http://llama.invalid:8080/v1/chat/completions",
+    ]
+    monkeypatch.setenv("NO_PROXY", "llama.invalid")
+    async with LlamaCppClient("http://llama.invalid:8080", api_key=None, timeout=2) as client:
+        with pytest.raises(ServerUnreachableError):  # straight to the (unresolvable) host
+            await client.get_health()

@@ -47,7 +47,7 @@ async def test_a_client_built_from_an_empty_key_sends_no_authorization_header():
     )
     settings = LlamaCppSettings(base_url="http://gpu-1:8080/v1", api_key="")
     async with LlamaCppClient(settings.base_url, api_key=settings.api_key) as client:
-        await client.health_check()
+        await client.get_health()
     assert "authorization" not in route.calls.last.request.headers
 
 

@@ -34,7 +34,6 @@ LIBRARY = [
 ]
 SEED_PATHS = {
     "src.core.models.llamacpp_provider": "prefect_llamacpp.provider",
-    "src.core.models.base_provider": "prefect_llamacpp.status",
     "src.core.utils.config": "prefect_llamacpp.config",
     "src.core.utils.exceptions": "prefect_llamacpp.exceptions",
     "src.core.utils.logging": "prefect_llamacpp.log",

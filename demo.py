@@ -40,7 +40,7 @@ async def run(server: LlamaServer) -> None:
     await LlamaCppServer(base_url=server.openai_base, timeout=10).save(BLOCK_NAME, overwrite=True)
 
     say("Health flow")
-    status = await llamacpp_health_flow(BLOCK_NAME)
+    status = (await llamacpp_health_flow(BLOCK_NAME)).status
     meta = status.metadata
     print(
         f"state={status.state} model={status.model_id} build={meta.get('build_info')} "

@@ -38,7 +38,7 @@ from prefect_llamacpp.embedding_probe import packed_embeddings_problem
 from prefect_llamacpp.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
-from prefect_llamacpp.flows.local_api import run_cli
+from prefect_llamacpp.flows.local_api import cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
@@ -457,7 +457,7 @@ async def _run_chunks(
                     if fault is not None:
                         raise fault  # an aborted chunk stops the run now
             # quote(): Prefect would otherwise walk every item of every chunk looking for task
-            # inputs (the largest Prefect cost in a cProfile of a 1,000-prompt run).
+            # inputs: the largest Prefect cost of a run (docs/benchmarks.md).
             in_flight.add(asyncio.create_task(run_chunk(number, quote(chunk), runner)))
             summary.chunks = number
         while in_flight:
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         command = CliApp.run(BatchCommand, cli_args=sys.argv[1:] if argv is None else argv)
         parameters = command.flow_parameters()
     except (ValidationError, OSError, ValueError) as exc:
-        print(f"llamacpp-batch: {_cli_problem(exc)}", file=sys.stderr)
+        print(f"llamacpp-batch: {cli_problem(exc)}", file=sys.stderr)
         return 2
 
     async def run() -> int:
@@ -652,15 +652,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(lambda: asyncio.run(run()))
-
-
-def _cli_problem(exc: Exception) -> str:
-    if not isinstance(exc, ValidationError):
-        return str(exc)
-    return "; ".join(
-        f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {error['msg']}"
-        for error in exc.errors()
-    )
 
 
 if __name__ == "__main__":

@@ -12,21 +12,22 @@ the server as its resource and the latency figures in its payload, so the automa
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import CliApp, CliPositionalArg, SettingsConfigDict
 
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.canary import CanaryOptions, empty_latency
-from prefect_llamacpp.exceptions import LlamaCppError, ServerNotReadyError
+from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, ServerNotReadyError
 from prefect_llamacpp.flows.fleet import server_names
-from prefect_llamacpp.flows.local_api import run_cli
+from prefect_llamacpp.flows.local_api import cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
@@ -49,6 +50,47 @@ REPORTED_METRICS = (
 )
 
 
+class HealthCanary(CanaryOptions):
+    """The canary: a one-token completion that tells a busy server from a wedged one."""
+
+    model_config = ConfigDict(frozen=True)
+
+    send: bool = Field(
+        True,
+        description="Send a one-token completion to a ready server to measure latency and tell "
+        "a busy server from a wedged one. Never sent to a sleeping server or an unloaded router "
+        "model; it counts as activity for --sleep-idle-seconds.",
+    )
+
+
+class ServerHealth(BaseModel):
+    """One server's check."""
+
+    server: str  # the block's name (or "env" for the LLAMACPP_* settings)
+    status: ProviderHealthStatus
+    busy_slots: int | None = None
+
+
+class HealthReport(BaseModel):
+    """What a health run found: a row per server (one, or a fleet's)."""
+
+    servers: list[ServerHealth]
+
+    @property
+    def ready(self) -> int:
+        """How many servers are ready (busy and sleeping count)."""
+        return sum(1 for row in self.servers if row.status.is_ready)
+
+    @property
+    def status(self) -> ProviderHealthStatus:
+        """The one server's status, for a run that checked one."""
+        if len(self.servers) != 1:
+            raise ConfigurationError(
+                f"this report holds {len(self.servers)} servers; read .servers for each"
+            )
+        return self.servers[0].status
+
+
 @flow(
     name="llamacpp-health",
     description="Check a llama.cpp server: state, a one-token canary (latency; busy or wedged), "
@@ -57,46 +99,45 @@ REPORTED_METRICS = (
 )
 async def llamacpp_health_flow(
     server: str | list[str] | None = None,
-    fail_when_not_ready: bool = True,
+    canary: HealthCanary = HealthCanary(),
     read_slots: bool = True,
-    canary: bool = True,
-    first_byte_timeout: float = 10.0,
-    total_timeout: float = 30.0,
+    fail_when_not_ready: bool = True,
     fail_when_busy: bool = False,
-    min_ready: int | None = None,
-) -> ProviderHealthStatus | list[ProviderHealthStatus]:
-    """Check the server saved as block `server`.
+    min_ready: Annotated[int | None, Field(ge=0)] = None,
+) -> HealthReport:
+    """Check the server saved as block `server`, or a fleet.
 
     Args:
         server: Name of a saved `llama.cpp Server` block (it must exist), or a list of names
             for a fleet: all are checked at once, one event each and one artifact with a row
             per server and fleet totals. Left out: the block saved as `llamacpp`, else the
             `LLAMACPP_*` settings (the run log says which).
-        fail_when_not_ready: Fail the run when the server is not ready (busy and sleeping count
-            as ready; wedged, loading, unreachable, unauthorized and error do not).
+        canary: Whether to send the one-token canary, and its deadlines in seconds.
         read_slots: When metrics are off, read /slots for busy/total. /slots resets the
             server's idle timer, so turn this off if the server uses --sleep-idle-seconds.
-        canary: Send a one-token completion to a ready server to measure latency and tell a
-            busy server from a wedged one. Never sent to a sleeping server or to an unloaded
-            router model. A completion counts as activity for --sleep-idle-seconds.
-        first_byte_timeout: Seconds the canary waits for its first token.
-        total_timeout: Seconds the canary waits for its whole answer.
-        fail_when_busy: Also fail the run when the server (any server of a fleet) is busy.
-        min_ready: For a fleet, how many servers must be ready (busy and sleeping count);
-            default: all of them.
+        fail_when_not_ready: Fail the run when too few servers are ready (busy and sleeping
+            count as ready; wedged, loading, unreachable, unauthorized and error do not).
+        fail_when_busy: Also fail the run when a server is busy.
+        min_ready: For a fleet, how many servers must be ready; default: all of them.
+
+    Returns:
+        A `HealthReport`: a row per server (`report.status` for a run of one server).
     """
     names = server_names(server)
     members = [await load_server_or_env(name) for name in names]
-    options = (
-        CanaryOptions(first_byte_timeout=first_byte_timeout, total_timeout=total_timeout)
-        if canary
-        else None
-    )
+    options = canary if canary.send else None
     checks = await asyncio.gather(
         *(_check_server(block, label, options, read_slots) for block, label in members)
     )
+    report = HealthReport(
+        servers=[
+            ServerHealth(server=label, status=status, busy_slots=load.get("busy_slots"))
+            for label, status, load in checks
+        ]
+    )
     if isinstance(server, list):
-        return await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
+        await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
+        return report
     ((label, status, load),) = checks
     await acreate_markdown_artifact(
         markdown=render_report(label, status, load),
@@ -113,7 +154,7 @@ async def llamacpp_health_flow(
             last_state=str(status.state),
             transient=status.state in (ServerState.LOADING, ServerState.UNREACHABLE),
         )
-    return status
+    return report
 
 
 async def _check_server(
@@ -159,7 +200,7 @@ async def _fleet_outcome(
     min_ready: int | None,
     fail_when_not_ready: bool,
     fail_when_busy: bool,
-) -> list[ProviderHealthStatus]:
+) -> None:
     """One artifact for the fleet (a row per server, then totals); fail below `min_ready`."""
     ready = [label for label, status, _ in checks if status.is_ready]
     busy = [label for label, status, _ in checks if status.state == ServerState.BUSY]
@@ -181,7 +222,6 @@ async def _fleet_outcome(
             f"{problems}",
             last_state="not enough ready",
         )
-    return [status for _, status, _ in checks]
 
 
 def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]]) -> str:
@@ -282,23 +322,52 @@ def artifact_key(label: str) -> str:
     return f"llamacpp-health-{slug}"
 
 
+CANARY_TIMES = ("first_byte_timeout", "total_timeout", "progress_interval")
+
+
+class HealthCommand(BaseModel):
+    """Check llama.cpp servers once (state, canary, latency); exit 1 unless ready. One block
+    name checks one server, several a fleet; none: the block 'llamacpp', else the LLAMACPP_*
+    settings."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="llamacpp-health",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=True,
+        cli_hide_none_type=True,
+        cli_shortcuts={"canary.send": "canary"}
+        | {f"canary.{name}".replace("_", "-"): name.replace("_", "-") for name in CANARY_TIMES},
+    )
+
+    server: CliPositionalArg[list[str]] = Field(
+        default_factory=list, description="llama.cpp Server block names"
+    )
+    canary: HealthCanary = HealthCanary()
+    read_slots: bool = Field(True, description="When metrics are off, read /slots for busy/total.")
+    fail_when_busy: bool = Field(False, description="Also exit 1 when a server is busy.")
+    min_ready: int | None = Field(
+        None, ge=0, description="For a fleet, how many servers must be ready; default: all."
+    )
+
+    def flow_parameters(self) -> dict[str, Any]:
+        names = self.server
+        return {
+            "server": names if len(names) > 1 else (names[0] if names else None),
+            **self.model_dump(exclude={"server"}),
+            "canary": self.canary,
+        }
+
+
 def main(argv: list[str] | None = None) -> int:
-    """llamacpp-health [BLOCK ...]: one name checks one server, several a fleet."""
-    parser = argparse.ArgumentParser(
-        prog="llamacpp-health",
-        description="Check llama.cpp servers once (state, canary, latency); exit 1 unless ready.",
-    )
-    parser.add_argument(
-        "server",
-        nargs="*",
-        help="llama.cpp Server block names; several check a fleet (default: the block "
-        "'llamacpp', else the LLAMACPP_* settings)",
-    )
-    names = parser.parse_args(argv).server
+    try:
+        command = CliApp.run(HealthCommand, cli_args=sys.argv[1:] if argv is None else argv)
+    except (ValidationError, ValueError) as exc:
+        print(f"llamacpp-health: {cli_problem(exc)}", file=sys.stderr)
+        return 2
 
     def check() -> int:
-        server = names if len(names) > 1 else (names[0] if names else None)
-        final = asyncio.run(llamacpp_health_flow(server, return_state=True))
+        final = asyncio.run(llamacpp_health_flow(**command.flow_parameters(), return_state=True))
         return 0 if final.is_completed() else 1
 
     return run_cli(check)

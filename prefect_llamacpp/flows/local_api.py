@@ -19,6 +19,7 @@ from prefect.settings import (
     temporary_settings,
 )
 from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
+from pydantic import ValidationError
 
 STARTUP_TIMEOUT_S = 120
 _PREFECT_DEFAULT = ServerEphemeralSettings.model_fields["startup_timeout_seconds"].default
@@ -58,3 +59,13 @@ def run_cli(main: Callable[[], int]) -> int:
                 raise
             print(f"error: {STARTUP_HINT}", file=sys.stderr)
             return 2
+
+
+def cli_problem(exc: Exception) -> str:
+    """A command line's bad value in one line, naming the flag (for a model-built CLI)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {error['msg']}"
+        for error in exc.errors()
+    )

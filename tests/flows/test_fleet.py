@@ -281,5 +281,10 @@ async def test_health_over_a_fleet_one_down(
         names[2]: "llamacpp.server.ready",
     }
 
-    state = await llamacpp_health_flow(names, min_ready=2, canary=False, return_state=True)
+    state = await llamacpp_health_flow(
+        names, min_ready=2, canary={"send": False}, return_state=True
+    )
     assert state.is_completed(), state.message
+    report = await state.result()
+    assert [row.server for row in report.servers] == names and report.ready == 2
+    assert [row.status.state for row in report.servers] == ["ready", "unreachable", "ready"]

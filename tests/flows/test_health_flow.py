@@ -29,7 +29,7 @@ async def test_ready_server_gives_artifact_and_event(
     await save_block("it-ready", server.openai_base)
     state = await llamacpp_health_flow("it-ready", return_state=True)
     assert state.is_completed()
-    status = await state.result()
+    status = (await state.result()).status
     assert status.state == "ready" and status.model_id == "tiny"
 
     record = await flow_run_record(state.state_details.flow_run_id)
@@ -61,8 +61,9 @@ async def test_unreachable_fails_the_run_with_a_clear_message(
 
 async def test_unreachable_can_be_reported_without_failing(registered_block_type):
     await save_block("it-down-ok", f"http://127.0.0.1:{free_port()}/v1")
-    status = await llamacpp_health_flow("it-down-ok", fail_when_not_ready=False)
-    assert status.state == "unreachable"
+    report = await llamacpp_health_flow("it-down-ok", fail_when_not_ready=False)
+    assert report.status.state == "unreachable" and report.ready == 0
+    assert [row.server for row in report.servers] == ["it-down-ok"]
 
 
 @pytest.mark.parametrize("api_key", [None, "wrong-key"])
@@ -83,7 +84,7 @@ async def test_key_appears_nowhere_prefect_keeps(
     await save_block("it-secure", key_server.openai_base, SECRET_KEY)
     state = await llamacpp_health_flow("it-secure", return_state=True)
     assert state.is_completed(), state.message
-    assert (await state.result()).model_id == "tiny-secure"
+    assert (await state.result()).status.model_id == "tiny-secure"
     record = await flow_run_record(state.state_details.flow_run_id)
     asserting_events_worker.drain()
     events = "\n".join(e.model_dump_json() for e in asserting_events_worker._client.events)
@@ -100,7 +101,7 @@ async def test_a_missing_named_block_never_falls_back_to_env(
     assert state.is_failed()
     assert "No llama.cpp Server block named 'no-such-block'" in state.message
     # With no name and no `llamacpp` block saved, the environment is used, and said so.
-    state = await llamacpp_health_flow(canary=False, return_state=True)
+    state = await llamacpp_health_flow(canary={"send": False}, return_state=True)
     assert state.is_completed(), state.message
     record = await flow_run_record(state.state_details.flow_run_id)
     assert "using the LLAMACPP_* environment settings" in record["logs"]
@@ -134,7 +135,7 @@ async def test_latency_keys_are_in_every_event_even_without_a_canary(
     await save_block("it-down-latency", f"http://127.0.0.1:{free_port()}/v1")
     await llamacpp_health_flow("it-down-latency", return_state=True)
     await save_block("it-no-canary", "http://127.0.0.1:9/v1")
-    await llamacpp_health_flow("it-no-canary", canary=False, return_state=True)
+    await llamacpp_health_flow("it-no-canary", canary={"send": False}, return_state=True)
     asserting_events_worker.drain()
     down, off = events_named(asserting_events_worker)
     assert down.payload["latency"] == off.payload["latency"]
@@ -154,12 +155,14 @@ async def test_busy_server_does_not_fail_the_run(
 ):
     await save_block("it-busy", busy_server.openai_base)
     async with long_generation(busy_server):
-        state = await llamacpp_health_flow("it-busy", first_byte_timeout=1, return_state=True)
+        state = await llamacpp_health_flow(
+            "it-busy", canary={"first_byte_timeout": 1}, return_state=True
+        )
         strict = await llamacpp_health_flow(
-            "it-busy", first_byte_timeout=1, fail_when_busy=True, return_state=True
+            "it-busy", canary={"first_byte_timeout": 1}, fail_when_busy=True, return_state=True
         )
     assert state.is_completed(), state.message
-    assert (await state.result()).state == "busy"
+    assert (await state.result()).status.state == "busy"
     assert strict.is_failed() and "busy" in strict.message
     record = await flow_run_record(state.state_details.flow_run_id)
     (artifact,) = [a for a in record["artifacts"] if a.key == artifact_key("it-busy")]
@@ -178,7 +181,9 @@ async def test_wedged_server_fails_the_run(
     # A real server behind a stalling proxy (tests/stalling_proxy.py): /health ok, completions hang.
     with StallingProxy(server.url) as proxy:
         await save_block("it-wedged", f"{proxy.url}/v1")
-        state = await llamacpp_health_flow("it-wedged", first_byte_timeout=1, return_state=True)
+        state = await llamacpp_health_flow(
+            "it-wedged", canary={"first_byte_timeout": 1}, return_state=True
+        )
     assert state.is_failed()
     assert "wedged" in state.message and "nothing progresses" in state.message
     asserting_events_worker.drain()
@@ -186,3 +191,27 @@ async def test_wedged_server_fails_the_run(
     assert event.event == "llamacpp.server.wedged"
     assert event.resource.id == "llamacpp.server.it-wedged"
     assert event.payload["latency"]["ttfb_s"] is None
+
+
+def test_the_command_line_reads_the_flows_options(monkeypatch):
+    """`llamacpp-health` flags are the flow's parameters: the canary's from its model."""
+    from prefect_llamacpp.flows import health
+
+    asked = {}
+
+    async def fake_flow(**parameters):
+        asked.update(parameters)
+
+        class Done:
+            def is_completed(self):
+                return True
+
+        return Done()
+
+    monkeypatch.setattr(health, "llamacpp_health_flow", fake_flow)
+    argv = ["a", "b", "--first-byte-timeout", "3", "--no-canary.send", "--min-ready", "1"]
+    assert health.main(argv) == 0
+    assert asked["server"] == ["a", "b"] and asked["min_ready"] == 1
+    assert asked["canary"].first_byte_timeout == 3 and asked["canary"].send is False
+    assert health.main(["one"]) == 0 and asked["server"] == "one" and asked["canary"].send
+    assert health.main(["--min-ready", "-1"]) == 2

@@ -41,10 +41,9 @@ async def run(server: LlamaServer) -> None:
 
     say("Health flow")
     status = (await llamacpp_health_flow(BLOCK_NAME)).status
-    meta = status.metadata
     print(
-        f"state={status.state} model={status.model_id} build={meta.get('build_info')} "
-        f"slots={meta.get('total_slots')} n_ctx/slot={meta.get('n_ctx')}"
+        f"state={status.state} model={status.model_id} build={status.build_info} "
+        f"slots={status.total_slots} n_ctx/slot={status.n_ctx}"
     )
 
     say(f"Batch: {PROMPTS.relative_to(REPO)} -> {RESULTS.relative_to(REPO)}")

@@ -29,10 +29,8 @@ from prefect_llamacpp.exceptions import (
     TransportError,
     UnauthorizedError,
 )
-from prefect_llamacpp.status import ServerState
+from prefect_llamacpp.status import CanaryLatency, ServerState
 
-# Every report carries these keys, None when not measured, so alerts can rely on them.
-LATENCY_KEYS = ("ttfb_s", "total_s", "prompt_tokens_per_s", "predicted_tokens_per_s")
 # Generation tokens/s from /metrics only once the server has spent this long generating.
 MIN_GENERATION_S = 0.01
 
@@ -58,7 +56,7 @@ class CanaryOutcome:
     """What the canary found: a state for the report, latency figures, and why."""
 
     state: ServerState
-    latency: dict[str, float | None]
+    latency: CanaryLatency
     error: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -69,10 +67,6 @@ class Progress:
 
     seen: bool | None
     evidence: str
-
-
-def empty_latency() -> dict[str, float | None]:
-    return dict.fromkeys(LATENCY_KEYS)
 
 
 async def run_canary(
@@ -93,7 +87,7 @@ async def run_canary(
     started asking for a key between the check's reads: the caller reports those states.
     """
     progress_model = model if router else None
-    latency = empty_latency()
+    latency = CanaryLatency()
     try:
         probe = await client.probe_completion(
             model,
@@ -123,10 +117,11 @@ async def run_canary(
             )
         fault = exc
     else:
-        latency["ttfb_s"] = round(probe.first_byte_s, 4)
-        latency["total_s"] = round(probe.total_s, 4)
+        latency.ttfb_s = round(probe.first_byte_s, 4)
+        latency.total_s = round(probe.total_s, 4)
         if metrics:
-            latency.update(await _throughput(client, progress_model))
+            for name, value in (await _throughput(client, progress_model)).items():
+                setattr(latency, name, value)
         return CanaryOutcome(ServerState.READY, latency)
 
     progress = await observe_progress(

@@ -10,12 +10,13 @@ embedder = Embedder(create_llamacpp_embedding_model())  # server started with --
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, cast
 
 from openai import AsyncOpenAI
-from pydantic import SecretStr
+from pydantic import SecretStr, TypeAdapter, ValidationError
 from pydantic_ai.exceptions import UserError
 from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIChatModelSettings
@@ -29,7 +30,7 @@ from pydantic_ai.profiles.qwen import qwen_model_profile
 from pydantic_ai.providers.openai_compatible import OpenAICompatibleProvider
 from pydantic_ai.settings import ModelSettings
 
-from prefect_llamacpp.canary import CanaryOptions, empty_latency, run_canary
+from prefect_llamacpp.canary import CanaryOptions, run_canary
 from prefect_llamacpp.client import LlamaCppClient, router_model_status
 from prefect_llamacpp.config import (
     DEFAULT_BASE_URL,
@@ -49,7 +50,7 @@ from prefect_llamacpp.exceptions import (
 )
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.server_url import parse_server_url
-from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
 
 if TYPE_CHECKING:
     from pydantic_ai.embeddings import EmbeddingSettings
@@ -326,7 +327,7 @@ async def llamacpp_health_check(
     """Ask the server in `settings` (default: env) what state it is in. Never raises for a fault.
 
     `canary=True` (or `CanaryOptions(...)` for other deadlines) also sends a one-token
-    completion to a ready server and reports `metadata["latency"]`, and `busy` or `wedged`
+    completion to a ready server and reports its `latency`, and `busy` or `wedged`
     when it misses a deadline (see `prefect_llamacpp.canary`). Off by default: without it the
     check sends no completion at all.
     """
@@ -356,25 +357,25 @@ async def read_server_status(
     """
     status = _HealthReport(client.openai_base_url)
     if canary is not None:
-        status.metadata["latency"] = empty_latency()
+        status.fields["latency"] = CanaryLatency()
     try:
         health = await client.get_health()
-        status.metadata["status"] = health.get("status") if isinstance(health, dict) else None
+        status.fields["server_status"] = health.get("status") if isinstance(health, dict) else None
     except UnauthorizedError:
         # --api-prefix with --api-key makes /health answer 401: the server is up, go on with the key.
-        status.metadata["status"] = "unauthorized"
+        status.fields["server_status"] = "unauthorized"
     except LlamaCppError as exc:
         return status.from_error(exc)
 
     try:
         props = await client.get_props()
-        status.metadata.update(summarize_props(props))
+        status.fields.update(summarize_props(props))
     except (UnauthorizedError, ServerLoadingError, TransportError) as exc:
         return status.from_error(exc)
     except LlamaCppError as exc:
         # A proxy may not forward /props; the check can still answer from /v1/models.
         props = {}
-        status.metadata["props_error"] = str(exc)
+        status.fields["props_error"] = str(exc)
 
     if props.get("is_sleeping"):
         # /v1/models would be served, but sleeping is the state to report; props names the model.
@@ -387,14 +388,14 @@ async def read_server_status(
     except LlamaCppError as exc:
         return status.from_error(exc)
     ids = [entry.get("id") for entry in models if entry.get("id")]
-    status.metadata["models"] = ids
+    status.fields["models"] = ids
     aliases = [alias for entry in models for alias in entry.get("aliases") or [] if alias]
     if aliases:
-        status.metadata["model_aliases"] = aliases
+        status.fields["model_aliases"] = aliases
 
     if props.get("role") == "router":
         statuses = {entry.get("id"): router_model_status(entry) for entry in models}
-        status.metadata["router_models"] = statuses
+        status.fields["router_models"] = statuses
         loaded = [model for model, value in statuses.items() if value == "loaded"]
         chosen = model_name if model_name in loaded else (loaded[0] if loaded else None)
         if chosen is None:
@@ -406,7 +407,7 @@ async def read_server_status(
         return status.build(ServerState.ERROR, error="the server lists no model in /v1/models")
     if model_name and not _names_model(models, model_name):
         # Single-model servers answer any `model`, so this is a warning, not a failure.
-        status.metadata["model_name_not_listed"] = model_name
+        status.fields["model_name_not_listed"] = model_name
         logger.warning("Configured model not listed", model_name=model_name, served=ids[0])
     return await status.ready(client, ids[0], canary)
 
@@ -428,11 +429,18 @@ def summarize_props(props: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in summary.items() if value is not None}
 
 
+@functools.cache
+def _field_adapter(name: str) -> TypeAdapter:
+    return TypeAdapter(ProviderHealthStatus.model_fields[name].annotation)
+
+
 class _HealthReport:
-    """Collects metadata while the check runs and turns faults into states."""
+    """Collects what the check reads (`ProviderHealthStatus` fields, and anything else as
+    `metadata`) and turns faults into states."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
+        self.fields: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
 
     def build(
@@ -451,7 +459,19 @@ class _HealthReport:
             state=state,
             metadata=self.metadata,
             error=error,
+            **self._typed_fields(),
         )
+
+    def _typed_fields(self) -> dict[str, Any]:
+        """The fields whose values fit their types; an odd value (a proxy's, an older
+        server's) goes to `metadata` as it came, so a check never fails on it."""
+        typed = {}
+        for name, value in self.fields.items():
+            try:
+                typed[name] = _field_adapter(name).validate_python(value)
+            except ValidationError:
+                self.metadata[name] = value
+        return typed
 
     async def ready(
         self,
@@ -470,28 +490,32 @@ class _HealthReport:
                 canary,
                 model=model_id,
                 # Router props say nothing about the child's endpoints: try, fall back.
-                metrics=router or bool(self.metadata.get("endpoint_metrics")),
-                slots=router or self.metadata.get("endpoint_slots", True) is not False,
+                metrics=router or bool(self.fields.get("endpoint_metrics")),
+                slots=router or self.fields.get("endpoint_slots") is not False,
                 router=router,
             )
         except LlamaCppError as exc:  # gone, restarted or locked between the reads
             return self.from_error(exc)
-        self.metadata["latency"] = outcome.latency
-        self.metadata["canary"] = _canary_summary(outcome.state, outcome.detail)
-        self.metadata.update(outcome.detail)
+        self.fields["latency"] = outcome.latency
+        self.fields["canary"] = _canary_summary(outcome.state, outcome.detail)
+        for name, value in outcome.detail.items():
+            if name in ProviderHealthStatus.model_fields:
+                self.fields[name] = value
+            else:
+                self.metadata[name] = value
         return self.build(outcome.state, model_id=model_id, error=outcome.error)
 
     def skip_canary(self, reason: str) -> None:
-        if "latency" in self.metadata:  # a canary was asked for
-            self.metadata["canary"] = f"not sent: {reason}"
+        if "latency" in self.fields:  # a canary was asked for
+            self.fields["canary"] = f"not sent: {reason}"
 
     def from_error(self, exc: LlamaCppError) -> ProviderHealthStatus:
         if isinstance(exc, TransportError):
             return self.build(ServerState.UNREACHABLE, error=str(exc), connected=False)
         if isinstance(exc, ServerHTTPError):
-            self.metadata["http_status"] = exc.status_code
+            self.fields["http_status"] = exc.status_code
         if isinstance(exc, ServerLoadingError):
-            self.metadata.setdefault("status", "loading")
+            self.fields.setdefault("server_status", "loading")
             return self.build(ServerState.LOADING, error=str(exc))
         if isinstance(exc, UnauthorizedError):
             return self.build(ServerState.UNAUTHORIZED, error=str(exc))

@@ -280,7 +280,7 @@ async def check_server_with_canary(
 
     Returns:
         A `ProviderHealthStatus`: `state` ready, busy, wedged, sleeping, loading,
-        unauthorized, unreachable or error; `metadata["latency"]` has `ttfb_s`, `total_s` and
+        unauthorized, unreachable or error; its `latency` has `ttfb_s`, `total_s` and
         tokens/s when the canary answered.
     """
     block = await resolve_server(server)

@@ -104,13 +104,10 @@ class Lane:
         """Model, names served and capacity from the server's health report: at most
         `concurrency` (if set) or `total_slots + queue_depth` requests in flight."""
         concurrency, queue_depth = self.limits
-        slots = status.metadata.get("total_slots") or DEFAULT_TOTAL_SLOTS
+        slots = status.total_slots or DEFAULT_TOTAL_SLOTS
         capacity = min(concurrency, slots + queue_depth) if concurrency else slots + queue_depth
         self.model = self.settings.model_name or status.model_id or DEFAULT_MODEL_NAME
-        metadata = status.metadata
-        self.served_models = frozenset(
-            {*(metadata.get("models") or []), *(metadata.get("model_aliases") or [])}
-        )
+        self.served_models = frozenset({*status.models, *status.model_aliases})
         if capacity != self.capacity:
             unused = self.client  # no request has gone through it: its pool is empty
             self.capacity = capacity
@@ -147,7 +144,7 @@ def join_problem(status: ProviderHealthStatus, model_name: str | None) -> str | 
     """Why a server with this health report cannot take work now, or None when it can."""
     if not status.is_ready:
         return f"{status.state}: {status.error}"
-    if status.metadata.get("role") == "router" and not (model_name or status.model_id):
+    if status.role == "router" and not (model_name or status.model_id):
         return "router mode with no model loaded: set model_name on the block"
     return None
 

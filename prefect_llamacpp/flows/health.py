@@ -24,12 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import CliApp, CliPositionalArg, SettingsConfigDict
 
 from prefect_llamacpp.blocks import LlamaCppServer
-from prefect_llamacpp.canary import CanaryOptions, empty_latency
+from prefect_llamacpp.canary import CanaryOptions
 from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, ServerNotReadyError
 from prefect_llamacpp.flows.fleet import server_names
 from prefect_llamacpp.flows.local_api import cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
-from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
     check_server,
     check_server_with_canary,
@@ -186,9 +186,10 @@ async def _check_server(
             "state": str(status.state),
             "model_id": status.model_id,
             "error": status.error,
-            "total_slots": status.metadata.get("total_slots"),
+            "total_slots": status.total_slots,
             **{key: value for key, value in load.items() if key in ("busy_slots",)},
-            "latency": status.metadata.get("latency") or empty_latency(),
+            # Every event carries every latency key, None when not measured: alerts rely on it.
+            "latency": (status.latency or CanaryLatency()).model_dump(),
             "canary": canary_note(status, canary is not None),
         },
     )
@@ -229,16 +230,16 @@ def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, 
     lines = ["# llama.cpp fleet", "", header, "|---|---|---|---|---|---|"]
     total_slots = busy_slots = 0
     for label, status, load in checks:
-        slots = status.metadata.get("total_slots")
+        slots = status.total_slots
         busy = load.get("busy_slots")
         total_slots += slots or 0
         busy_slots += busy or 0
-        latency = status.metadata.get("latency") or {}
+        latency = status.latency or CanaryLatency()
         problem = (status.error or "-").replace("|", "/").replace("\n", " ")
         lines.append(
             f"| {label} | **{status.state}** | {status.model_id or '-'} | "
             f"{busy if busy is not None else '?'} / {slots or '?'} | "
-            f"{_seconds(latency.get('ttfb_s'))} | {problem} |"
+            f"{_seconds(latency.ttfb_s)} | {problem} |"
         )
     ready = sum(1 for _, status, _ in checks if status.is_ready)
     lines.append(
@@ -254,11 +255,11 @@ async def _slot_load(
     logger = get_run_logger()
     load: dict[str, Any] = {}
     try:
-        if status.metadata.get("endpoint_metrics"):
+        if status.endpoint_metrics:
             metrics = await get_metrics(block)
             load["metrics"] = {k: metrics[k] for k in REPORTED_METRICS if k in metrics}
             load["busy_slots"] = int(metrics.get("requests_processing", 0))
-        elif read_slots and status.metadata.get("endpoint_slots", True):
+        elif read_slots and status.endpoint_slots is not False:
             slots = await get_slots(block)
             load["busy_slots"] = sum(1 for slot in slots if slot.get("is_processing"))
     except LlamaCppError as exc:
@@ -268,33 +269,32 @@ async def _slot_load(
 
 
 def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]) -> str:
-    meta = status.metadata
-    total = meta.get("total_slots")
+    total = status.total_slots
     busy = load.get("busy_slots")
     rows = [
         ("State", f"**{status.state}**"),
         ("Server", status.base_url),
         ("Model", status.model_id or "-"),
-        ("Build", meta.get("build_info", "-")),
+        ("Build", status.build_info or "-"),
         ("Slots busy / total", f"{busy if busy is not None else '?'} / {total or '?'}"),
-        ("Context per slot (n_ctx)", meta.get("n_ctx", "-")),
-        ("Server /health status", meta.get("status", "-")),
+        ("Context per slot (n_ctx)", status.n_ctx or "-"),
+        ("Server /health status", status.server_status or "-"),
     ]
-    if meta.get("role") == "router":
+    if status.role == "router":
         rows.append(
-            ("Router models", ", ".join(f"{k}: {v}" for k, v in meta["router_models"].items()))
+            ("Router models", ", ".join(f"{k}: {v}" for k, v in status.router_models.items()))
         )
-    latency = meta.get("latency")
+    latency = status.latency
     if latency is not None:
         rows += [
             ("Canary", canary_note(status, True)),
-            ("Canary time to first byte", _seconds(latency.get("ttfb_s"))),
-            ("Canary total", _seconds(latency.get("total_s"))),
-            ("Prompt tokens/s (server average)", _rate(latency.get("prompt_tokens_per_s"))),
-            ("Generation tokens/s (server average)", _rate(latency.get("predicted_tokens_per_s"))),
+            ("Canary time to first byte", _seconds(latency.ttfb_s)),
+            ("Canary total", _seconds(latency.total_s)),
+            ("Prompt tokens/s (server average)", _rate(latency.prompt_tokens_per_s)),
+            ("Generation tokens/s (server average)", _rate(latency.predicted_tokens_per_s)),
         ]
-        if meta.get("progress"):
-            rows.append(("Progress while the canary waited", meta["progress"]))
+        if status.progress:
+            rows.append(("Progress while the canary waited", status.progress))
     if status.error:
         rows.append(("Problem", status.error))
     for name, value in (load.get("metrics") or {}).items():
@@ -306,7 +306,7 @@ def canary_note(status: ProviderHealthStatus, canary: bool) -> str:
     """What happened to the canary, in a few words."""
     if not canary:
         return "not sent: turned off"
-    return status.metadata.get("canary") or f"not sent: the server is {status.state}"
+    return status.canary or f"not sent: the server is {status.state}"
 
 
 def _seconds(value: float | None) -> str:

@@ -46,8 +46,8 @@ async def test_a_model_that_thinks_first_answers_the_canary(thinking_server):
     assert not any('"content":"' in line for line in deltas), stream.text
     status = await llamacpp_health_check(settings_for(thinking_server), canary=True)
     assert status.state == ServerState.READY, status.error
-    assert status.metadata["canary"] == "answered"
-    assert status.metadata["latency"]["ttfb_s"] is not None
+    assert status.canary == "answered"
+    assert status.latency.ttfb_s is not None
 
 
 async def test_ready_server_answers_the_canary_with_latency(server):
@@ -65,11 +65,11 @@ async def test_ready_server_answers_the_canary_with_latency(server):
         assert answer.status_code == 200
     status = await llamacpp_health_check(settings_for(server), canary=True)
     assert status.state == ServerState.READY, status.error
-    latency = status.metadata["latency"]
-    assert 0 < latency["ttfb_s"] <= latency["total_s"] < 5
-    assert latency["prompt_tokens_per_s"] > 0  # --metrics is on: counters / seconds
-    assert latency["predicted_tokens_per_s"] > 0
-    assert status.metadata["canary"] == "answered"
+    latency = status.latency
+    assert 0 < latency.ttfb_s <= latency.total_s < 5
+    assert latency.prompt_tokens_per_s > 0  # --metrics is on: counters / seconds
+    assert latency.predicted_tokens_per_s > 0
+    assert status.canary == "answered"
 
 
 async def test_the_canary_is_one_token(server):
@@ -86,9 +86,9 @@ async def test_wrong_key_stops_before_the_canary(key_server):
     status = await llamacpp_health_check(settings, canary=True)
     assert status.state == ServerState.UNAUTHORIZED
     status = await llamacpp_health_check(settings_for(key_server, api_key=SECRET_KEY), canary=True)
-    assert status.state == ServerState.READY and status.metadata["latency"]["ttfb_s"] > 0
+    assert status.state == ServerState.READY and status.latency.ttfb_s > 0
     # No --metrics on this server: no tokens/s, and that is not a fault.
-    assert status.metadata["latency"]["prompt_tokens_per_s"] is None
+    assert status.latency.prompt_tokens_per_s is None
 
 
 async def test_one_slot_busy_with_a_long_generation_is_busy_not_wedged(busy_server):
@@ -99,9 +99,9 @@ async def test_one_slot_busy_with_a_long_generation_is_busy_not_wedged(busy_serv
         assert not generation.done()
     assert status.state == ServerState.BUSY, status.error
     assert status.is_ready
-    assert status.metadata["deadline_missed"] == "first_byte"
-    assert "requests_processing 1" in status.metadata["progress"]
-    assert status.metadata["latency"]["ttfb_s"] is None
+    assert status.deadline_missed == "first_byte"
+    assert "requests_processing 1" in status.progress
+    assert status.latency.ttfb_s is None
     assert took < 10  # deadline + two progress reads, not the generation's length
 
 
@@ -124,7 +124,7 @@ async def test_idle_server_behind_a_stalling_proxy_is_wedged(server):
         assert proxy.completions_seen == 1
     assert status.state == ServerState.WEDGED, status.error
     assert not status.is_ready
-    assert status.metadata["status"] == "ok"  # the real /health, through the proxy
+    assert status.server_status == "ok"  # the real /health, through the proxy
     assert "did not send a first token" in status.error
     assert "nothing progresses" in status.error
 
@@ -159,7 +159,7 @@ async def test_sleeping_server_is_still_asleep_after_the_check(
         for _ in range(3):
             status = await llamacpp_health_check(settings, canary=QUICK)
             assert status.state == ServerState.SLEEPING
-            assert "asleep" in status.metadata["canary"]
+            assert "asleep" in status.canary
         await asyncio.sleep(1.5)  # a woken server would still be awake (idle timer: 1 s)
         async with httpx.AsyncClient() as http:
             props = (await http.get(f"{server.url}/props")).json()
@@ -171,7 +171,7 @@ async def test_router_check_loads_no_model_and_probes_only_a_loaded_one(router_s
     async with LlamaCppClient(router_server.url, api_key=None) as client:
         status = await llamacpp_health_check(settings, canary=QUICK)
         assert status.state == ServerState.READY and status.model_id is None
-        assert "no model is loaded" in status.metadata["canary"]
+        assert "no model is loaded" in status.canary
         await asyncio.sleep(1)  # an autoload would be under way by now
         assert await _router_statuses(client) == {"alpha": "unloaded", "beta": "unloaded"}
 
@@ -181,7 +181,7 @@ async def test_router_check_loads_no_model_and_probes_only_a_loaded_one(router_s
             status = await llamacpp_health_check(settings, canary=QUICK)
             assert status.state == ServerState.READY, status.error
             assert status.model_id == "beta"
-            assert status.metadata["latency"]["ttfb_s"] > 0
+            assert status.latency.ttfb_s > 0
             assert (await _router_statuses(client))["alpha"] == "unloaded"
 
             # The configured model is not loaded: the canary goes to the loaded one, or nowhere.

@@ -22,11 +22,11 @@ async def test_ready_server_reports_model_slots_and_build(server):
     assert status.state == ServerState.READY
     assert status.connected and status.model_detected
     assert status.model_id == "tiny"
-    assert status.metadata["status"] == "ok"
-    assert status.metadata["total_slots"] == 4
-    assert status.metadata["n_ctx"] == 1024  # -c 4096 shared by -np 4
-    assert status.metadata["build_info"].startswith("b")
-    assert status.metadata["is_sleeping"] is False
+    assert status.server_status == "ok"
+    assert status.total_slots == 4
+    assert status.n_ctx == 1024  # -c 4096 shared by -np 4
+    assert status.build_info.startswith("b")
+    assert status.is_sleeping is False
 
 
 async def test_client_endpoints(server):
@@ -136,7 +136,7 @@ async def test_router_mode_list_load_unload_without_autoload(router_server):
         assert not await client.is_model_loaded("alpha")
         status = await llamacpp_health_check(settings_for(router_server))
         assert status.state == ServerState.READY and not status.model_detected
-        assert status.metadata["router_models"] == {"alpha": "unloaded", "beta": "unloaded"}
+        assert status.router_models == {"alpha": "unloaded", "beta": "unloaded"}
 
         assert (await client.load_model("alpha"))["success"] is True
         loaded = await _wait_for_router_status(client, "alpha", "loaded")

@@ -59,7 +59,7 @@ async def test_sleeping_is_reported_and_not_woken(llama_server_bin, tiny_model, 
                 break
             await asyncio.sleep(0.1)
         assert status.state == ServerState.SLEEPING
-        assert status.metadata["is_sleeping"] is True
+        assert status.is_sleeping is True
         assert status.is_ready
         for _ in range(3):
             await llamacpp_health_check(settings)

@@ -16,6 +16,7 @@ from prefect_llamacpp import ServerState, llamacpp_health_check
 from prefect_llamacpp.canary import CanaryOptions, observe_progress
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.status import CanaryLatency
 from tests.unit.fakes import PROPS, ROOT, ready_server
 
 FAST = CanaryOptions(first_byte_timeout=0.2, total_timeout=0.4, progress_interval=0.05)
@@ -67,7 +68,7 @@ async def test_no_canary_unless_asked():
     status = await llamacpp_health_check(settings())
     assert status.state == ServerState.READY
     assert not completions.called
-    assert "latency" not in status.metadata
+    assert status.latency is None and status.canary is None
 
 
 @respx.mock
@@ -78,11 +79,11 @@ async def test_ready_with_latency_and_throughput():
     assert status.state == ServerState.READY
     body = json.loads(completions.calls.last.request.content)
     assert body["max_tokens"] == 1 and body["stream"] is True
-    latency = status.metadata["latency"]
-    assert 0 <= latency["ttfb_s"] <= latency["total_s"] < 1
-    assert latency["prompt_tokens_per_s"] == 240.0  # 120 tokens / 0.5 s
-    assert latency["predicted_tokens_per_s"] == 50.0  # 100 tokens / 2 s
-    assert status.metadata["canary"] == "answered"
+    latency = status.latency
+    assert 0 <= latency.ttfb_s <= latency.total_s < 1
+    assert latency.prompt_tokens_per_s == 240.0  # 120 tokens / 0.5 s
+    assert latency.predicted_tokens_per_s == 50.0  # 100 tokens / 2 s
+    assert status.canary == "answered"
 
 
 @respx.mock
@@ -93,8 +94,8 @@ async def test_sleeping_server_gets_no_canary():
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.SLEEPING
     assert not completions.called
-    assert status.metadata["latency"] == dict.fromkeys(status.metadata["latency"])  # all None
-    assert status.metadata["canary"].startswith("not sent: the server is asleep")
+    assert status.latency == CanaryLatency()  # all None
+    assert status.canary.startswith("not sent: the server is asleep")
 
 
 @respx.mock
@@ -108,7 +109,7 @@ async def test_router_without_a_loaded_model_gets_no_canary():
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.READY and status.model_id is None
     assert not completions.called
-    assert "no model is loaded" in status.metadata["canary"]
+    assert "no model is loaded" in status.canary
 
 
 @respx.mock
@@ -146,7 +147,7 @@ async def test_router_model_unloaded_meanwhile_is_not_a_fault():
     )
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.READY
-    assert "unloaded meanwhile" in status.metadata["canary"]
+    assert "unloaded meanwhile" in status.canary
 
 
 @respx.mock
@@ -157,7 +158,7 @@ async def test_deadline_missed_while_decoding_is_busy():
     assert status.state == ServerState.BUSY, status.error
     assert status.is_ready
     assert "first token" in status.error and "n_decode_total +80" in status.error
-    assert status.metadata["deadline_missed"] == "first_byte"
+    assert status.deadline_missed == "first_byte"
 
 
 @respx.mock
@@ -190,7 +191,7 @@ async def test_headers_without_a_first_event_miss_the_first_byte_deadline():
     respx.post(COMPLETIONS).respond(200, stream=headers_only())
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.WEDGED
-    assert status.metadata["deadline_missed"] == "first_byte"
+    assert status.deadline_missed == "first_byte"
 
 
 @respx.mock
@@ -203,8 +204,8 @@ async def test_only_canary_tokens_give_no_tokens_per_second():
     respx.post(COMPLETIONS).mock(return_value=ONE_TOKEN)
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.READY
-    assert status.metadata["latency"]["predicted_tokens_per_s"] is None
-    assert status.metadata["latency"]["prompt_tokens_per_s"] == 100000.0  # prompts take time
+    assert status.latency.predicted_tokens_per_s is None
+    assert status.latency.prompt_tokens_per_s == 100000.0  # prompts take time
 
 
 @respx.mock
@@ -217,7 +218,7 @@ async def test_total_deadline_after_a_first_token():
     respx.post(COMPLETIONS).respond(200, stream=first_token_then_stall())
     status = await llamacpp_health_check(settings(), canary=FAST)
     assert status.state == ServerState.WEDGED
-    assert status.metadata["deadline_missed"] == "total"
+    assert status.deadline_missed == "total"
     assert "did not finish its answer to a one-token request within 0.4 s" in status.error
 
 

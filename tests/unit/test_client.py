@@ -343,7 +343,7 @@ async def test_a_proxy_from_the_environment_carries_the_hot_path_too(monkeypatch
     monkeypatch.delenv("no_proxy", raising=False)
     async with server, LlamaCppClient("http://llama.invalid:8080", api_key=None) as client:
         await client.get_health()
-        await client.chat_completion(b"{\"messages\": []}")
+        await client.chat_completion(b'{"messages": []}')
     assert seen == [
         "http://llama.invalid:8080/health",
         "http://llama.invalid:8080/v1/chat/completions",

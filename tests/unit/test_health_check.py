@@ -25,11 +25,11 @@ async def test_ready_reports_model_and_props():
     assert status.base_url == f"{ROOT}/v1"
     assert status.provider_type == "llamacpp"
     assert status.error is None
-    assert status.metadata["status"] == "ok"
-    assert status.metadata["total_slots"] == 4
-    assert status.metadata["n_ctx"] == 4096
-    assert status.metadata["build_info"] == "b1-0c1e570"
-    assert status.metadata["is_sleeping"] is False
+    assert status.server_status == "ok"
+    assert status.total_slots == 4
+    assert status.n_ctx == 4096
+    assert status.build_info == "b1-0c1e570"
+    assert status.is_sleeping is False
 
 
 @respx.mock
@@ -123,7 +123,7 @@ async def test_proxy_502_html_is_error():
     status = await llamacpp_health_check(settings())
     assert status.state == ServerState.ERROR
     assert "502" in status.error
-    assert status.metadata["http_status"] == 502
+    assert status.http_status == 502
 
 
 @respx.mock
@@ -152,7 +152,7 @@ async def test_props_missing_behind_proxy_is_not_fatal():
     respx.get(f"{ROOT}/v1/models").respond(200, json={"data": [{"id": "m"}]})
     status = await llamacpp_health_check(settings())
     assert status.state == ServerState.READY
-    assert "404" in status.metadata["props_error"]
+    assert "404" in status.props_error
 
 
 @respx.mock
@@ -171,7 +171,7 @@ async def test_router_mode_reports_loaded_model():
     status = await llamacpp_health_check(settings())
     assert status.state == ServerState.READY
     assert status.model_id == "b"
-    assert status.metadata["router_models"] == {"a": "unloaded", "b": "loaded"}
+    assert status.router_models == {"a": "unloaded", "b": "loaded"}
 
 
 async def test_invalid_url_is_reported_not_raised():
@@ -182,3 +182,24 @@ async def test_invalid_url_is_reported_not_raised():
     assert status.state == ServerState.ERROR
     assert not status.connected
     assert "http://localhost:8080" in status.error
+
+
+@respx.mock
+async def test_odd_props_values_never_fail_the_check_and_are_kept_as_they_came():
+    """A proxy or an older server may send /props fields of other types: the typed fields
+    take what fits, `metadata` keeps the rest, and the state is still the server's."""
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").respond(
+        200,
+        json={
+            "total_slots": "lots",
+            "build_info": 7,
+            "default_generation_settings": {"n_ctx": 2048},
+        },
+    )
+    respx.get(f"{ROOT}/v1/models").respond(200, json={"data": [{"id": "m", "aliases": [None, 3]}]})
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.READY and status.model_id == "m"
+    assert status.total_slots is None and status.metadata["total_slots"] == "lots"
+    assert status.n_ctx == 2048
+    assert status.build_info is None and status.metadata["build_info"] == 7

@@ -208,7 +208,7 @@ async def test_a_deeply_nested_body_does_not_escape_the_error_mapping():
     nested = b"[" * 100_000 + b"]" * 100_000
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=nested))
     async with LlamaCppClient("http://127.0.0.1:1") as client:
-        client._http = httpx.AsyncClient(transport=transport)
+        client._transport = transport  # the hot path sends through the client's transport
         from prefect_llamacpp.exceptions import UnexpectedResponseError
 
         with pytest.raises(UnexpectedResponseError, match="not JSON"):
@@ -383,7 +383,8 @@ def lane(server: FakeLlamaServer, name: str, model: str | None = None):
             model_id=model,
             base_url=server.url,
             state=ServerState.READY,
-            metadata={"total_slots": 2, "models": [model]},
+            total_slots=2,
+            models=[model],
         )
     return Lane.for_server(
         name,

@@ -395,7 +395,7 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
         return texts / summary.wall_time_s, texts / (time.monotonic() - started)
 
     args = ["-np", str(SLOTS), "-kvu", "--alias", "tiny", "--embeddings", "--pooling", "mean"]
-    args += ["--cache-ram", "0"]  # see the README's Embeddings: the prompt cache slows them
+    args += ["--cache-ram", "0"]  # docs/llama-server.md: the prompt cache slows them
     with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
         await LlamaCppServer(base_url=server.url).save("bench-embed", overwrite=True)
         await raw(server.url)

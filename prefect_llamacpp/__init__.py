@@ -21,6 +21,8 @@ _EXPORTS = {
     # Prefect layer
     "LlamaCppServer": "blocks",
     "llamacpp_health_flow": "flows.health",
+    "HealthCanary": "flows.health",
+    "HealthReport": "flows.health",
     "llamacpp_batch_flow": "flows.batch",
     "BatchSummary": "flows.batch",
     "RequestOptions": "batch.options",
@@ -47,6 +49,7 @@ _EXPORTS = {
     "LlamaCppClient": "client",
     "ProviderHealthStatus": "status",
     "ServerState": "status",
+    "CanaryLatency": "status",
     # errors (the tree is drawn in prefect_llamacpp/exceptions.py)
     "LlamaCppError": "exceptions",
     "ConfigurationError": "exceptions",
@@ -121,7 +124,7 @@ if TYPE_CHECKING:
         UnexpectedResponseError,
     )
     from prefect_llamacpp.flows.batch import BatchSummary, llamacpp_batch_flow
-    from prefect_llamacpp.flows.health import llamacpp_health_flow
+    from prefect_llamacpp.flows.health import HealthCanary, HealthReport, llamacpp_health_flow
     from prefect_llamacpp.provider import (
         LlamaCppModel,
         LlamaCppModelSettings,
@@ -133,7 +136,7 @@ if TYPE_CHECKING:
         llamacpp_health_check,
         llamacpp_model_settings,
     )
-    from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+    from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
     from prefect_llamacpp.tasks import (
         check_server,
         check_server_with_canary,

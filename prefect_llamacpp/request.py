@@ -93,7 +93,7 @@ def build_chat_request(
     `ignore_eos`, ...) and `sampling` the OpenAI fields of one request (`stop`, `seed`, `top_p`,
     ...), which win over `extra_body`; neither can replace the fields above.
     `chat_template_kwargs` are variables for the model's chat template (`{"enable_thinking":
-    False}`); they replace any in `extra_body`, and anything but an object raises `ModelError`.
+    False}`); they replace any in `extra_body`, and anything but an object raises `ConfigurationError`.
     """
     sent: list[dict[str, str]] = []
     leading_system = 0

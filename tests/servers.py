@@ -122,7 +122,7 @@ def embedding_server(llama_server_bin, tiny_model, tmp_path_factory):
     different vector than the same text sent alone; with `-kvu` (the default without `-np`)
     every input's vector is the same either way."""
     args = ["-np", "2", "-kvu", "--alias", "tiny-embed", "--embeddings", "--pooling", "mean"]
-    args += ["--cache-ram", "0"]  # as the README advises for embedding servers
+    args += ["--cache-ram", "0"]  # as docs/llama-server.md advises for embedding servers
     with _server(llama_server_bin, tiny_model, args, tmp_path_factory) as running:
         yield running
 

@@ -4,9 +4,10 @@
     (in this repository also: python -m flows.batch ...)
 
 Gate first (wait through loading, check the key, detect the model), then stream the input in
-chunks; each chunk is one Prefect task whose prompts run concurrently, at most `concurrency`
-(default: the server's `total_slots`) in flight across the whole run. Results are appended to the
-output file as they finish; a rerun skips what already succeeded. See the README for the formats.
+chunks; each chunk is one Prefect task whose prompts run concurrently, at most `run.concurrency`
+(default: the server's `total_slots + queue_depth`) in flight per server. Results are appended
+to the output file as they finish; a rerun skips what already succeeded. The formats:
+docs/batch.md.
 """
 
 from __future__ import annotations

@@ -168,8 +168,8 @@ def test_a_user_creates_the_block_in_both_uis_and_the_health_flow_runs_with_it(
         field(page, "Timeout (seconds)").fill("-5")
         page.get_by_role("button", name="Save").click()
         # Prefect 3.9's new UI validates the values against themselves instead of the schema
-        # (its create form passes the values as the schema), so it saves them, as the README
-        # says. If it starts refusing them, assert that here and fix the README.
+        # (its create form passes the values as the schema), so it saves them, as
+        # docs/troubleshooting.md says. If it starts refusing them, assert that here and fix it.
         expect(page).to_have_url(BLOCK_PAGE)
 
     with screens.during("classic UI: the catalog the CLI links to, then Create"):
@@ -180,7 +180,7 @@ def test_a_user_creates_the_block_in_both_uis_and_the_health_flow_runs_with_it(
         key = classic_field(page, "API key")
         # Prefect 3.9's classic UI has no password input in its schema forms (its string
         # widgets: text area, date, JSON, select): the key is readable while typed there, as
-        # the README says. If this fails, Prefect added one: assert it here and fix the README.
+        # docs/troubleshooting.md says. If this fails, Prefect added one: assert it and fix it.
         assert key.evaluate("e => e.tagName") == "TEXTAREA"
 
     with screens.during("classic UI: a timeout of -5 is refused, a key with a line break saved"):

@@ -27,7 +27,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import CliApp, CliPositionalArg, SettingsConfigDict
+from pydantic_settings import CliApp, CliPositionalArg
 
 from prefect_llamacpp.batch.dispatch import Lane
 from prefect_llamacpp.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
@@ -39,7 +39,7 @@ from prefect_llamacpp.embedding_probe import packed_embeddings_problem
 from prefect_llamacpp.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
-from prefect_llamacpp.flows.local_api import cli_problem, run_cli
+from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
@@ -586,18 +586,10 @@ class BatchCommand(BaseModel):
     """Run a JSONL file of prompts through a llama.cpp server; resumable. Every option of
     `RequestOptions` and `RunOptions` is a flag (`--max-tokens`, or `--request.max-tokens`)."""
 
-    model_config = SettingsConfigDict(
-        cli_prog_name="llamacpp-batch",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_use_class_docs_for_groups=True,
-        cli_hide_none_type=True,
-        # The short form of each option: --max-tokens for --request.max-tokens.
-        cli_shortcuts={
-            f"{group}.{name}".replace("_", "-"): name.replace("_", "-")
-            for group, name in option_names()
-        }
-        | {"schema-file": "schema"},
+    # The short form of each option: --max-tokens for --request.max-tokens.
+    model_config = cli_config(
+        "llamacpp-batch",
+        {f"{group}.{name}": name for group, name in option_names()} | {"schema_file": "schema"},
     )
 
     input_path: CliPositionalArg[str] = Field(description="JSONL file of prompts")

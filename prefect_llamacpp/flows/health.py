@@ -21,13 +21,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import CliApp, CliPositionalArg, SettingsConfigDict
+from pydantic_settings import CliApp, CliPositionalArg
 
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.canary import CanaryOptions
 from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, ServerNotReadyError
 from prefect_llamacpp.flows.fleet import server_names
-from prefect_llamacpp.flows.local_api import cli_problem, run_cli
+from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
@@ -330,15 +330,7 @@ class HealthCommand(BaseModel):
     name checks one server, several a fleet; none: the block 'llamacpp', else the LLAMACPP_*
     settings."""
 
-    model_config = SettingsConfigDict(
-        cli_prog_name="llamacpp-health",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        cli_use_class_docs_for_groups=True,
-        cli_hide_none_type=True,
-        cli_shortcuts={"canary.send": "canary"}
-        | {f"canary.{name}".replace("_", "-"): name.replace("_", "-") for name in CANARY_TIMES},
-    )
+    model_config = cli_config("llamacpp-health", {f"canary.{name}": name for name in CANARY_TIMES})
 
     server: CliPositionalArg[list[str]] = Field(
         default_factory=list, description="llama.cpp Server block names"

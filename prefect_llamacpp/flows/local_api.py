@@ -20,6 +20,7 @@ from prefect.settings import (
 )
 from prefect.settings.models.server.ephemeral import ServerEphemeralSettings
 from pydantic import ValidationError
+from pydantic_settings import SettingsConfigDict
 
 STARTUP_TIMEOUT_S = 120
 _PREFECT_DEFAULT = ServerEphemeralSettings.model_fields["startup_timeout_seconds"].default
@@ -68,4 +69,19 @@ def cli_problem(exc: Exception) -> str:
     return "; ".join(
         f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {error['msg']}"
         for error in exc.errors()
+    )
+
+
+def cli_config(prog: str, shortcuts: dict[str, str]) -> SettingsConfigDict:
+    """How a command line built from a model reads: kebab-case flags, `--no-x` for booleans,
+    groups from the models' docstrings, and `shortcuts` (field path: short name, in snake case)."""
+    return SettingsConfigDict(
+        cli_prog_name=prog,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=True,
+        cli_hide_none_type=True,
+        cli_shortcuts={
+            path.replace("_", "-"): short.replace("_", "-") for path, short in shortcuts.items()
+        },
     )

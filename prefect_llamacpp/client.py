@@ -64,12 +64,41 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def _environment_proxy(url: str) -> str | None:
-    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, ...) names for `url`."""
+    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) names for `url`,
+    read as httpx reads it: a proxy without a scheme is http://, and a NO_PROXY entry may name a
+    scheme, a port, a domain and its subdomains, or `*`."""
     parts = urllib.parse.urlsplit(url)
-    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+    host = (parts.hostname or "").lower()
+    proxies = urllib.request.getproxies_environment()
+    if not host or _bypassed(host, parts.port, parts.scheme, proxies.get("no", "")):
         return None
-    proxies = urllib.request.getproxies()
-    return proxies.get(parts.scheme) or proxies.get("all")
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    return proxy or None
+
+
+def _bypassed(host: str, port: int | None, scheme: str, no_proxy: str) -> bool:
+    port = port or (443 if scheme == "https" else 80)
+    for entry in (part.strip().lower() for part in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        if "://" in entry:
+            entry_scheme, entry = entry.split("://", 1)
+            if entry_scheme != scheme:
+                continue
+        entry_port = None
+        if entry.startswith("["):  # [::1]:8080
+            entry, _, rest = entry[1:].partition("]")
+            entry_port = rest.removeprefix(":") or None
+        elif entry.count(":") == 1:  # host:port (more colons: a bare IPv6 address)
+            entry, entry_port = entry.split(":")
+        if entry_port is not None and entry_port != str(port):
+            continue
+        entry = entry.removeprefix("*").removeprefix(".")
+        if entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
 
 
 class LlamaCppClient:

@@ -9,7 +9,7 @@ back as `down`.
 The rules, in words:
 
 - a pack (several embedding lines in one request) that was dropped, timed out or refused is
-  split: each line alone finds the one to blame;
+  split, unless it has used up its sends: each line alone finds the one to blame;
 - dropped unanswered (or a proxy's 502 for it): a crash, unless the request ran alone and the
   server is still up (then the network cut it: retried like a transient fault). A request in
   flight at a crash runs alone from then on; alone, its `max_crashes`-th crash gives it up as
@@ -106,8 +106,8 @@ def decide(
     decide again with that decision's `tries`.
     """
     at_limit = tries.attempts >= limits.limit
-    if pack and fault in (Fault.DROPPED, Fault.TIMEOUT, Fault.REFUSED):
-        return Decision(Action.SPLIT, tries)
+    if pack and fault in (Fault.DROPPED, Fault.TIMEOUT, Fault.REFUSED) and not at_limit:
+        return Decision(Action.SPLIT, tries)  # (at the limit, the rules below give it up)
     if fault is Fault.DROPPED:
         if down is None:
             return Decision(Action.CHECK_SERVER, tries)

@@ -5,6 +5,7 @@ parameters, the Prefect UI's run form and the `llamacpp-batch` command line are 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from prefect_llamacpp.request import schema_problem
 DEFAULT_QUEUE_DEPTH = 1
 # Texts per /v1/embeddings request: several lines share one request, sparing a round trip each.
 DEFAULT_EMBEDDING_BATCH = 32
+# The most llama-server takes (a C int); more is refused, or wraps round, at the server.
+MAX_TOKENS = 2_147_483_647
 # Requests per Prefect task run: each task run costs the Prefect API CPU that a llama-server on
 # the same machine lacks, so chunks are large (docs/benchmarks.md).
 DEFAULT_CHUNK_SIZE = 500
@@ -33,7 +36,10 @@ class RequestOptions(BaseModel):
         None, description="JSON Schema: every answer becomes a validated object."
     )
     max_tokens: int | None = Field(
-        512, ge=1, description="Most tokens per answer; empty: the server's default."
+        512,
+        ge=1,
+        le=MAX_TOKENS,
+        description="Most tokens per answer; null: the server's default.",
     )
     temperature: float | None = Field(
         None, ge=0, le=100, allow_inf_nan=False, description="Sampling temperature, 0 to 100."
@@ -52,6 +58,18 @@ class RequestOptions(BaseModel):
         description='Native lines are {"custom_id", "input"} texts to embed (OpenAI lines with '
         "url /v1/embeddings are embedded in any run); the servers need --embeddings.",
     )
+
+    @field_validator("extra_body", "chat_template_kwargs")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any] | None, info) -> dict[str, Any] | None:
+        # Sent as JSON in every request: a value JSON cannot carry (a set, NaN) would fail
+        # every line at the server instead of the run here.
+        if value is not None:
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{info.field_name} must be plain JSON ({exc})") from None
+        return value
 
     @field_validator("output_schema")
     @classmethod

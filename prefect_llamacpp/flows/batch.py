@@ -26,7 +26,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import CliApp, CliPositionalArg
 
 from prefect_llamacpp.batch.dispatch import Lane
@@ -36,7 +36,12 @@ from prefect_llamacpp.batch.options import RequestOptions, RunOptions, option_na
 from prefect_llamacpp.batch.records import OutputFormat, ResultLine, result_line
 from prefect_llamacpp.batch.runner import BatchOptions, BatchRunner
 from prefect_llamacpp.embedding_probe import packed_embeddings_problem
-from prefect_llamacpp.exceptions import BatchAbortedError, BatchPathError, NotSupportedError
+from prefect_llamacpp.exceptions import (
+    BatchAbortedError,
+    BatchPathError,
+    ConfigurationError,
+    NotSupportedError,
+)
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
@@ -611,12 +616,26 @@ class BatchCommand(BaseModel):
     request: RequestOptions = RequestOptions()
     run: RunOptions = RunOptions()
 
+    @field_validator("server")
+    @classmethod
+    def _usable_names(cls, names: list[str]) -> list[str]:
+        if names:
+            server_names(names)  # an empty or repeated name: refused before anything starts
+        return names
+
     def flow_parameters(self) -> dict[str, Any]:
         """The flow's parameters, as the command line gave them."""
         request = self.request
         if self.schema_file is not None:
-            schema = json.loads(self.schema_file.read_text())
-            request = RequestOptions(**{**request.model_dump(), "output_schema": schema})
+            try:
+                schema = json.loads(self.schema_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigurationError(f"--schema-file {self.schema_file}: {exc}") from None
+            try:
+                request = RequestOptions(**{**request.model_dump(), "output_schema": schema})
+            except ValidationError as exc:
+                problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigurationError(f"--schema-file {self.schema_file}: {problem}") from None
         return {
             "input_path": self.input_path,
             "output_path": self.output_path,

@@ -9,6 +9,7 @@ if it still does not start, say what to do instead of printing a traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,9 +66,14 @@ def run_cli(main: Callable[[], int]) -> int:
 def cli_problem(exc: Exception) -> str:
     """A command line's bad value in one line, naming the flag (for a model-built CLI)."""
     if not isinstance(exc, ValidationError):
+        # pydantic-settings names a value it cannot parse by its path; say it as the flag.
+        if match := re.match(r"Parsing error encountered for ([\w.]+)", str(exc)):
+            flag = match.group(1).replace("_", "-")
+            return f"--{flag}: not a JSON object"
         return str(exc)
     return "; ".join(
-        f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: {error['msg']}"
+        f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: "
+        + error["msg"].removeprefix("Value error, ")
         for error in exc.errors()
     )
 
@@ -81,6 +87,7 @@ def cli_config(prog: str, shortcuts: dict[str, str]) -> SettingsConfigDict:
         cli_implicit_flags=True,
         cli_use_class_docs_for_groups=True,
         cli_hide_none_type=True,
+        cli_parse_none_str="null",
         cli_shortcuts={
             path.replace("_", "-"): short.replace("_", "-") for path, short in shortcuts.items()
         },

@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from pydantic_settings import CliApp
 
 from prefect_llamacpp.batch import runner as runner_module
 from prefect_llamacpp.batch.options import RequestOptions, RunOptions, option_names
@@ -116,6 +117,10 @@ async def test_every_option_reaches_the_runner_from_the_command_line(
         ("--max-crashes", "0", "--run.max-crashes"),
         ("--output-schema", '{"type": 5}', "--request.output-schema"),
         ("--chat-template-kwargs", "[1]", "--request.chat-template-kwargs"),
+        ("--extra-body", '{"min_p": NaN}', "--request.extra-body"),
+        ("--max-tokens", "2147483648", "--request.max-tokens"),
+        ("--server", "", "--server"),
+        ("--schema-file", "/nonexistent/schema.json", "--schema-file"),
     ],
 )
 def test_a_bad_option_is_refused_naming_it(capsys, flag, value, named):
@@ -136,3 +141,20 @@ async def test_the_flow_refuses_a_bad_option_before_opening_anything(tmp_path):
     )
     assert state.is_failed() and "max_tokens" in state.message
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_fleet_naming_a_block_twice_is_refused_before_anything_starts(capsys):
+    assert batch_flow.main(["in.jsonl", "out.jsonl", "--server", "a", "--server", "a"]) == 2
+    assert "--server: server names a block twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {1, 2}, b"bytes"])
+def test_request_fields_sent_as_json_must_be_plain_json(value):
+    for field in ("extra_body", "chat_template_kwargs"):
+        with pytest.raises(ValueError, match=f"{field} must be plain JSON"):
+            RequestOptions(**{field: {"x": value}})
+
+
+def test_null_asks_for_the_servers_default_max_tokens():
+    command = CliApp.run(batch_flow.BatchCommand, cli_args=["a", "b", "--max-tokens", "null"])
+    assert command.request.max_tokens is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
@@ -352,3 +353,43 @@ async def test_a_proxy_from_the_environment_carries_the_hot_path_too(monkeypatch
     async with LlamaCppClient("http://llama.invalid:8080", api_key=None, timeout=2) as client:
         with pytest.raises(ServerUnreachableError):  # straight to the (unresolvable) host
             await client.get_health()
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "proxy"),
+    [
+        ({"HTTP_PROXY": "p:3128"}, "http://llm.lan:8080", "http://p:3128"),  # no scheme: http
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "llm.lan:8080"}, "http://llm.lan:8080", None),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "llm.lan:9090"},
+            "http://llm.lan:8080",
+            "http://p:3128",
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "http://llm.lan"},
+            "http://llm.lan:8080",
+            None,
+        ),
+        (
+            {"HTTP_PROXY": "http://p:3128", "NO_PROXY": "https://llm.lan"},
+            "http://llm.lan:8080",
+            "http://p:3128",
+        ),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": ".lan"}, "http://llm.lan:8080", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "an"}, "http://llm.lan:8080", "http://p:3128"),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "*"}, "http://llm.lan:8080", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "[::1]:8080"}, "http://[::1]:8080", None),
+        ({"HTTP_PROXY": "http://p:3128", "NO_PROXY": "127.0.0.1"}, "http://127.0.0.1:8080", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "http://llm.lan:8080", None),
+        ({"ALL_PROXY": "http://p:1080"}, "http://llm.lan:8080", "http://p:1080"),
+    ],
+)
+def test_the_environments_proxy_is_read_as_httpx_reads_it(monkeypatch, env, url, proxy):
+    from prefect_llamacpp.client import _environment_proxy
+
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _environment_proxy(url) == proxy
+    LlamaCppClient(url, api_key=None)  # builds its transport with it

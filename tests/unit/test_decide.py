@@ -28,6 +28,9 @@ TABLE = [
     (Fault.TIMEOUT, t(), True, None, S, t(), None, None, False, False),
     (Fault.REFUSED, t(), True, None, S, t(), None, None, False, False),
     (Fault.LOADING, t(), True, None, W, t(), None, None, False, False),
+    # ...unless it has used up its sends (a split would send each line once more).
+    (Fault.REFUSED, t(10), True, None, G, t(10), None, GiveUpReason.SERVER_REFUSED, False, False),
+    (Fault.DROPPED, t(10), True, None, C, t(10), None, None, False, False),
     # Dropped: first find out whether the server went down.
     (Fault.DROPPED, t(), False, None, C, t(), None, None, False, False),
     # In flight with others: a crash either way; it runs alone from now on.

@@ -18,7 +18,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.exceptions import (
@@ -37,6 +37,8 @@ MIN_GENERATION_S = 0.01
 
 class CanaryOptions(BaseModel):
     """Deadlines for the one-token canary, in seconds."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # an endless deadline never tells wedged
 
     first_byte_timeout: float = Field(
         default=10.0, gt=0, description="Seconds to wait for the first streamed token."

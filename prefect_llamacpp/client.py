@@ -64,9 +64,12 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def _environment_proxy(url: str) -> str | None:
-    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) names for `url`,
-    read as httpx reads it: a proxy without a scheme is http://, and a NO_PROXY entry may name a
-    scheme, a port, a domain and its subdomains, or `*`."""
+    """The proxy the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY) names for `url`.
+
+    Read as curl reads it (httpx agrees for plain hosts, IPs and `*`): a proxy without a scheme
+    is http://; a NO_PROXY entry is `*`, or a host that also covers its subdomains (`lan`,
+    `.lan`, `*.lan`), optionally with a scheme (`http://`, `all://`) or a port (the URL's
+    default port when it names none). CIDR ranges are not read (nor does httpx read them)."""
     parts = urllib.parse.urlsplit(url)
     host = (parts.hostname or "").lower()
     proxies = urllib.request.getproxies_environment()
@@ -85,7 +88,7 @@ def _bypassed(host: str, port: int | None, scheme: str, no_proxy: str) -> bool:
             return True
         if "://" in entry:
             entry_scheme, entry = entry.split("://", 1)
-            if entry_scheme != scheme:
+            if entry_scheme not in (scheme, "all"):
                 continue
         entry_port = None
         if entry.startswith("["):  # [::1]:8080
@@ -662,7 +665,7 @@ def router_model_status(entry: dict[str, Any]) -> str | None:
     """A router-mode model's `status.value` (`loaded`, `unloaded`, ...); None outside router mode."""
     status = entry.get("status")
     if isinstance(status, dict):
-        return status.get("value")
+        status = status.get("value")
     return status if isinstance(status, str) else None
 
 

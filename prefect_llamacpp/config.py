@@ -90,6 +90,9 @@ class LlamaCppConnection(BaseModel):
             )
         if any(char.isspace() for char in value.get_secret_value()):
             raise ValueError("the API key contains a space; paste it again without it")
+        if not value.get_secret_value().isascii():
+            # An HTTP header carries ASCII only; llama-server's keys are ASCII.
+            raise ValueError("the API key contains a character that is not ASCII; paste it again")
         return value
 
     @property

@@ -47,6 +47,7 @@ from prefect_llamacpp.exceptions import (
     ServerNotReadyError,
     TransportError,
     UnauthorizedError,
+    UnexpectedResponseError,
 )
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.server_url import parse_server_url
@@ -348,6 +349,24 @@ async def llamacpp_health_check(
 async def read_server_status(
     client: LlamaCppClient, model_name: str | None = None, canary: CanaryOptions | None = None
 ) -> ProviderHealthStatus:
+    """The health check on an open client (see `_read_server_status`); an answer of a shape
+    llama-server never sends is reported as state `error`, never raised."""
+    try:
+        return await _read_server_status(client, model_name, canary)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        logger.warning("Unreadable answer in a health check", error=repr(exc))
+        return ProviderHealthStatus(
+            connected=True,
+            base_url=client.openai_base_url,
+            state=ServerState.ERROR,
+            error=f"an answer is not what llama-server sends ({type(exc).__name__}); "
+            "is base_url a llama-server, or a proxy in front of one?",
+        )
+
+
+async def _read_server_status(
+    client: LlamaCppClient, model_name: str | None, canary: CanaryOptions | None
+) -> ProviderHealthStatus:
     """The health check on an open client: `/health`, then `/props`, then `/v1/models`.
 
     Reads `/props` (which does not wake a sleeping server) and never `/slots` (which does).
@@ -369,6 +388,10 @@ async def read_server_status(
 
     try:
         props = await client.get_props()
+        if not isinstance(props, dict):
+            raise UnexpectedResponseError(
+                "/props is not a JSON object", status_code=200, url=client.base_url + "/props"
+            )
         status.fields.update(summarize_props(props))
     except (UnauthorizedError, ServerLoadingError, TransportError) as exc:
         return status.from_error(exc)
@@ -379,7 +402,7 @@ async def read_server_status(
 
     if props.get("is_sleeping"):
         # /v1/models would be served, but sleeping is the state to report; props names the model.
-        model_id = props.get("model_alias") or _file_name(props.get("model_path"))
+        model_id = _text(props.get("model_alias")) or _file_name(_text(props.get("model_path")))
         status.skip_canary("the server is asleep, and a completion would wake it")
         return status.build(ServerState.SLEEPING, model_id=model_id)
 
@@ -387,14 +410,16 @@ async def read_server_status(
         models = await client.list_models()
     except LlamaCppError as exc:
         return status.from_error(exc)
-    ids = [entry.get("id") for entry in models if entry.get("id")]
+    # Only the entries llama-server would send: an odd one (a proxy's) is passed over.
+    models = [entry for entry in models if isinstance(entry, dict) and _text(entry.get("id"))]
+    ids = [entry["id"] for entry in models]
     status.fields["models"] = ids
-    aliases = [alias for entry in models for alias in entry.get("aliases") or [] if alias]
+    aliases = [alias for entry in models for alias in _texts(entry.get("aliases"))]
     if aliases:
         status.fields["model_aliases"] = aliases
 
     if props.get("role") == "router":
-        statuses = {entry.get("id"): router_model_status(entry) for entry in models}
+        statuses = {entry["id"]: router_model_status(entry) for entry in models}
         status.fields["router_models"] = statuses
         loaded = [model for model, value in statuses.items() if value == "loaded"]
         chosen = model_name if model_name in loaded else (loaded[0] if loaded else None)
@@ -534,9 +559,19 @@ def _canary_summary(state: ServerState, detail: dict[str, Any]) -> str:
 
 def _names_model(models: list[dict[str, Any]], model_name: str) -> bool:
     return any(
-        model_name == entry.get("id") or model_name in (entry.get("aliases") or [])
+        model_name == entry.get("id") or model_name in _texts(entry.get("aliases"))
         for entry in models
     )
+
+
+def _text(value: Any) -> str | None:
+    """`value` if it is a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
+
+
+def _texts(value: Any) -> list[str]:
+    """The non-empty strings of `value` if it is a list, else none."""
+    return [item for item in value if _text(item)] if isinstance(value, list) else []
 
 
 def _file_name(path: str | None) -> str | None:

@@ -94,7 +94,7 @@ class RequestOptions(BaseModel):
 class RunOptions(BaseModel):
     """How to run: how much in flight, how long to wait, how often to try."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     concurrency: int | None = Field(
         None,

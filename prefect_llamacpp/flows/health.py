@@ -261,10 +261,13 @@ async def _slot_load(
             load["busy_slots"] = int(metrics.get("requests_processing", 0))
         elif read_slots and status.endpoint_slots is not False:
             slots = await get_slots(block)
-            load["busy_slots"] = sum(1 for slot in slots if slot.get("is_processing"))
-    except LlamaCppError as exc:
-        # The state is the answer; a missing detail is a warning, not a failed check.
+            load["busy_slots"] = sum(
+                1 for slot in slots if isinstance(slot, dict) and slot.get("is_processing")
+            )
+    except (LlamaCppError, TypeError, ValueError, OverflowError) as exc:
+        # The state is the answer; a missing (or unreadable: NaN) detail is a warning.
         logger.warning("Could not read slot load: %s", exc)
+        load.pop("busy_slots", None)
     return load
 
 

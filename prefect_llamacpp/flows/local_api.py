@@ -67,10 +67,12 @@ def cli_problem(exc: Exception) -> str:
     """A command line's bad value in one line, naming the flag (for a model-built CLI)."""
     if not isinstance(exc, ValidationError):
         # pydantic-settings names a value it cannot parse by its path; say it as the flag.
-        if match := re.match(r"Parsing error encountered for ([\w.]+)", str(exc)):
-            flag = match.group(1).replace("_", "-")
-            return f"--{flag}: not a JSON object"
-        return str(exc)
+        text = str(exc)
+        if match := re.match(r"Parsing error encountered for ([\w.]+)", text):
+            return f"--{match.group(1).replace('_', '-')}: not a JSON object"
+        if match := re.match(r'error parsing value for field "([\w.]+)"', text):
+            return f"--{match.group(1).replace('_', '-')}: not a JSON object"
+        return text.removeprefix("error parsing CLI: ")
     return "; ".join(
         f"--{'.'.join(map(str, error['loc'])).replace('_', '-')}: "
         + error["msg"].removeprefix("Value error, ")
@@ -88,6 +90,7 @@ def cli_config(prog: str, shortcuts: dict[str, str]) -> SettingsConfigDict:
         cli_use_class_docs_for_groups=True,
         cli_hide_none_type=True,
         cli_parse_none_str="null",
+        cli_exit_on_error=False,  # a bad flag is one line and exit 2, as a bad value is
         cli_shortcuts={
             path.replace("_", "-"): short.replace("_", "-") for path, short in shortcuts.items()
         },

@@ -215,3 +215,19 @@ def test_the_command_line_reads_the_flows_options(monkeypatch):
     assert asked["canary"].first_byte_timeout == 3 and asked["canary"].send is False
     assert health.main(["one"]) == 0 and asked["server"] == "one" and asked["canary"].send
     assert health.main(["--min-ready", "-1"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--first-byte-timeout", "inf"], "--canary.first-byte-timeout: Input should be a finite"),
+        (["--canary", "{bad"], "--canary: not a JSON object"),
+    ],
+)
+def test_the_command_line_refuses_in_one_line(capsys, argv, says):
+    from prefect_llamacpp.flows import health
+
+    assert health.main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err

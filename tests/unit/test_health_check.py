@@ -8,7 +8,7 @@ import respx
 
 from prefect_llamacpp import ServerState, llamacpp_health_check
 from prefect_llamacpp.config import LlamaCppSettings
-from tests.unit.fakes import LOADING, PROPS, ROOT, UNAUTHORIZED, ready_server
+from tests.unit.fakes import LOADING, MODELS, PROPS, ROOT, UNAUTHORIZED, ready_server
 
 
 def settings(**overrides) -> LlamaCppSettings:
@@ -203,3 +203,66 @@ async def test_odd_props_values_never_fail_the_check_and_are_kept_as_they_came()
     assert status.total_slots is None and status.metadata["total_slots"] == "lots"
     assert status.n_ctx == 2048
     assert status.build_info is None and status.metadata["build_info"] == 7
+
+
+ROUTER = {**PROPS, "role": "router"}
+
+
+@pytest.mark.parametrize(
+    ("props", "models", "state", "model_id", "served"),
+    [
+        # /props that is not an object: noted, the check goes on from /v1/models
+        ([1, 2], None, "ready", "qwen3-0.6b-q8_0.gguf", ["qwen3-0.6b-q8_0.gguf"]),
+        ("hi", None, "ready", "qwen3-0.6b-q8_0.gguf", ["qwen3-0.6b-q8_0.gguf"]),
+        # entries llama-server would not send are passed over, the others kept
+        (None, {"data": [None, "qwen", 5, [1], {"id": 5}, {"id": "m"}]}, "ready", "m", ["m"]),
+        (None, {"data": [{"id": "m", "aliases": 5}]}, "ready", "m", ["m"]),
+        (None, {"data": [{"id": "m", "aliases": ["qwen", 7, None]}]}, "ready", "m", ["m", "qwen"]),
+        (None, {"data": [{"id": 5}]}, "error", None, []),
+        # a router entry without an id does not hide the loaded model
+        (
+            ROUTER,
+            {"data": [{"status": {"value": "loaded"}}, {"id": "m", "status": {"value": "loaded"}}]},
+            "ready",
+            "m",
+            ["m"],
+        ),
+        (ROUTER, {"data": [{"id": ["a"], "status": "loaded"}]}, "ready", None, []),
+        # asleep, named by odd values: the file name, else no name
+        (
+            {**PROPS, "is_sleeping": True, "model_alias": 5},
+            None,
+            "sleeping",
+            "qwen3-0.6b-q8_0.gguf",
+            [],
+        ),
+        ({**PROPS, "is_sleeping": True, "model_path": ["x"]}, None, "sleeping", None, []),
+    ],
+)
+@respx.mock
+async def test_answers_llama_server_would_not_send_never_raise(
+    props, models, state, model_id, served
+):
+    respx.get(f"{ROOT}/health").respond(200, json={"status": "ok"})
+    respx.get(f"{ROOT}/props").respond(200, json=PROPS if props is None else props)
+    respx.get(f"{ROOT}/v1/models").respond(200, json=models or MODELS)
+    status = await llamacpp_health_check(settings())
+    assert (status.state, status.model_id) == (state, model_id), status.error
+    assert [*status.models, *status.model_aliases] == served
+
+
+@respx.mock
+async def test_a_canary_answer_of_another_shape_is_an_error_state():
+    ready_server(respx)
+    respx.post(f"{ROOT}/v1/chat/completions").respond(
+        200,
+        content=b'data: {"choices": 5}\n\ndata: [DONE]\n\n',
+        headers={"content-type": "text/event-stream"},
+    )
+    status = await llamacpp_health_check(settings(), canary=True)
+    assert status.state == ServerState.ERROR and "not what llama-server sends" in status.error
+
+
+def test_a_key_that_is_not_ascii_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match="not ASCII"):
+        settings(api_key="sk-é")

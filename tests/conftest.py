@@ -13,7 +13,7 @@ from prefect_llamacpp.config import get_settings
 
 SECRET_KEY = "sk-test-very-secret-8c1f3e"
 
-pytest_plugins = ["tests.servers"]
+pytest_plugins = ["tests.servers", "tests.object_storage"]
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from prefect_llamacpp.batch.records import InputErrorKind
 from prefect_llamacpp.request import fingerprint, schema_problem
+from prefect_llamacpp.storage import open_input
 
 ROLES = ("system", "developer", "user", "assistant")
 CHAT_COMPLETIONS_URLS = ("/v1/chat/completions", "/chat/completions")
@@ -99,7 +100,7 @@ class InputReader:
     of the native form are `{"custom_id", "input"}` texts to embed (OpenAI lines name their url).
     """
 
-    path: Path
+    path: str | Path  # a local path or a URL (prefect_llamacpp/storage.py)
     first_line_of: dict[str, int] = field(default_factory=dict)
     embeddings: bool = False
 
@@ -121,17 +122,17 @@ class InputReader:
             yield entry
 
 
-def count_lines(path: Path) -> int:
+def count_lines(path: str | Path) -> int:
     """Line count (for progress totals)."""
     return scan_input(path)[0]
 
 
-def scan_input(path: Path) -> tuple[int, int, int]:
+def scan_input(path: str | Path) -> tuple[int, int, int]:
     """Line count (for progress totals), how many lines are OpenAI embedding lines and how many
     other non-blank lines there are, so the gate can ask the servers for embeddings before
     anything is sent. Only lines that may name the url (or escape characters) are parsed."""
     count = embedding_lines = other_lines = 0
-    with open(path, "rb") as lines:
+    with open_input(path) as lines:
         for raw in lines:
             count += 1
             if not raw.strip():
@@ -151,9 +152,9 @@ def _is_embedding_line(raw: bytes) -> bool:
     return isinstance(obj, dict) and "body" in obj and obj.get("url") in EMBEDDINGS_URLS
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+def _raw_lines(path: str | Path) -> Iterator[tuple[int, bytes | None]]:
     """(line number, bytes) per line; None for a line longer than `MAX_LINE_BYTES` (skipped)."""
-    with open(path, "rb") as lines:
+    with open_input(path) as lines:
         number = 0
         while True:
             raw = lines.readline(MAX_LINE_BYTES + 1)

@@ -46,6 +46,7 @@ from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.storage import checked_input, input_exists, local_path, shown
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 # Most embedding text one chunk holds, in characters (5,000 documents of 3,000 or so).
@@ -147,7 +148,7 @@ async def llamacpp_batch_flow(
     job = _check_job(input_path, output_path, server, request, run, output_format)
     async with contextlib.AsyncExitStack() as closing:
         ledger = closing.enter_context(
-            Ledger.open(job.target, job.source, output_format=output_format)
+            Ledger.open(job.target, local_path(job.source), output_format=output_format)
         )
         lanes, summary, options = await _open_fleet(job, ledger, closing, logger)
         progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
@@ -163,7 +164,7 @@ async def llamacpp_batch_flow(
 class _Job:
     """A run's parameters, checked, and what a first read of the input found."""
 
-    source: Path
+    source: str | Path  # a local path or a URL (prefect_llamacpp/storage.py)
     target: Path
     server: str | list[str] | None
     request: RequestOptions
@@ -180,13 +181,27 @@ class _Job:
 
 def _check_job(input_path, output_path, server, request, run, output_format) -> _Job:
     """What can be refused before anything is opened: a missing input, bad server names."""
-    source = Path(input_path)
-    if not source.is_file():
-        raise BatchPathError(f"batch input {source} does not exist; give a JSONL file path")
+    source = checked_input(input_path)
+    if not input_exists(source):
+        raise BatchPathError(
+            f"batch input {shown(source)} does not exist; give a JSONL file path or URL"
+        )
+    if local_path(output_path) is None:
+        raise ConfigurationError(
+            f"output_path {shown(output_path)}: results are written to a local file (or a "
+            "file:// URL); object storage is read from, not yet written to"
+        )
     server_names(server)  # an empty or repeated name fails before anything is opened
     lines, embedding_lines, _ = scan_input(source)
     return _Job(
-        source, Path(output_path), server, request, run, output_format, lines, embedding_lines
+        source,
+        local_path(output_path),
+        server,
+        request,
+        run,
+        output_format,
+        lines,
+        embedding_lines,
     )
 
 
@@ -234,7 +249,7 @@ async def _open_fleet(
     # between runs: lines pin a model by naming it, so the run's settings name none.
     model = ready[0].model if not isinstance(server, list) else "(fleet)"
     summary = BatchSummary(
-        input_path=str(job.source),
+        input_path=shown(job.source),
         output_path=str(job.target),
         server=",".join(member.label for member in members),
         base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
@@ -249,7 +264,7 @@ async def _open_fleet(
     )
     logger.info(
         "Batch %s -> %s on %s (%s; %d in flight)",
-        job.source,
+        shown(job.source),
         job.target,
         ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
         summary.model,

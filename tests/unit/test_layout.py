@@ -31,6 +31,7 @@ LIBRARY = [
     "batch.openai_output",
     "batch.records",
     "batch.runner",
+    "storage",
 ]
 SEED_PATHS = {
     "src.core.models.llamacpp_provider": "prefect_llamacpp.provider",

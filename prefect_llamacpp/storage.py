@@ -10,18 +10,24 @@ A URL input is streamed in blocks, never downloaded whole.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO
-from urllib.parse import parse_qsl, urlsplit
 
 from prefect_llamacpp.exceptions import ConfigurationError
 
 # Bytes fetched per request from object storage: few round trips, bounded memory.
 _BLOCK_BYTES = 8 * 1024 * 1024
-# Query parameters that carry a secret (a presigned URL's signature, an access key, a token).
-_SECRET_WORDS = ("key", "secret", "token", "signature", "sig", "password", "credential")
+# A query or fragment parameter that carries a secret (a presigned URL's signature, a token).
+_SECRET_PARAMETER = re.compile(
+    r"(^|[?&;#])[^=&;#]*(key|secret|token|sig|pass|pwd|auth|credential)[^=&;#]*=", re.IGNORECASE
+)
+# `user:password@` right after the scheme; the password may hold `/` (AWS secret keys do).
+_USER_PASSWORD = re.compile(r"://([^/?#@]*):([^@]*)@")
+# Schemes whose URLs name a port after the host (`host:8080/...`): not a password.
+_PORTED = {"http", "https", "ftp", "sftp", "ssh", "webdav", "hdfs", "webhdfs", "smb"}
 
 
 def is_url(location: str | Path) -> bool:
@@ -30,30 +36,33 @@ def is_url(location: str | Path) -> bool:
 
 
 def local_path(location: str | Path) -> Path | None:
-    """The local file `location` names (a path or a `file://` URL), or None for remote URLs."""
+    """The local file `location` names (a path or a `file://` URL, read as fsspec reads it),
+    or None for remote URLs."""
     if not is_url(location):
         return Path(location)
-    parts = urlsplit(str(location))
-    return Path(parts.path) if parts.scheme == "file" else None
+    if not str(location).startswith("file://"):
+        return None
+    from fsspec.core import url_to_fs
+
+    return Path(url_to_fs(str(location))[1])
 
 
 def shown(location: str | Path) -> str:
-    """`location` as logs and messages may show it: a URL without user, password or query."""
+    """`location` as logs and messages may show it: a URL without its query or fragment (and,
+    for one carrying credentials, only its scheme)."""
     if not is_url(location):
         return str(location)
-    parts = urlsplit(str(location))
-    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    text = str(location)
+    if _carries_credentials(text):
+        return text.split("://", 1)[0] + "://(a URL with credentials, not shown)"
+    return re.split(r"[?#]", text, maxsplit=1)[0]
 
 
 def checked_input(location: str | Path) -> str | Path:
     """`location` if a batch can read it; `ConfigurationError` naming the fix if not."""
     if not is_url(location):
         return location
-    parts = urlsplit(str(location))
-    secret_query = any(
-        word in name.lower() for name, _ in parse_qsl(parts.query) for word in _SECRET_WORDS
-    )
-    if parts.username or parts.password or secret_query:
+    if _carries_credentials(str(location)):
         raise ConfigurationError(
             f"the input URL {shown(location)} carries credentials; give them the way the "
             "storage library reads them (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -63,15 +72,42 @@ def checked_input(location: str | Path) -> str | Path:
     return str(location)
 
 
+def _carries_credentials(url: str) -> bool:
+    for part in url.split("::"):  # a chained URL (simplecache::s3://...): each part
+        query = re.search(r"[?#].*", part)
+        if query and _SECRET_PARAMETER.search(query.group()):
+            return True
+        match = _USER_PASSWORD.search(part)
+        if match is None:
+            continue
+        scheme = part.split("://", 1)[0].lower()
+        after_colon = match.group(2)
+        if scheme in _PORTED and re.match(r"\d+/", after_colon):
+            continue  # host:port/...@...: an `@` in the path, not a password
+        if scheme == "github":
+            continue  # github://org:repo@sha/path is fsspec's form, no secret in it
+        return True
+    return False
+
+
 def input_exists(location: str | Path) -> bool:
+    """Whether the input is a file; `ConfigurationError` when the storage cannot say (no
+    credentials, the endpoint unreachable), naming the URL but not repeating the library's text
+    (it may quote the URL whole)."""
     path = local_path(location)
     if path is not None:
         return path.is_file()
     filesystem, inner = _filesystem(str(location))
     try:
-        return filesystem.isfile(inner)
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read {shown(location)}: {exc}") from exc
+        info = filesystem.info(inner)
+    except FileNotFoundError:
+        return False
+    except Exception as exc:  # each storage library raises its own
+        raise ConfigurationError(
+            f"cannot read {shown(location)} ({type(exc).__name__}): are the storage "
+            "credentials and endpoint set (for S3: AWS_* variables, ~/.aws, AWS_ENDPOINT_URL)?"
+        ) from None
+    return info.get("type") == "file"
 
 
 def open_input(location: str | Path) -> AbstractContextManager[IO[bytes]]:

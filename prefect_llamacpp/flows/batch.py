@@ -631,6 +631,13 @@ class BatchCommand(BaseModel):
     request: RequestOptions = RequestOptions()
     run: RunOptions = RunOptions()
 
+    @field_validator("input_path")
+    @classmethod
+    def _readable(cls, location: str) -> str:
+        # Refused here, a URL carrying credentials never reaches the flow run's parameters.
+        checked_input(location)
+        return location
+
     @field_validator("server")
     @classmethod
     def _usable_names(cls, names: list[str]) -> list[str]:

@@ -50,3 +50,19 @@ async def test_an_object_storage_output_is_refused_saying_so(s3_bucket, tmp_path
     source = write_input(tmp_path / "in.jsonl", 2)
     state = await llamacpp_batch_flow(str(source), f"s3://{s3_bucket}/out.jsonl", return_state=True)
     assert state.is_failed() and "not yet written to" in state.message
+
+
+async def test_missing_storage_credentials_are_named_not_taken_for_a_missing_file(
+    s3_bucket, monkeypatch, tmp_path
+):
+    import s3fs
+
+    url = upload(write_input(tmp_path / "in.jsonl", 2), f"s3://{s3_bucket}/in.jsonl")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    state = await llamacpp_batch_flow(url, str(tmp_path / "out.jsonl"), return_state=True)
+    assert state.is_failed() and "cannot read" in state.message and "credentials" in state.message

@@ -1,5 +1,6 @@
-"""Where a batch reads its input: a local path, or any URL fsspec opens (`s3://`, `gs://`,
-`az://`, ...; the protocol's library installed, e.g. `pip install 'prefect-llamacpp[s3]'`).
+"""Where a batch reads its input and writes its output: a local path, or any URL fsspec opens
+(`s3://`, `gs://`, `az://`, ...; the protocol's library installed, e.g.
+`pip install 'prefect-llamacpp[s3]'`).
 
 Credentials come the way the storage library reads them (for S3: the AWS environment variables,
 `~/.aws`, an instance role; `FSSPEC_S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL` for another S3
@@ -60,15 +61,21 @@ def shown(location: str | Path) -> str:
 
 def checked_input(location: str | Path) -> str | Path:
     """`location` if a batch can read it; `ConfigurationError` naming the fix if not."""
+    return checked_location(location, "input")
+
+
+def checked_location(location: str | Path, role: str) -> str | Path:
+    """`location` (the batch's `role`: input or output) if its URL carries no credentials and
+    its storage library is installed; `ConfigurationError` naming the fix if not."""
     if not is_url(location):
         return location
     if _carries_credentials(str(location)):
         raise ConfigurationError(
-            f"the input URL {shown(location)} carries credentials; give them the way the "
+            f"the {role} URL {shown(location)} carries credentials; give them the way the "
             "storage library reads them (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
             "~/.aws, a role), never in the URL"
         )
-    _filesystem(str(location))  # an unknown protocol or a missing library, said now
+    filesystem(str(location))  # an unknown protocol or a missing library, said now
     return str(location)
 
 
@@ -97,17 +104,23 @@ def input_exists(location: str | Path) -> bool:
     path = local_path(location)
     if path is not None:
         return path.is_file()
-    filesystem, inner = _filesystem(str(location))
+    fs, inner = filesystem(str(location))
     try:
-        info = filesystem.info(inner)
+        info = fs.info(inner)
     except FileNotFoundError:
         return False
     except Exception as exc:  # each storage library raises its own
-        raise ConfigurationError(
-            f"cannot read {shown(location)} ({type(exc).__name__}): are the storage "
-            "credentials and endpoint set (for S3: AWS_* variables, ~/.aws, AWS_ENDPOINT_URL)?"
-        ) from None
+        raise unreachable(location, exc, "read") from None
     return info.get("type") == "file"
+
+
+def unreachable(location: str | Path, exc: BaseException, doing: str) -> ConfigurationError:
+    """The error for storage that cannot be used: names the URL and the fix, not the library's
+    text (it may quote the URL whole)."""
+    return ConfigurationError(
+        f"cannot {doing} {shown(location)} ({type(exc).__name__}): are the storage "
+        "credentials and endpoint set (for S3: AWS_* variables, ~/.aws, AWS_ENDPOINT_URL)?"
+    )
 
 
 def open_input(location: str | Path) -> AbstractContextManager[IO[bytes]]:
@@ -120,13 +133,15 @@ def open_input(location: str | Path) -> AbstractContextManager[IO[bytes]]:
 
 @contextmanager
 def _open_url(url: str) -> Iterator[IO[bytes]]:
-    filesystem, inner = _filesystem(url)
-    with filesystem.open(inner, "rb", block_size=_BLOCK_BYTES) as remote:
+    fs, inner = filesystem(url)
+    with fs.open(inner, "rb", block_size=_BLOCK_BYTES) as remote:
         # A standard buffered reader over it: `readline(limit)` as for a local file.
         yield io.BufferedReader(remote, buffer_size=_BLOCK_BYTES)
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
+    """(the fsspec filesystem, the path inside it) for `url`; `ConfigurationError` when its
+    library is missing or its protocol unknown."""
     import fsspec.core
 
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -65,6 +66,9 @@ class LedgerState:
     kept_unterminated_line: bool = False
     formats: set[OutputFormat] = field(default_factory=set)
     """The output formats of the result lines read."""
+    duplicate_successes: int = 0
+    """Success lines for an id that already had one (two runs wrote one output: the first is
+    the answer; `unique_lines` leaves the others out)."""
     errors_behind: int = 0
     errors_stale: bool = False  # the errors file's last line is not in the output
     """OpenAI-format failed lines after the last one the errors file holds (a crash's gap)."""
@@ -141,7 +145,7 @@ class Ledger:
         """
         if output.is_dir():
             raise BatchPathError(f"output {output} is a directory; give a file path")
-        errors_path = _errors_path(output) if output_format == "openai" else None
+        errors_path = errors_path_of(output) if output_format == "openai" else None
         if errors_path is not None and _same_file(errors_path, output):
             raise BatchPathError(
                 f"{errors_path}, where the batch writes failed lines, is the output {output} "
@@ -208,12 +212,12 @@ class Ledger:
 
     @property
     def settings_path(self) -> Path:
-        return _settings_path(self.path)
+        return settings_path_of(self.path)
 
     @property
     def errors_path(self) -> Path | None:
         """Where failed lines also go (OpenAI format only; the file exists once one failed)."""
-        return _errors_path(self.path) if self.output_format == "openai" else None
+        return errors_path_of(self.path) if self.output_format == "openai" else None
 
     def check_settings(self, settings: RunSettings, *, allow_change: bool = False) -> list[str]:
         """Accept `settings` for this run, or raise `LedgerSettingsError` saying what differs.
@@ -381,6 +385,22 @@ def read_ledger(path: Path) -> LedgerState:
         return _read_state(file, repair=False)
 
 
+def unique_lines(file: IO[bytes]) -> Iterator[bytes]:
+    """The ledger's lines from the start, less every success line for an id that had one
+    before (the first answer is the one kept, as `LedgerState.done` keeps it)."""
+    answered: set[str] = set()
+    file.seek(0)
+    for raw in file:
+        record = _parse(raw)
+        if record is not None and is_openai_line(record):
+            record = read_openai_line(record)
+        if record is not None and record.get("error") is None:
+            if record["custom_id"] in answered:
+                continue
+            answered.add(record["custom_id"])
+        yield raw
+
+
 def _read_state(
     file: IO[bytes], *, repair: bool = True, errors_tail: str | None = None
 ) -> LedgerState:
@@ -444,6 +464,9 @@ def _note(state: LedgerState, record: dict[str, Any]) -> None:
     custom_id = record["custom_id"]
     error = record.get("error")
     if error is None:
+        if custom_id in state.done:
+            state.duplicate_successes += 1
+            return
         state.done[custom_id] = (record.get("input_fp"), record.get("settings_fp"))
         state.settings_fps.add(record.get("settings_fp"))
         return
@@ -469,17 +492,17 @@ def _check_format(output: Path, state: LedgerState, wanted: OutputFormat) -> Non
 # The ledger's path names, all here: the settings file and the OpenAI format's errors file go
 # beside the output under its full name plus a suffix, so `out.jsonl` and `out.json` never share
 # one (a stem-based `out.errors.jsonl` would).
-def _settings_path(output: Path) -> Path:
+def settings_path_of(output: Path) -> Path:
     return output.with_name(output.name + ".settings.json")
 
 
-def _errors_path(output: Path) -> Path:
+def errors_path_of(output: Path) -> Path:
     return output.with_name(output.name + ".errors.jsonl")
 
 
 def _written_beside(output: Path, errors_path: Path | None) -> list[Path]:
     """Every file a run on `output` may write (the input must be none of them)."""
-    settings_path = _settings_path(output)
+    settings_path = settings_path_of(output)
     written = [output, settings_path, settings_path.with_name(settings_path.name + ".tmp")]
     return written + ([errors_path] if errors_path is not None else [])
 

@@ -132,6 +132,18 @@ class RunOptions(BaseModel):
     allow_settings_change: bool = Field(
         False, description="Resume an output written with other settings, keeping its answers."
     )
+    checkpoint_seconds: float = Field(
+        60,
+        gt=0,
+        description="Object-storage outputs: publish new results at least this often (and at "
+        "every chunk's end); a crash loses at most what came since.",
+    )
+    lease_seconds: float = Field(
+        120,
+        ge=60,  # Prefect's shortest lease
+        description="Object-storage outputs: how long the output stays held by a run that "
+        "died (its lease, renewed while it lives).",
+    )
 
 
 OPTION_GROUPS: dict[str, type[BaseModel]] = {"request": RequestOptions, "run": RunOptions}

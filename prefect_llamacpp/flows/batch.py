@@ -33,6 +33,7 @@ from prefect_llamacpp.batch.dispatch import Lane
 from prefect_llamacpp.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
 from prefect_llamacpp.batch.ledger import Ledger
 from prefect_llamacpp.batch.options import RequestOptions, RunOptions, option_names
+from prefect_llamacpp.batch.published import PublishedLedger
 from prefect_llamacpp.batch.records import OutputFormat, ResultLine, result_line
 from prefect_llamacpp.batch.runner import BatchOptions, BatchRunner
 from prefect_llamacpp.embedding_probe import packed_embeddings_problem
@@ -45,8 +46,16 @@ from prefect_llamacpp.exceptions import (
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
+from prefect_llamacpp.flows.output_lease import output_lease
 from prefect_llamacpp.flows.report import markdown_table
-from prefect_llamacpp.storage import checked_input, input_exists, local_path, shown
+from prefect_llamacpp.storage import (
+    checked_input,
+    checked_location,
+    input_exists,
+    is_url,
+    local_path,
+    shown,
+)
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 # Most embedding text one chunk holds, in characters (5,000 documents of 3,000 or so).
@@ -147,13 +156,18 @@ async def llamacpp_batch_flow(
     logger = get_run_logger()
     job = _check_job(input_path, output_path, server, request, run, output_format)
     async with contextlib.AsyncExitStack() as closing:
+        published = await _open_published(job, closing, logger)
         ledger = closing.enter_context(
-            Ledger.open(job.target, local_path(job.source), output_format=output_format)
+            Ledger.open(
+                published.local if published else job.target,
+                local_path(job.source),
+                output_format=output_format,
+            )
         )
         lanes, summary, options = await _open_fleet(job, ledger, closing, logger)
         progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
         closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
-        await _run(job, lanes, summary, options, ledger, progress, logger)
+        await _run(job, lanes, summary, options, ledger, progress, logger, published)
     _log_outcome(logger, summary)
     if summary.outcome == "aborted":
         raise BatchAbortedError(summary.abort_reason or "batch aborted")
@@ -165,7 +179,8 @@ class _Job:
     """A run's parameters, checked, and what a first read of the input found."""
 
     source: str | Path  # a local path or a URL (prefect_llamacpp/storage.py)
-    target: Path
+    output: str | Path  # as given: a local path or a URL
+    target: Path | None  # the local output file; None for object storage
     server: str | list[str] | None
     request: RequestOptions
     run: RunOptions
@@ -186,16 +201,18 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
         raise BatchPathError(
             f"batch input {shown(source)} does not exist; give a JSONL file path or URL"
         )
-    if local_path(output_path) is None:
-        raise ConfigurationError(
-            f"output_path {shown(output_path)}: results are written to a local file (or a "
-            "file:// URL); object storage is read from, not yet written to"
+    output = checked_location(output_path, "output")
+    if local_path(output) is None and is_url(source) and _writes(str(output), str(source)):
+        raise BatchPathError(
+            f"input {shown(source)} is the output or a file the batch writes beside it; give "
+            "the output another URL"
         )
     server_names(server)  # an empty or repeated name fails before anything is opened
     lines, embedding_lines, _ = scan_input(source)
     return _Job(
         source,
-        local_path(output_path),
+        output,
+        local_path(output),
         server,
         request,
         run,
@@ -203,6 +220,26 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
         lines,
         embedding_lines,
     )
+
+
+def _writes(output: str, location: str) -> bool:
+    """Whether a run on the `output` URL writes `location` (the output, its parts, its files)."""
+    return location == output or location.startswith(output + ".")
+
+
+async def _open_published(
+    job: _Job, closing: contextlib.AsyncExitStack, logger
+) -> PublishedLedger | None:
+    """For an object-storage output: take its lease (held until the run has joined its parts),
+    then rebuild the local ledger from what is published. None for a local output."""
+    if job.target is not None:
+        return None
+    await closing.enter_async_context(output_lease(str(job.output), job.run.lease_seconds))
+    published = PublishedLedger(str(job.output))
+    parts = await asyncio.to_thread(published.restore)
+    if parts:
+        logger.info("Resuming %s from its %d published parts", shown(job.output), parts)
+    return published
 
 
 async def _open_fleet(
@@ -250,7 +287,7 @@ async def _open_fleet(
     model = ready[0].model if not isinstance(server, list) else "(fleet)"
     summary = BatchSummary(
         input_path=shown(job.source),
-        output_path=str(job.target),
+        output_path=shown(job.output),
         server=",".join(member.label for member in members),
         base_url=",".join(lane.settings.server_url.openai_base for lane in lanes),
         model=model,
@@ -265,12 +302,12 @@ async def _open_fleet(
     logger.info(
         "Batch %s -> %s on %s (%s; %d in flight)",
         shown(job.source),
-        job.target,
+        shown(job.output),
         ", ".join(f"{lane.name}: {lane.capacity}" for lane in ready),
         summary.model,
         options.concurrency,
     )
-    _log_ledger_repairs(logger, ledger, job.target)
+    _log_ledger_repairs(logger, ledger, shown(job.output))
     return lanes, summary, options
 
 
@@ -282,10 +319,13 @@ async def _run(
     ledger: Ledger,
     progress: BatchProgress,
     logger,
+    published: PublishedLedger | None = None,
 ) -> None:
     """Run the pending lines in chunks, then report: the summary artifact and the last progress.
-    An abort is an outcome in `summary`; anything else unexpected is raised after the report."""
+    An abort is an outcome in `summary`; anything else unexpected is raised after the report.
+    An object-storage output is published at checkpoints and joined at the end."""
     started = time.monotonic()
+    checkpoints = _Checkpoints(ledger, published, job.run.checkpoint_seconds, logger)
 
     def finished(results: list[ResultLine]) -> None:
         ledger.write_all(results)
@@ -307,17 +347,17 @@ async def _run(
     ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
     try:
         try:
-            await _run_chunks(pending, job.run.chunk_size, runner, summary, ledger)
+            await _run_chunks(pending, job.run.chunk_size, runner, summary, checkpoints)
         except (BatchAbortedError, ExceptionGroup) as exc:
             summary.outcome = "aborted"
             summary.abort_reason = str(_first_cause(exc))
         ended = True
     finally:
         await runner.aclose()
-        ledger.sync()
+        await checkpoints.close(join=ended)
         _fill_summary(summary, runner, time.monotonic() - started)
         if ledger.errors_path is not None and ledger.errors_path.exists():
-            summary.errors_path = str(ledger.errors_path)
+            summary.errors_path = published.errors_url if published else str(ledger.errors_path)
         if not ended:
             await _report(logger, progress.finish())
     # The last progress figure and the summary: two API calls, sent together.
@@ -387,7 +427,7 @@ async def _gate_embeddings(
         logger.warning("Embedding lines go only to the servers that serve them: %s", reasons)
 
 
-def _log_ledger_repairs(logger, ledger: Ledger, target: Path) -> None:
+def _log_ledger_repairs(logger, ledger: Ledger, target: str) -> None:
     state = ledger.state
     if state.dropped_partial_line:
         logger.warning("Dropped a half-written last line in %s (a crash mid-write).", target)
@@ -445,7 +485,7 @@ def _pending_items(
                         entry.line,
                         error=(
                             "ledger_mismatch",
-                            f"line {entry.line}: {ledger.path} already holds an answer for "
+                            f"line {entry.line}: {summary.output_path} already holds an answer for "
                             f"custom_id {entry.custom_id!r} to a different request (the line "
                             "changed since); give the line a new custom_id or use a new output "
                             "file",
@@ -463,8 +503,60 @@ def _count(summary: BatchSummary, kind: str) -> None:
     summary.failed_by_kind[kind] = summary.failed_by_kind.get(kind, 0) + 1
 
 
+class _Checkpoints:
+    """Where a run's lines become durable: the local ledger synced at each chunk's end and, for
+    an object-storage output, the new lines published as a part then and every `interval`
+    seconds (so a slow chunk loses no more than that); joined into the output at the end."""
+
+    def __init__(self, ledger: Ledger, published: PublishedLedger | None, interval, logger):
+        self._ledger, self._published, self._logger = ledger, published, logger
+        self._broken = False  # a publish failed: no more tries, the run ends on its error
+        self._timer = asyncio.create_task(self._every(interval)) if published is not None else None
+
+    async def chunk_ended(self) -> None:
+        self._ledger.sync()
+        if self._published is not None:
+            await self._guarded(self._published.publish())
+
+    async def _every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._guarded(self._published.publish())
+            except Exception as exc:  # raised again at the next chunk's end, which stops the run
+                self._logger.warning("Publishing the results failed: %s", exc)
+                return
+
+    async def _guarded(self, publishing) -> None:
+        if self._broken:
+            publishing.close()
+            return
+        try:
+            await publishing
+        except BaseException:
+            self._broken = True
+            raise
+
+    async def close(self, *, join: bool) -> None:
+        """Sync; publish what is left (and join the output when the run ended), unless a
+        publish already failed."""
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+        self._ledger.sync()
+        if self._published is None or self._broken:
+            return
+        if join:
+            await self._guarded(self._published.join(self._ledger))
+            return
+        try:  # a run broken off by another fault keeps what it finished
+            await self._guarded(self._published.publish())
+        except Exception as exc:
+            self._logger.warning("The last results could not be published: %s", exc)
+
+
 async def _run_chunks(
-    items: Iterator[BatchItem], chunk_size, runner, summary, ledger: Ledger
+    items: Iterator[BatchItem], chunk_size, runner, summary, checkpoints: _Checkpoints
 ) -> None:
     in_flight: set[asyncio.Task] = set()
     chunks = _chunked(items, chunk_size, runner.options.run.embedding_batch)
@@ -472,7 +564,7 @@ async def _run_chunks(
         for number, chunk in enumerate(chunks, start=1):
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                ledger.sync()  # a chunk's end: its lines are on disk, not only in the OS
+                await checkpoints.chunk_ended()  # its lines on disk (and published), not in RAM
                 faults = [task.exception() for task in done]  # each retrieved, none left unseen
                 for fault in faults:
                     if fault is not None:
@@ -483,7 +575,7 @@ async def _run_chunks(
             summary.chunks = number
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            ledger.sync()
+            await checkpoints.chunk_ended()
             faults = [task.exception() for task in done]
             for fault in faults:
                 if fault is not None:
@@ -631,11 +723,11 @@ class BatchCommand(BaseModel):
     request: RequestOptions = RequestOptions()
     run: RunOptions = RunOptions()
 
-    @field_validator("input_path")
+    @field_validator("input_path", "output_path")
     @classmethod
-    def _readable(cls, location: str) -> str:
+    def _usable(cls, location: str, info) -> str:
         # Refused here, a URL carrying credentials never reaches the flow run's parameters.
-        checked_input(location)
+        checked_location(location, info.field_name.removesuffix("_path"))
         return location
 
     @field_validator("server")

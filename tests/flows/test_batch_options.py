@@ -35,6 +35,8 @@ NOT_DEFAULT = {
     "embedding_batch": 9,
     "ignore_line_models": True,
     "allow_settings_change": True,
+    "checkpoint_seconds": 5.0,
+    "lease_seconds": 90.0,
 }
 
 

@@ -1,9 +1,12 @@
-"""Batch input from object storage: a real S3 server on loopback (tests/object_storage.py), a
+"""Batch input and output on object storage: a real S3 server on loopback (tests/object_storage.py), a
 real llama-server, the same code users run."""
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -46,10 +49,118 @@ async def test_credentials_in_an_input_url_are_refused_and_never_shown(url, tmp_
     assert "hunter2secret" not in state.message
 
 
-async def test_an_object_storage_output_is_refused_saying_so(s3_bucket, tmp_path):
+@pytest.fixture
+def node(monkeypatch, tmp_path):
+    """Make this process another node: its own empty local disk for staged ledgers."""
+
+    def switch(name: str) -> Path:
+        disk = tmp_path / name
+        disk.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(disk))
+        return disk
+
+    switch("node-a")
+    return switch
+
+
+def read_object(url: str) -> list[dict]:
+    import s3fs
+
+    return [json.loads(line) for line in s3fs.S3FileSystem().cat_file(url).splitlines()]
+
+
+def parts_of(url: str) -> list[str]:
+    import s3fs
+
+    return sorted(s3fs.S3FileSystem().ls(url + ".parts", detail=False))
+
+
+async def test_a_batch_writes_its_results_to_s3_and_another_node_resumes_them(
+    server, registered_block_type, s3_bucket, node, tmp_path
+):
+    name = await save_block("batch-s3-out", server)
+    source = write_input(tmp_path / "in.jsonl", 30)
+    url = f"s3://{s3_bucket}/runs/out.jsonl"
+    summary = await llamacpp_batch_flow(
+        str(source), url, server=name, request={"max_tokens": 4}, run={"chunk_size": 10}
+    )
+    assert summary.succeeded == 30 and summary.output_path == url
+    assert successes(read_object(url)) == Counter({f"q{i}": 1 for i in range(30)})
+    assert len(parts_of(url)) >= 2  # published at chunk ends, joined at the end
+    import s3fs
+
+    settings = json.loads(s3fs.S3FileSystem().cat_file(url + ".settings.json"))
+    assert settings["settings"]["max_tokens"] == 4  # what a resume checks against
+
+    node("node-b")  # nothing of the first run on this disk
+    longer = write_input(tmp_path / "longer.jsonl", 40)
+    again = await llamacpp_batch_flow(
+        str(longer), url, server=name, request={"max_tokens": 4}, run={"chunk_size": 10}
+    )
+    assert again.skipped_done == 30 and again.succeeded == 10
+    assert successes(read_object(url)) == Counter({f"q{i}": 1 for i in range(40)})
+
+    changed = await llamacpp_batch_flow(
+        str(longer), url, server=name, request={"max_tokens": 5}, return_state=True
+    )
+    assert changed.is_failed() and "other settings" in changed.message
+
+
+async def test_an_openai_format_output_on_s3_has_its_errors_object(
+    server, registered_block_type, s3_bucket, node, tmp_path
+):
+    name = await save_block("batch-s3-openai", server)
+    source = write_input(tmp_path / "in.jsonl", 5, extra=["{not json"])
+    url = f"s3://{s3_bucket}/out.jsonl"
+    summary = await llamacpp_batch_flow(
+        str(source), url, server=name, request={"max_tokens": 4}, output_format="openai"
+    )
+    assert summary.succeeded == 5 and summary.failed == 1
+    assert summary.errors_path == url + ".errors.jsonl"
+    lines = read_object(url)
+    assert len(lines) == 6 and all("response" in line for line in lines)
+    assert [line["custom_id"] for line in read_object(url + ".errors.jsonl")] == [
+        line["custom_id"] for line in lines if line["error"] is not None
+    ]
+
+
+async def test_without_parts_the_output_object_is_the_ledger(
+    server, registered_block_type, s3_bucket, node, tmp_path
+):
+    import s3fs
+
+    name = await save_block("batch-s3-noparts", server)
+    source = write_input(tmp_path / "in.jsonl", 8)
+    url = f"s3://{s3_bucket}/out.jsonl"
+    await llamacpp_batch_flow(str(source), url, server=name, request={"max_tokens": 4})
+    s3fs.S3FileSystem().rm(url + ".parts", recursive=True)  # a user tidying up
+    node("node-b")
+    again = await llamacpp_batch_flow(str(source), url, server=name, request={"max_tokens": 4})
+    assert again.skipped_done == 8 and again.succeeded == 0
+    assert successes(read_object(url)) == Counter({f"q{i}": 1 for i in range(8)})
+    assert parts_of(url)  # published again: the parts are the ledger from now on
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "s3://AKIAEXAMPLE:hunter2secret@bucket/out.jsonl",
+        "s3://bucket/out.jsonl?X-Amz-Signature=hunter2secret",
+    ],
+)
+async def test_credentials_in_an_output_url_are_refused_and_never_shown(output, tmp_path):
     source = write_input(tmp_path / "in.jsonl", 2)
-    state = await llamacpp_batch_flow(str(source), f"s3://{s3_bucket}/out.jsonl", return_state=True)
-    assert state.is_failed() and "not yet written to" in state.message
+    state = await llamacpp_batch_flow(str(source), output, return_state=True)
+    assert state.is_failed() and "output URL" in state.message and "credentials" in state.message
+    assert "hunter2secret" not in state.message
+
+
+@pytest.mark.parametrize("suffix", ["", ".errors.jsonl", ".parts/part-000000.jsonl"])
+async def test_an_input_the_batch_would_write_is_refused(s3_bucket, suffix, tmp_path):
+    url = f"s3://{s3_bucket}/out.jsonl"
+    input_url = upload(write_input(tmp_path / "in.jsonl", 2), url + suffix)
+    state = await llamacpp_batch_flow(input_url, url, return_state=True)
+    assert state.is_failed() and "another URL" in state.message, state.message
 
 
 async def test_missing_storage_credentials_are_named_not_taken_for_a_missing_file(

@@ -36,7 +36,10 @@ class PrefectServer:
 
 
 @contextmanager
-def prefect_server(home: Path, *, ui: bool = False) -> Iterator[PrefectServer]:
+def prefect_server(
+    home: Path, *, ui: bool = False, env: dict[str, str] | None = None
+) -> Iterator[PrefectServer]:
+    """Start one; `env`: more settings for it (e.g. a service's loop interval)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -47,6 +50,7 @@ def prefect_server(home: Path, *, ui: bool = False) -> Iterator[PrefectServer]:
         "PREFECT_UI_ENABLED": "true" if ui else "false",
         # The UI asks the API at this address (else the default port 4200, not ours).
         "PREFECT_UI_API_URL": f"{url}/api",
+        **(env or {}),
     }
     env.pop("PREFECT_API_URL", None)
     log_path = home / "server.log"

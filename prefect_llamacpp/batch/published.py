@@ -67,6 +67,7 @@ class PublishedLedger:
         for stale in (self.local, settings_path_of(self.local), errors_path_of(self.local)):
             stale.unlink(missing_ok=True)  # whatever an earlier run left here is not the truth
         try:
+            self.fs.invalidate_cache()  # listings cached by an earlier run in this process
             parts = self._listed_parts()
             with open(self.local, "wb") as local:
                 for _, part in parts:

@@ -79,15 +79,15 @@ def success_ids(data: bytes) -> Counter:
     return Counter(line["custom_id"] for line in lines if line["error"] is None)
 
 
-async def test_one_run_per_output_across_nodes_and_a_killed_one_resumed_elsewhere(
+def test_one_run_per_output_across_nodes_and_a_killed_one_resumed_elsewhere(
     prefect_api, server, s3_bucket, tmp_path
 ):
     source = upload(write_input(tmp_path / "in.jsonl", 200), f"s3://{s3_bucket}/in.jsonl")
     output = f"s3://{s3_bucket}/results/out.jsonl"
     with StallingProxy(server.url, mode="hold", hold_after=30) as proxy:
         with temporary_settings({PREFECT_API_URL: prefect_api}):
-            await LlamaCppServer.aregister_type_and_schema()
-            await LlamaCppServer(base_url=proxy.url + "/v1", timeout=5).save("nodes", overwrite=True)
+            LlamaCppServer.register_type_and_schema()
+            LlamaCppServer(base_url=proxy.url + "/v1", timeout=5).save("nodes", overwrite=True)
         args = [source, output, "--server", "nodes", "--max-tokens", "8", "--chunk-size", "10"]
         args += ["--lease-seconds", str(LEASE_SECONDS), "--checkpoint-seconds", "1"]
 

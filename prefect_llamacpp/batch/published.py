@@ -152,7 +152,8 @@ class PublishedLedger:
             except FileExistsError:
                 raise
             except Exception as exc:  # each storage library raises its own
-                if attempt == _TRIES:
+                # No bucket, no permission: no second try will find one.
+                if attempt == _TRIES or isinstance(exc, FileNotFoundError | PermissionError):
                     raise unreachable(self.url, exc, doing) from None
                 logger.warning(
                     "Object storage fault; trying again",

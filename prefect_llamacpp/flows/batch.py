@@ -165,6 +165,8 @@ async def llamacpp_batch_flow(
             )
         )
         lanes, summary, options = await _open_fleet(job, ledger, closing, logger)
+        if published is not None:
+            await published.publish()  # the settings: proves the output writable, none sent yet
         progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
         closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
         await _run(job, lanes, summary, options, ledger, progress, logger, published)

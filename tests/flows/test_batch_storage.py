@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 from tests.flows.test_batch_flow import read_output, save_block, successes, write_input
 from tests.object_storage import upload
@@ -139,6 +140,25 @@ async def test_without_parts_the_output_object_is_the_ledger(
     assert again.skipped_done == 8 and again.succeeded == 0
     assert successes(read_object(url)) == Counter({f"q{i}": 1 for i in range(8)})
     assert parts_of(url)  # published again: the parts are the ledger from now on
+
+
+async def test_an_output_in_a_missing_bucket_is_refused_before_anything_is_sent(
+    server, registered_block_type, s3_bucket, node, tmp_path
+):
+    name = await save_block("batch-s3-nobucket", server)
+    source = write_input(tmp_path / "in.jsonl", 3)
+    before = await completions_served(server)
+    state = await llamacpp_batch_flow(
+        str(source), "s3://no-such-bucket-here/out.jsonl", server=name, return_state=True
+    )
+    assert state.is_failed() and "cannot write s3://no-such-bucket-here/out.jsonl" in state.message
+    assert await completions_served(server) == before
+
+
+async def completions_served(server) -> float:
+    async with LlamaCppClient(server.url, api_key=None) as client:
+        metrics = await client.get_metrics()
+    return metrics["prompt_tokens_total"]
 
 
 @pytest.mark.parametrize(

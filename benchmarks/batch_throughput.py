@@ -16,7 +16,10 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
 8. embeddings per second: the flow (native `input` lines, packed) / raw httpx sending the same
    packs with `total_slots` in flight; the flow over its run, as the chat figures count it, and
    over the whole call (Prefect's per-run cost of about half a second included); each flow run
-   against the raw runs either side of it, 8 rounds.
+   against the raw runs either side of it, 8 rounds;
+9. object storage: the same batch with its output on S3 (a moto server on loopback: parts
+   published at every chunk's end, joined at the end) / to a local file, over the whole call,
+   rounds alternating; and the peak RSS of the large batch of (4) with input and output on S3.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -425,6 +429,45 @@ async def measure_embeddings(texts: int, rounds: int, work: Path) -> dict[str, f
     }
 
 
+async def measure_object_storage(requests: int, rounds: int, work: Path) -> dict[str, float]:
+    """The same batch to s3:// and to a local file, whole calls timed, rounds alternating."""
+    import s3fs
+
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+
+    source = write_jsonl(work / "storage.jsonl", prompts(requests))
+    s3fs.S3FileSystem().mkdir("bench-results")
+
+    async def run(where: str) -> float:
+        name = f"storage-out-{time.monotonic_ns()}.jsonl"
+        output = f"s3://bench-results/{name}" if where == "s3" else str(work / name)
+        started = time.perf_counter()
+        summary = await llamacpp_batch_flow(
+            str(source),
+            output,
+            server="bench-storage",
+            request={"max_tokens": 32, "extra_body": EXTRA},
+            run={"chunk_size": 100},  # a part every 100 answers: many publishes
+        )
+        assert summary.failed == 0 and summary.succeeded == requests, summary.failed_by_kind
+        return summary.completion_tokens / (time.perf_counter() - started)
+
+    args = ["-np", str(SLOTS), "-c", str(SLOTS * 1024), "--alias", "tiny"]
+    ratios = []
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
+        await LlamaCppServer(base_url=server.url).save("bench-storage", overwrite=True)
+        await run("local")  # warm-up
+        for round_number in range(rounds):
+            sides = ["local", "s3"] if round_number % 2 == 0 else ["s3", "local"]
+            results = {where: await run(where) for where in sides}
+            ratios.append(results["s3"] / results["local"])
+            print(f"[bench] object storage round {round_number + 1}: {results}", flush=True)
+    return {"ratio": median(ratios)}
+
+
 def memory_child(lines: int, url: str, work: Path) -> None:
     """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
     from prefect.client.orchestration import get_client
@@ -432,13 +475,21 @@ def memory_child(lines: int, url: str, work: Path) -> None:
 
     from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
-    source = write_jsonl(work / f"mem-{lines}.jsonl", prompts(lines))
+    source: str | Path = write_jsonl(work / f"mem-{lines}.jsonl", prompts(lines))
+    target = str(work / f"mem-{lines}.out.jsonl")
     os.environ["LLAMACPP_BASE_URL"] = url
+    if os.environ.get("BENCH_ON_S3"):  # input and output on object storage
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.makedirs("bench-memory", exist_ok=True)
+        fs.put_file(str(source), f"bench-memory/{Path(source).name}")
+        source, target = f"s3://bench-memory/{Path(source).name}", f"s3://bench-memory/out-{lines}"
 
     async def run():
         state = await llamacpp_batch_flow(
             str(source),
-            str(work / f"mem-{lines}.out.jsonl"),
+            target,
             server=None,
             return_state=True,
             request={"max_tokens": 1},
@@ -474,7 +525,9 @@ def _current_rss_mb() -> float:
     return float("nan")
 
 
-def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
+def measure_memory(
+    small: int, large: int, work: Path, s3_endpoint: str | None = None
+) -> dict[str, float]:
     from prefect.settings import PREFECT_API_URL
 
     from harness.models import ensure_model
@@ -484,10 +537,13 @@ def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
     # --cache-ram 0: tens of thousands of distinct prompts would otherwise fill llama-server's
     # host-memory prompt cache (8 GiB by default), and searching it slows the server, not us.
     args = ["-np", str(SLOTS), "--cache-ram", "0"]
+    runs = [(small, False), (large, False)] + ([(large, True)] if s3_endpoint else [])
     with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
-        for lines in (small, large):
+        for lines, on_s3 in runs:
             # Reports to this run's Prefect API: an ephemeral one per child timed out starting.
             env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+            if on_s3:
+                env["BENCH_ON_S3"] = "1"
             child = subprocess.run(
                 [
                     sys.executable,
@@ -505,7 +561,7 @@ def measure_memory(small: int, large: int, work: Path) -> dict[str, float]:
             )
             if child.returncode != 0:
                 raise RuntimeError(child.stderr[-3000:])
-            results[lines] = json.loads(child.stdout.strip().splitlines()[-1])
+            results["s3" if on_s3 else lines] = json.loads(child.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -526,9 +582,14 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from harness.s3 import S3_ENV, s3_server
+
     small, large = (1_000, 10_000) if args.quick else (5_000, 50_000)
-    with tempfile.TemporaryDirectory(prefix="llamacpp-bench-") as tmp, prefect_test_harness(180):
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llamacpp-bench-")))
+        stack.enter_context(prefect_test_harness(180))
+        endpoint = stack.enter_context(s3_server(work))
+        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
         rounds = 2 if args.quick else 4
         short = measure_short_answers(1000, 2 if args.quick else 3, work)
         tiny = asyncio.run(
@@ -539,9 +600,10 @@ def main() -> None:
                 "bench", 24 if args.quick else 64, 32 if args.quick else 48, rounds, True, work
             )
         )
-        memory = measure_memory(small, large, work)
+        memory = measure_memory(small, large, work, endpoint)
         fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
         embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, 2 * rounds, work))
+        storage = asyncio.run(measure_object_storage(500 if args.quick else 1_000, rounds, work))
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
     task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small
@@ -557,6 +619,10 @@ def main() -> None:
         f"peak RSS: {memory[small]['peak_rss_mb']:.0f} MB at {small} lines, "
         f"{memory[large]['peak_rss_mb']:.0f} MB at {large} lines: growth {rss_growth:.1f} MB "
         f"(RSS when done: {memory[small]['end_rss_mb']:.0f} and {memory[large]['end_rss_mb']:.0f} MB)"
+    )
+    print(
+        f"peak RSS at {large} lines with input and output on S3: {memory['s3']['peak_rss_mb']:.0f}"
+        f" MB (local files: {memory[large]['peak_rss_mb']:.0f} MB)"
     )
     print(f"Prefect task runs per 1,000 prompts: {task_runs_per_1000:.0f}")
     print(
@@ -578,6 +644,7 @@ def main() -> None:
     print(f"client CPU per request flow/raw: {short['cpu_ratio']:.2f}")
     print(f"flow/raw throughput ratio: {tiny['ratio']:.2f} (tiny model)")
     print(f"flow/raw throughput ratio: {bench['ratio']:.2f} (bench model)")
+    print(f"output on S3 / output to a local file: {storage['ratio']:.2f} (tiny model, whole call)")
 
 
 if __name__ == "__main__":

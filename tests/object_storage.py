@@ -7,49 +7,19 @@ against) in a process of its own, reached over HTTP the way users reach theirs.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 import uuid
 
-import httpx
 import pytest
 
-from harness.server import free_port
-
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+from harness.s3 import S3_ENV
+from harness.s3 import s3_server as start_s3_server
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """The S3 endpoint URL of a moto server started for this test session."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, "the moto server exited; see its log"
-                assert time.monotonic() < deadline, "the moto server did not start in 60 s"
-                time.sleep(0.2)
+    with start_s3_server(tmp_path_factory.mktemp("moto")) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 @pytest.fixture

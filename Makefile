@@ -39,7 +39,7 @@ test: lint server
 PY313_DESELECT := \
 	tests/flows/test_batch_hardening.py::test_sigkill_of_the_flow_process_loses_and_repeats_nothing \
 	tests/flows/test_batch_flow.py::test_server_killed_mid_batch_then_rerun_loses_and_repeats_nothing \
-	tests/flows/test_deployments.py::test_prefect_deploy_all_creates_both_deployments \
+	tests/flows/test_deployments.py::test_prefect_deploy_all_creates_every_deployment \
 	tests/flows/test_block.py::test_register_cli
 test-3.13: setup
 	@py="$$(PYTHON313='$(PYTHON313)' UV='$(UV)' bash harness/python313.sh)" && \

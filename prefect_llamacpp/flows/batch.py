@@ -198,6 +198,12 @@ class _Job:
 
 def _check_job(input_path, output_path, server, request, run, output_format) -> _Job:
     """What can be refused before anything is opened: a missing input, bad server names."""
+    for name, location in (("input_path", input_path), ("output_path", output_path)):
+        if not str(location).strip():
+            raise ConfigurationError(
+                f"{name} is empty; give a path or URL (in a deployment: is the Prefect "
+                "variable its template reads set?)"
+            )
     source = checked_input(input_path)
     if not input_exists(source):
         raise BatchPathError(

@@ -48,14 +48,24 @@ def _prefect(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-async def test_prefect_deploy_all_creates_both_deployments(prefect_harness):
+async def test_prefect_deploy_all_creates_every_deployment(prefect_harness):
     created = _prefect("work-pool", "create", "llamacpp-process", "--type", "process")
     assert created.returncode == 0, created.stdout + created.stderr
+    urls = {
+        "llamacpp_batch_input": "s3://my-bucket/jobs/prompts.jsonl",
+        "llamacpp_batch_output": "s3://my-bucket/results/prompts.out.jsonl",
+    }
+    for name, url in urls.items():
+        assert _prefect("variable", "set", name, url, "--overwrite").returncode == 0
     deployed = _prefect("deploy", "--all")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     async with get_client() as client:
         health = await client.read_deployment_by_name("llamacpp-health/llamacpp-health")
         batch = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch")
+        on_s3 = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-s3")
+    assert on_s3.parameters["input_path"] == urls["llamacpp_batch_input"]
+    assert on_s3.parameters["output_path"] == urls["llamacpp_batch_output"]
+    assert on_s3.work_pool_name == "llamacpp-process"
     assert health.work_pool_name == "llamacpp-process"
     assert health.schedules[0].schedule.interval.total_seconds() == 300
     assert health.parameters == {"server": ["llamacpp"]}

@@ -4,7 +4,8 @@
 
 Credentials come the way the storage library reads them (for S3: the AWS environment variables,
 `~/.aws`, an instance role; `FSSPEC_S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL` for another S3
-server), never from the URL: a URL that carries them is refused without being shown.
+server), or from a storage block for the run (`storage_credentials`), never from the URL: a URL
+that carries them is refused without being shown.
 A URL input is streamed in blocks, never downloaded whole.
 """
 
@@ -14,8 +15,9 @@ import io
 import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prefect_llamacpp.exceptions import ConfigurationError
 
@@ -29,6 +31,29 @@ _SECRET_PARAMETER = re.compile(
 _USER_PASSWORD = re.compile(r"://([^/?#@]*):([^@]*)@")
 # Schemes whose URLs name a port after the host (`host:8080/...`): not a password.
 _PORTED = {"http", "https", "ftp", "sftp", "ssh", "webdav", "hdfs", "webhdfs", "smb"}
+# A storage block's options (credentials, endpoint) for the URLs of one protocol: set for a run,
+# seen by every task and thread it starts, never in a parameter, a log or a message.
+_CREDENTIALS: ContextVar[tuple[str, dict[str, Any]] | None] = ContextVar(
+    "storage_credentials", default=None
+)
+
+
+@contextmanager
+def storage_credentials(protocol: str, options: dict[str, Any]) -> Iterator[None]:
+    """Open every `protocol` URL (`s3`) with these fsspec `options` within the block."""
+    token = _CREDENTIALS.set((protocol, options))
+    try:
+        yield
+    finally:
+        _CREDENTIALS.reset(token)
+
+
+def under(location: str | Path, base: str | None) -> str | Path:
+    """`location` as a run with a storage block reads it: a path is relative to the block's base
+    URL; a URL stays as it is."""
+    if base is None or is_url(location):
+        return location
+    return base.rstrip("/") + "/" + str(location).lstrip("/")
 
 
 def is_url(location: str | Path) -> bool:
@@ -144,8 +169,12 @@ def filesystem(url: str):
     library is missing or its protocol unknown."""
     import fsspec.core
 
+    credentials = _CREDENTIALS.get()
+    options = {}
+    if credentials is not None and url.split("://", 1)[0] == credentials[0]:
+        options = credentials[1]
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         raise ConfigurationError(
             f"{shown(url)} needs a storage library that is not installed ({exc}); for S3: "

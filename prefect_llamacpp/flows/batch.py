@@ -48,6 +48,7 @@ from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_nam
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.output_lease import output_lease
 from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.flows.storage_block import storage_from_block
 from prefect_llamacpp.storage import (
     checked_input,
     checked_location,
@@ -55,6 +56,8 @@ from prefect_llamacpp.storage import (
     is_url,
     local_path,
     shown,
+    storage_credentials,
+    under,
 )
 
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
@@ -129,6 +132,7 @@ async def llamacpp_batch_flow(
     request: RequestOptions = RequestOptions(),
     run: RunOptions = RunOptions(),
     output_format: OutputFormat = "native",
+    storage: str | None = None,
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
@@ -149,12 +153,33 @@ async def llamacpp_batch_flow(
         output_format: `native` (our result lines) or `openai` (OpenAI Batch output lines, the
             server's answer as the body; failed lines also in `<output>.errors.jsonl`). A rerun
             must ask for the format its output file holds.
+        storage: A storage block whose credentials open the input and output URLs:
+            `remote-file-system/NAME`, or `s3-bucket/NAME` (prefect-aws); paths are then read
+            under its base URL. Left out: the storage library's own (environment, ~/.aws, role).
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
     """
     logger = get_run_logger()
-    job = _check_job(input_path, output_path, server, request, run, output_format)
+    base, options = await storage_from_block(storage) if storage else (None, None)
+    with (
+        storage_credentials(base.split("://", 1)[0], options) if base else contextlib.nullcontext()
+    ):
+        return await _batch(
+            _check_job(
+                under(input_path, base),
+                under(output_path, base),
+                server,
+                request,
+                run,
+                output_format,
+            ),
+            logger,
+        )
+
+
+async def _batch(job: _Job, logger) -> BatchSummary:
+    output_format = job.output_format
     async with contextlib.AsyncExitStack() as closing:
         published = await _open_published(job, closing, logger)
         ledger = closing.enter_context(
@@ -728,6 +753,11 @@ class BatchCommand(BaseModel):
         "native",
         description="openai: OpenAI Batch output lines, failed ones also in <output>.errors.jsonl",
     )
+    storage: str | None = Field(
+        None,
+        description="Storage block for the input and output URLs' credentials: "
+        "remote-file-system/NAME or s3-bucket/NAME; paths are read under its base URL",
+    )
     request: RequestOptions = RequestOptions()
     run: RunOptions = RunOptions()
 
@@ -765,6 +795,7 @@ class BatchCommand(BaseModel):
             "request": request,
             "run": self.run,
             "output_format": self.output_format,
+            "storage": self.storage,
         }
 
 

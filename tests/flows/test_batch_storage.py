@@ -12,8 +12,9 @@ import pytest
 
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+from tests.flows.conftest import flow_run_record
 from tests.flows.test_batch_flow import read_output, save_block, successes, write_input
-from tests.object_storage import upload
+from tests.object_storage import S3_ENV, upload
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +198,113 @@ async def test_missing_storage_credentials_are_named_not_taken_for_a_missing_fil
     s3fs.S3FileSystem.clear_instance_cache()
     state = await llamacpp_batch_flow(url, str(tmp_path / "out.jsonl"), return_state=True)
     assert state.is_failed() and "cannot read" in state.message and "credentials" in state.message
+
+
+@pytest.fixture
+def storage_only_in_blocks(s3_bucket, monkeypatch, tmp_path):
+    """No credentials or endpoint in this process's environment: only a block holds them."""
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3_bucket
+
+
+BLOCK_SECRET = "hunter2-storage-secret"  # moto takes any secret
+
+
+async def save_storage_blocks(bucket: str, endpoint: str) -> None:
+    from prefect.filesystems import RemoteFileSystem
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+    await RemoteFileSystem(
+        basepath=f"s3://{bucket}/team",
+        settings={
+            "key": "testing",
+            "secret": BLOCK_SECRET,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        },
+    ).save("results", overwrite=True)
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key=BLOCK_SECRET,
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
+    )
+    await S3Bucket(bucket_name=bucket, bucket_folder="team", credentials=credentials).save(
+        "results", overwrite=True
+    )
+
+
+@pytest.mark.parametrize("storage", ["remote-file-system/results", "s3-bucket/results"])
+async def test_a_storage_block_holds_the_credentials_and_the_base(
+    storage, server, registered_block_type, storage_only_in_blocks, s3_server, node, tmp_path
+):
+    bucket = storage_only_in_blocks
+    await save_storage_blocks(bucket, s3_server)
+    with pytest.MonkeyPatch.context() as env:  # the input uploaded with credentials of our own
+        for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+            env.setenv(name, value)
+        upload(write_input(tmp_path / "in.jsonl", 6), f"s3://{bucket}/team/jobs/in.jsonl")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    name = await save_block("batch-s3-block", server)
+    state = await llamacpp_batch_flow(
+        "jobs/in.jsonl",
+        "results/out.jsonl",
+        server=name,
+        request={"max_tokens": 4},
+        storage=storage,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = await state.aresult()
+    assert summary.output_path == f"s3://{bucket}/team/results/out.jsonl"
+    assert summary.succeeded == 6
+    record = await flow_run_record(state.state_details.flow_run_id)
+    assert BLOCK_SECRET not in record["text"]
+    for path in tmp_path.rglob("*"):  # the staged ledger, its settings: no secret on disk
+        if path.is_file():
+            assert BLOCK_SECRET.encode() not in path.read_bytes(), path
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+            env.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        assert successes(read_object(summary.output_path)) == Counter(
+            {f"q{i}": 1 for i in range(6)}
+        )
+
+
+async def test_without_the_block_the_same_run_is_refused_naming_the_fix(
+    storage_only_in_blocks, tmp_path
+):
+    bucket = storage_only_in_blocks
+    state = await llamacpp_batch_flow(
+        str(write_input(tmp_path / "in.jsonl", 1)), f"s3://{bucket}/out.jsonl", return_state=True
+    )
+    assert state.is_failed() and "credentials" in state.message, state.message
+
+
+@pytest.mark.parametrize(
+    ("storage", "says"),
+    [
+        ("results", "give the block as"),
+        ("remote-file-system/nothing-saved", "No storage block"),
+        ("llamacpp-server/some-server", "not storage a batch can use"),
+    ],
+)
+async def test_a_storage_name_that_is_no_storage_block_is_refused(
+    storage, says, registered_block_type, server, tmp_path
+):
+    if storage.startswith("llamacpp-server"):
+        await save_block("some-server", server)
+    source = write_input(tmp_path / "in.jsonl", 1)
+    state = await llamacpp_batch_flow(
+        str(source), str(tmp_path / "out.jsonl"), storage=storage, return_state=True
+    )
+    assert state.is_failed() and says in state.message, state.message

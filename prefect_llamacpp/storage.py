@@ -139,6 +139,18 @@ def input_exists(location: str | Path) -> bool:
     return info.get("type") == "file"
 
 
+def input_size(location: str | Path) -> int:
+    """The input's size in bytes (it exists: `input_exists` said so)."""
+    path = local_path(location)
+    if path is not None:
+        return path.stat().st_size
+    fs, inner = filesystem(str(location))
+    try:
+        return int(fs.info(inner).get("size") or 0)
+    except Exception as exc:  # each storage library raises its own
+        raise unreachable(location, exc, "read") from None
+
+
 def unreachable(location: str | Path, exc: BaseException, doing: str) -> ConfigurationError:
     """The error for storage that cannot be used: names the URL and the fix, not the library's
     text (it may quote the URL whole)."""

@@ -131,17 +131,39 @@ def scan_input(path: str | Path) -> tuple[int, int, int]:
     """Line count (for progress totals), how many lines are OpenAI embedding lines and how many
     other non-blank lines there are, so the gate can ask the servers for embeddings before
     anything is sent. Only lines that may name the url (or escape characters) are parsed."""
-    count = embedding_lines = other_lines = 0
+    sample = sample_input(path)
+    return sample.lines, sample.embedding_lines, sample.other_lines
+
+
+@dataclass(frozen=True)
+class InputSample:
+    """What the first `bytes_read` bytes of an input hold (`whole`: the input is that long)."""
+
+    lines: int
+    embedding_lines: int
+    other_lines: int
+    bytes_read: int
+    whole: bool
+
+
+def sample_input(path: str | Path, limit_bytes: int | None = None) -> InputSample:
+    """`scan_input`, stopping after the line that reaches `limit_bytes` (None: the whole input):
+    an object-storage input is sampled, not downloaded whole before the first request."""
+    count = embedding_lines = other_lines = read = 0
     with open_input(path) as lines:
         for raw in lines:
             count += 1
-            if not raw.strip():
-                continue
-            if (b"embeddings" in raw or b"\\u" in raw) and _is_embedding_line(raw):
-                embedding_lines += 1
-            else:
-                other_lines += 1
-    return count, embedding_lines, other_lines
+            read += len(raw)
+            if raw.strip():
+                if (b"embeddings" in raw or b"\\u" in raw) and _is_embedding_line(raw):
+                    embedding_lines += 1
+                else:
+                    other_lines += 1
+            if limit_bytes is not None and read >= limit_bytes:
+                return InputSample(
+                    count, embedding_lines, other_lines, read, whole=not lines.peek(1)
+                )
+    return InputSample(count, embedding_lines, other_lines, read, whole=True)
 
 
 def _is_embedding_line(raw: bytes) -> bool:

@@ -30,7 +30,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import CliApp, CliPositionalArg
 
 from prefect_llamacpp.batch.dispatch import Lane
-from prefect_llamacpp.batch.jsonl_input import BatchItem, InputError, InputReader, scan_input
+from prefect_llamacpp.batch.jsonl_input import (
+    BatchItem,
+    InputError,
+    InputReader,
+    sample_input,
+    scan_input,
+)
 from prefect_llamacpp.batch.ledger import Ledger
 from prefect_llamacpp.batch.options import RequestOptions, RunOptions, option_names
 from prefect_llamacpp.batch.published import PublishedLedger
@@ -53,6 +59,7 @@ from prefect_llamacpp.storage import (
     checked_input,
     checked_location,
     input_exists,
+    input_size,
     is_url,
     local_path,
     shown,
@@ -60,6 +67,9 @@ from prefect_llamacpp.storage import (
     under,
 )
 
+# Of an object-storage input, what is read before the first request: enough to see its kind of
+# lines and estimate their number; the rest streams as the run goes.
+URL_SAMPLE_BYTES = 16 * 1024 * 1024
 CHUNKS_IN_FLIGHT = 2  # the next chunk fills slots while the last prompts of this one finish
 # Most embedding text one chunk holds, in characters (5,000 documents of 3,000 or so).
 CHUNK_TEXT_CHARS = 16_000_000
@@ -241,7 +251,7 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
             "the output another URL"
         )
     server_names(server)  # an empty or repeated name fails before anything is opened
-    lines, embedding_lines, _ = scan_input(source)
+    lines, embedding_lines = _count_lines(source)
     return _Job(
         source,
         output,
@@ -253,6 +263,22 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
         lines,
         embedding_lines,
     )
+
+
+def _count_lines(source: str | Path) -> tuple[int, int]:
+    """(lines, embedding lines) of the input, for the progress total and the embeddings gate.
+    A local file is read through; an object is sampled (`URL_SAMPLE_BYTES`) and its lines
+    estimated from its size, so a large one is not downloaded before the first request."""
+    if local_path(source) is not None:
+        lines, embedding_lines, _ = scan_input(source)
+        return lines, embedding_lines
+    sample = sample_input(source, limit_bytes=URL_SAMPLE_BYTES)
+    if sample.whole:
+        return sample.lines, sample.embedding_lines
+    lines = round(input_size(source) * sample.lines / sample.bytes_read)
+    if sample.embedding_lines and not sample.other_lines:
+        return lines, lines  # embedding lines only, as far as the sample shows
+    return lines, sample.embedding_lines
 
 
 def _writes(output: str, location: str) -> bool:

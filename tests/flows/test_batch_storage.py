@@ -308,3 +308,34 @@ async def test_a_storage_name_that_is_no_storage_block_is_refused(
         str(source), str(tmp_path / "out.jsonl"), storage=storage, return_state=True
     )
     assert state.is_failed() and says in state.message, state.message
+
+
+async def test_a_large_input_object_is_sampled_not_downloaded_before_the_first_request(
+    server, registered_block_type, s3_bucket, node, monkeypatch, tmp_path
+):
+    import s3fs.core
+
+    from prefect_llamacpp import storage
+    from prefect_llamacpp.flows import batch as batch_module
+
+    monkeypatch.setattr(storage, "_BLOCK_BYTES", 4096)  # reads in small blocks, to count them
+    monkeypatch.setattr(batch_module, "URL_SAMPLE_BYTES", 16_384)
+    source = write_input(tmp_path / "in.jsonl", 1500)  # about 75 KB
+    url = upload(source, f"s3://{s3_bucket}/big.jsonl")
+    fetched = []
+    real_fetch = s3fs.core.S3File._fetch_range
+
+    def counted(self, start, end):
+        fetched.append(end - start)
+        return real_fetch(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    lines, embedding_lines = batch_module._count_lines(url)
+    assert sum(fetched) <= 16_384 + 2 * 4096 < source.stat().st_size / 3
+    assert abs(lines - 1500) < 150 and embedding_lines == 0  # an estimate from the sample
+
+    name = await save_block("batch-s3-big", server)
+    summary = await llamacpp_batch_flow(
+        url, str(tmp_path / "out.jsonl"), server=name, request={"max_tokens": 1}
+    )
+    assert summary.succeeded == 1500

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from prefect_llamacpp.batch.ledger import Ledger, errors_path_of, settings_path_of, unique_lines
-from prefect_llamacpp.exceptions import LedgerInUseError
+from prefect_llamacpp.exceptions import ConfigurationError, LedgerInUseError
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.storage import filesystem, shown, unreachable
 
@@ -45,6 +45,7 @@ class PublishedLedger:
     def __init__(self, url: str, *, staging: Path | None = None) -> None:
         self.url = url
         self.fs, self._object = filesystem(url)
+        _check_create_only(self.fs)
         self._parts_dir = self._object + ".parts"
         key = hashlib.sha256(url.encode()).hexdigest()[:16]
         root = staging or Path(tempfile.gettempdir()) / "prefect-llamacpp" / "staging"
@@ -184,3 +185,16 @@ class PublishedLedger:
         with open(self.local, "rb") as source, open(joined, "wb") as target:
             target.writelines(unique_lines(source))
         return joined
+
+
+def _check_create_only(fs) -> None:
+    """Refuse a storage library that would take a create-only write for an overwrite."""
+    if type(fs).__module__.startswith("s3fs"):
+        import s3fs
+        from packaging.version import Version
+
+        if Version(s3fs.__version__) < Version("2024.12.0"):
+            raise ConfigurationError(
+                f"s3fs {s3fs.__version__} overwrites where a batch's output must write "
+                "create-only; upgrade it: pip install 's3fs>=2024.12'"
+            )

@@ -565,51 +565,68 @@ def _count(summary: BatchSummary, kind: str) -> None:
 class _Checkpoints:
     """Where a run's lines become durable: the local ledger synced at each chunk's end and, for
     an object-storage output, the new lines published as a part then and every `interval`
-    seconds (so a slow chunk loses no more than that); joined into the output at the end."""
+    seconds (so a slow chunk loses no more than that); joined into the output at the end.
+    Publishing runs beside the run, never holding the next chunk back; a publish that fails
+    stops the run at the next chunk's end (or at its end), and nothing is published after."""
 
     def __init__(self, ledger: Ledger, published: PublishedLedger | None, interval, logger):
         self._ledger, self._published, self._logger = ledger, published, logger
-        self._broken = False  # a publish failed: no more tries, the run ends on its error
+        self._publishing: asyncio.Task | None = None
+        self._again = False  # lines came while a publish ran: publish once more after it
+        self._fault: BaseException | None = None
         self._timer = asyncio.create_task(self._every(interval)) if published is not None else None
 
     async def chunk_ended(self) -> None:
         self._ledger.sync()
         if self._published is not None:
-            await self._guarded(self._published.publish())
+            if self._fault is not None:
+                raise self._fault
+            self._publish_soon()
 
     async def _every(self, interval: float) -> None:
-        while True:
+        while self._fault is None:
             await asyncio.sleep(interval)
-            try:
-                await self._guarded(self._published.publish())
-            except Exception as exc:  # raised again at the next chunk's end, which stops the run
-                self._logger.warning("Publishing the results failed: %s", exc)
-                return
+            self._publish_soon()
 
-    async def _guarded(self, publishing) -> None:
-        if self._broken:
-            publishing.close()
+    def _publish_soon(self) -> None:
+        if self._fault is not None:
             return
+        if self._publishing is None or self._publishing.done():
+            self._publishing = asyncio.create_task(self._publish())
+        else:
+            self._again = True
+
+    async def _publish(self) -> None:
         try:
-            await publishing
-        except BaseException:
-            self._broken = True
-            raise
+            while True:
+                self._again = False
+                await self._published.publish()
+                if not self._again:
+                    return
+        except Exception as exc:
+            self._fault = exc
+            self._logger.warning("Publishing the results failed: %s", exc)
 
     async def close(self, *, join: bool) -> None:
-        """Sync; publish what is left (and join the output when the run ended), unless a
-        publish already failed."""
+        """Sync; publish what is left and, when the run ended, join the output. A publish that
+        failed is raised here when the run ended; else the run's own fault stands."""
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
         self._ledger.sync()
-        if self._published is None or self._broken:
+        if self._published is None:
+            return
+        if self._publishing is not None:
+            await asyncio.gather(self._publishing, return_exceptions=True)
+        if self._fault is not None:
+            if join:
+                raise self._fault
             return
         if join:
-            await self._guarded(self._published.join(self._ledger))
+            await self._published.join(self._ledger)
             return
         try:  # a run broken off by another fault keeps what it finished
-            await self._guarded(self._published.publish())
+            await self._published.publish()
         except Exception as exc:
             self._logger.warning("The last results could not be published: %s", exc)
 
@@ -623,7 +640,7 @@ async def _run_chunks(
         for number, chunk in enumerate(chunks, start=1):
             if len(in_flight) >= CHUNKS_IN_FLIGHT:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                await checkpoints.chunk_ended()  # its lines on disk (and published), not in RAM
+                await checkpoints.chunk_ended()  # its lines on disk (and being published)
                 faults = [task.exception() for task in done]  # each retrieved, none left unseen
                 for fault in faults:
                     if fault is not None:

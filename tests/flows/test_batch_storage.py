@@ -331,7 +331,7 @@ async def test_a_large_input_object_is_sampled_not_downloaded_before_the_first_r
 
     monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
     lines, embedding_lines = batch_module._count_lines(url)
-    assert sum(fetched) <= 16_384 + 2 * 4096 < source.stat().st_size / 3
+    assert sum(fetched) <= 16_384 + 2 * 4096 < source.stat().st_size / 2
     assert abs(lines - 1500) < 150 and embedding_lines == 0  # an estimate from the sample
 
     name = await save_block("batch-s3-big", server)
@@ -339,3 +339,37 @@ async def test_a_large_input_object_is_sampled_not_downloaded_before_the_first_r
         url, str(tmp_path / "out.jsonl"), server=name, request={"max_tokens": 1}
     )
     assert summary.succeeded == 1500
+
+
+async def test_storage_that_fails_mid_run_stops_it_and_a_rerun_finishes(
+    server, registered_block_type, s3_bucket, node, monkeypatch, tmp_path
+):
+    from prefect_llamacpp.batch.published import PublishedLedger
+    from prefect_llamacpp.exceptions import ConfigurationError
+
+    name = await save_block("batch-s3-fails", server)
+    source = write_input(tmp_path / "in.jsonl", 40)
+    url = f"s3://{s3_bucket}/out.jsonl"
+    real_put = PublishedLedger._put_part
+
+    async def failing_after_one(self, number, data):
+        if number >= 1:
+            raise ConfigurationError(f"cannot write {url} (EndpointConnectionError): ...")
+        await real_put(self, number, data)
+
+    monkeypatch.setattr(PublishedLedger, "_put_part", failing_after_one)
+    state = await llamacpp_batch_flow(
+        str(source),
+        url,
+        server=name,
+        request={"max_tokens": 4},
+        run={"chunk_size": 5},
+        return_state=True,
+    )
+    assert state.is_failed() and "cannot write" in state.message, state.message
+    published = successes(read_object(parts_of(url)[0].join(["s3://", ""])))
+    monkeypatch.setattr(PublishedLedger, "_put_part", real_put)
+    node("node-b")
+    again = await llamacpp_batch_flow(str(source), url, server=name, request={"max_tokens": 4})
+    assert again.skipped_done == sum(published.values())
+    assert successes(read_object(url)) == Counter({f"q{i}": 1 for i in range(40)})

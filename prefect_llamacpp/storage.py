@@ -176,6 +176,14 @@ def _open_url(url: str) -> Iterator[IO[bytes]]:
         yield io.BufferedReader(remote, buffer_size=_BLOCK_BYTES)
 
 
+def canonical_url(url: str) -> str:
+    """The one name of the object `url` names (`s3a://b/x/` and `s3://b/x` are one object):
+    what leases and overlap checks compare."""
+    fs, inner = filesystem(url)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    return f"{protocol}://{inner.rstrip('/')}"
+
+
 def filesystem(url: str):
     """(the fsspec filesystem, the path inside it) for `url`; `ConfigurationError` when its
     library is missing or its protocol unknown."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from prefect_llamacpp.batch.ledger import Ledger, errors_path_of, settings_path_of, unique_lines
 from prefect_llamacpp.exceptions import ConfigurationError, LedgerInUseError
 from prefect_llamacpp.log import get_logger_with_context
-from prefect_llamacpp.storage import filesystem, shown, unreachable
+from prefect_llamacpp.storage import canonical_url, filesystem, shown, unreachable
 
 logger = get_logger_with_context("published")
 
@@ -46,8 +46,13 @@ class PublishedLedger:
         self.url = url
         self.fs, self._object = filesystem(url)
         _check_create_only(self.fs)
+        if "/" not in self._object.strip("/"):
+            raise ConfigurationError(
+                f"output {shown(url)} names a bucket, not an object in it; give a key, e.g. "
+                f"{shown(url).rstrip('/')}/results.jsonl"
+            )
         self._parts_dir = self._object + ".parts"
-        key = hashlib.sha256(url.encode()).hexdigest()[:16]
+        key = hashlib.sha256(canonical_url(url).encode()).hexdigest()[:16]
         root = staging or Path(tempfile.gettempdir()) / "prefect-llamacpp" / "staging"
         name = Path(self._object).name or "output.jsonl"
         self.local = root / key / name
@@ -79,7 +84,7 @@ class PublishedLedger:
                     with self.fs.open(self._object, "rb") as remote:
                         shutil.copyfileobj(remote, local, 8 * 1024 * 1024)
             self.parts = parts[-1][0] + 1 if parts else 0
-            self._published = self.local.stat().st_size if parts else 0
+            self._published = _cut_to_whole_lines(self.local) if parts else 0
             settings = self._object + ".settings.json"
             if self.fs.isfile(settings):
                 self._settings_sent = self.fs.cat_file(settings)
@@ -166,10 +171,18 @@ class PublishedLedger:
 
     async def join(self, ledger: Ledger) -> None:
         """Publish what is left, then write the output object from the ledger (each id's first
-        success line only) and, in the OpenAI format, the errors object."""
+        success line only) and, in the OpenAI format, the errors object. Raises
+        `LedgerInUseError` when another run published parts this run has not read."""
         await self.publish()
         if self.parts == 0:
             return  # nothing was ever written: no output object
+        listed = await asyncio.to_thread(self._listed_parts)
+        if listed and listed[-1][0] >= self.parts:
+            raise LedgerInUseError(
+                f"another run published parts of {shown(self.url)} after this one started (its "
+                "lease had lapsed?); this run does not write the output over them. Rerun to "
+                "join them all."
+            )
         if ledger.state.duplicate_successes:
             joined = await asyncio.to_thread(self._deduplicated)
             await self._call("write", self.fs.put_file, str(joined), self._object)
@@ -198,3 +211,21 @@ def _check_create_only(fs) -> None:
                 f"s3fs {s3fs.__version__} overwrites where a batch's output must write "
                 "create-only; upgrade it: pip install 's3fs>=2024.12'"
             )
+
+
+def _cut_to_whole_lines(local: Path) -> int:
+    """Drop a cut last line from the restored ledger (a part damaged by hand): the bytes kept
+    end on a newline, so the next part starts on a line. Returns the size kept."""
+    size = local.stat().st_size
+    if size == 0:
+        return 0
+    with open(local, "rb+") as file:
+        file.seek(max(0, size - 1))
+        if file.read(1) == b"\n":
+            return size
+        file.seek(0)
+        data = file.read()
+        kept = data.rfind(b"\n") + 1
+        file.truncate(kept)
+    logger.warning("Dropped a cut last line of the published parts; it runs again")
+    return kept

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import CliApp, CliPositionalArg
@@ -56,6 +57,7 @@ from prefect_llamacpp.flows.output_lease import output_lease
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.flows.storage_block import storage_from_block
 from prefect_llamacpp.storage import (
+    canonical_url,
     checked_input,
     checked_location,
     input_exists,
@@ -245,7 +247,11 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
             f"batch input {shown(source)} does not exist; give a JSONL file path or URL"
         )
     output = checked_location(output_path, "output")
-    if local_path(output) is None and is_url(source) and _writes(str(output), str(source)):
+    if (
+        local_path(output) is None
+        and is_url(source)
+        and _writes(canonical_url(str(output)), canonical_url(str(source)))
+    ):
         raise BatchPathError(
             f"input {shown(source)} is the output or a file the batch writes beside it; give "
             "the output another URL"
@@ -293,6 +299,12 @@ async def _open_published(
     then rebuild the local ledger from what is published. None for a local output."""
     if job.target is not None:
         return None
+    if not PREFECT_API_URL.value():
+        logger.warning(
+            "No PREFECT_API_URL: the lease on %s lives in this process's own Prefect API, which "
+            "runs on other machines cannot see; point every worker at one Prefect server",
+            shown(job.output),
+        )
     await closing.enter_async_context(output_lease(str(job.output), job.run.lease_seconds))
     published = PublishedLedger(str(job.output))
     parts = await asyncio.to_thread(published.restore)

@@ -24,10 +24,10 @@ from prefect.client.schemas.actions import (
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency
 from prefect.context import FlowRunContext
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from prefect_llamacpp.exceptions import LedgerInUseError
-from prefect_llamacpp.storage import shown
+from prefect_llamacpp.storage import canonical_url, shown
 
 
 def lease_name(url: str) -> str:
@@ -41,13 +41,20 @@ def lease_name(url: str) -> str:
 async def output_lease(url: str, lease_seconds: float) -> AsyncIterator[str]:
     """Hold `url`'s lease for the body; yields the limit's name. `LedgerInUseError` at once
     (nothing waits) when another run holds it."""
-    name = lease_name(url)
+    name = lease_name(canonical_url(url))
     async with get_client() as client:
         try:
-            await client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=1)
-            )
-        except ObjectAlreadyExists:
+            limit = await client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            limit = None
+        if limit is None:
+            try:
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
+        elif limit.limit != 1 or not limit.active:
             # One slot, active: a limit edited by hand would let two runs in.
             await client.update_global_concurrency_limit(
                 name, GlobalConcurrencyLimitUpdate(limit=1, active=True)

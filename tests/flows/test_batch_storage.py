@@ -177,11 +177,19 @@ async def test_credentials_in_an_output_url_are_refused_and_never_shown(output, 
 
 
 @pytest.mark.parametrize("suffix", ["", ".errors.jsonl", ".parts/part-000000.jsonl"])
-async def test_an_input_the_batch_would_write_is_refused(s3_bucket, suffix, tmp_path):
-    url = f"s3://{s3_bucket}/out.jsonl"
-    input_url = upload(write_input(tmp_path / "in.jsonl", 2), url + suffix)
+@pytest.mark.parametrize("alias", ["s3://{}/out.jsonl", "s3://{}/out.jsonl/", "s3a://{}/out.jsonl"])
+async def test_an_input_the_batch_would_write_is_refused(s3_bucket, suffix, alias, tmp_path):
+    url = alias.format(s3_bucket)
+    input_url = upload(write_input(tmp_path / "in.jsonl", 2), f"s3://{s3_bucket}/out.jsonl{suffix}")
     state = await llamacpp_batch_flow(input_url, url, return_state=True)
     assert state.is_failed() and "another URL" in state.message, state.message
+
+
+@pytest.mark.parametrize("output", ["s3://{}", "s3://{}/"])
+async def test_a_bucket_is_no_output(s3_bucket, output, tmp_path):
+    source = write_input(tmp_path / "in.jsonl", 2)
+    state = await llamacpp_batch_flow(str(source), output.format(s3_bucket), return_state=True)
+    assert state.is_failed() and "names a bucket" in state.message, state.message
 
 
 async def test_missing_storage_credentials_are_named_not_taken_for_a_missing_file(

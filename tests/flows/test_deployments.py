@@ -23,7 +23,7 @@ def load_config() -> PrefectYamlModel:
 def test_prefect_yaml_is_valid_and_its_flows_take_its_parameters():
     config = load_config()
     deployments = {d.name: d for d in config.deployments}
-    assert set(deployments) == {"llamacpp-health", "llamacpp-batch"}
+    assert set(deployments) == {"llamacpp-health", "llamacpp-batch", "llamacpp-batch-s3"}
     health = deployments["llamacpp-health"]
     assert health.schedules[0].interval.total_seconds() == 300
     assert (

@@ -118,3 +118,33 @@ async def test_a_missing_bucket_is_named_with_the_fix(s3_server, fs, tmp_path):
     published.local.write_bytes(line("a"))
     with pytest.raises(ConfigurationError, match="no-such-bucket-here.*credentials and endpoint"):
         await published.publish()
+
+
+async def test_a_cut_line_in_a_part_is_dropped_and_runs_again(s3_bucket, fs, tmp_path):
+    url = f"s3://{s3_bucket}/out.jsonl"
+    fs.pipe_file(
+        f"{s3_bucket}/out.jsonl.parts/part-000000.jsonl", line("a") + b'{"custom_id": "b", '
+    )
+    published = staged(url, tmp_path)
+    assert published.local.read_bytes() == line("a")
+    append(published, line("b"))
+    await published.publish()
+    assert fs.cat_file(f"{s3_bucket}/out.jsonl.parts/part-000001.jsonl") == line("b")
+
+
+async def test_a_run_that_lost_the_output_does_not_join_over_newer_parts(s3_bucket, fs, tmp_path):
+    url = f"s3://{s3_bucket}/out.jsonl"
+    zombie = staged(url, tmp_path, "zombie")
+    zombie.local.write_bytes(line("a"))
+    await zombie.publish()
+    newer = staged(url, tmp_path, "newer")  # the zombie's lease lapsed; another run went on
+    append(newer, line("b"))
+    with Ledger.open(newer.local) as ledger:
+        await newer.join(ledger)
+    with Ledger.open(zombie.local) as ledger, pytest.raises(LedgerInUseError, match="after this"):
+        await zombie.join(ledger)
+    assert successes_in(fs.cat_file(url)) == {"a", "b"}
+
+
+def successes_in(data: bytes) -> set[str]:
+    return {json.loads(raw)["custom_id"] for raw in data.splitlines()}

@@ -212,7 +212,11 @@ def test_the_wheel_installs_and_runs_flows_from_another_project(installed, tmp_p
             state = wait_for_final_state(server.api, flow_run_id, timeout=240)
         finally:
             os.killpg(worker.pid, 15)
-            worker.wait(30)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:  # its shutdown is not under test; the run's state is
+                os.killpg(worker.pid, 9)
+                worker.wait(10)
         assert state == "COMPLETED", (node / "worker.log").read_text()[-3000:]
 
 

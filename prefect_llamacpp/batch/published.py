@@ -91,8 +91,6 @@ class PublishedLedger:
                 settings_path_of(self.local).write_bytes(self._settings_sent)
         except Exception as exc:  # each storage library raises its own
             raise unreachable(self.url, exc, "read the output") from None
-        if parts:
-            logger.info("Resumed from published parts", output=shown(self.url), parts=len(parts))
         return len(parts)
 
     def _listed_parts(self) -> list[tuple[int, str]]:
@@ -223,9 +221,15 @@ def _cut_to_whole_lines(local: Path) -> int:
         file.seek(max(0, size - 1))
         if file.read(1) == b"\n":
             return size
-        file.seek(0)
-        data = file.read()
-        kept = data.rfind(b"\n") + 1
+        kept, end = 0, size
+        while end > 0:  # back from the end, a MB at a time: the ledger may be large
+            start = max(0, end - 1024 * 1024)
+            file.seek(start)
+            newline = file.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                kept = start + newline + 1
+                break
+            end = start
         file.truncate(kept)
     logger.warning("Dropped a cut last line of the published parts; it runs again")
     return kept

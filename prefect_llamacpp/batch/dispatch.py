@@ -63,6 +63,10 @@ class Lane:
     solo: bool = False  # a crash suspect has it to itself
     pending: bool = False  # not ready at the start: joins when ready, shaped then
     limits: tuple[int | None, int] = (None, 1)  # (concurrency, queue depth) for `shape`
+    # Slots the capacity broker holds for this run on the server (None: no broker): a run
+    # sharing the server with others keeps at most this many in flight.
+    granted: int | None = None
+    total_slots: int = DEFAULT_TOTAL_SLOTS  # the server's, from its health report
     _unused_clients: list[LlamaCppClient] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,7 +108,7 @@ class Lane:
         """Model, names served and capacity from the server's health report: at most
         `concurrency` (if set) or `total_slots + queue_depth` requests in flight."""
         concurrency, queue_depth = self.limits
-        slots = status.total_slots or DEFAULT_TOTAL_SLOTS
+        slots = self.total_slots = status.total_slots or DEFAULT_TOTAL_SLOTS
         capacity = min(concurrency, slots + queue_depth) if concurrency else slots + queue_depth
         self.model = self.settings.model_name or status.model_id or DEFAULT_MODEL_NAME
         self.served_models = frozenset({*status.models, *status.model_aliases})
@@ -132,8 +136,13 @@ class Lane:
         return route.model is None or route.model in (self.model, *self.served_models)
 
     @property
+    def allowed(self) -> int:
+        """Most requests in flight now: the capacity, or fewer when the broker granted fewer."""
+        return self.capacity if self.granted is None else min(self.capacity, self.granted)
+
+    @property
     def has_room(self) -> bool:
-        return self.up and not self.solo and self.in_flight < self.capacity
+        return self.up and not self.solo and self.in_flight < self.allowed
 
     async def aclose(self) -> None:
         for client in (*self._unused_clients, self.client, self.gate):
@@ -228,6 +237,12 @@ class Dispatcher:
             lane.solo = False
         self._hand_out()
 
+    def regrant(self, lane: Lane, granted: int | None) -> None:
+        """The broker's grant for `lane` changed: more room is handed to waiters at once; less
+        stops new requests there until those in flight are within it."""
+        lane.granted = granted
+        self._hand_out()
+
     def lane_down(self, lane: Lane, *, retire: bool = False) -> bool:
         """Take `lane` out (True if it was up); `retire`: for good."""
         lane.retired = lane.retired or retire
@@ -269,14 +284,12 @@ class Dispatcher:
             if not lane.up or not lane.serves(model):
                 continue
             if alone:
-                if lane.in_flight == 0 and not lane.solo:
+                if lane.in_flight == 0 and not lane.solo and lane.allowed > 0:
                     return lane
             elif (
                 lane.has_room
                 and not self._reserved(lane)
-                and (
-                    best is None or lane.in_flight * best.capacity < best.in_flight * lane.capacity
-                )
+                and (best is None or lane.in_flight * best.allowed < best.in_flight * lane.allowed)
             ):
                 best = lane
         return best

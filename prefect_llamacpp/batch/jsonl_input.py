@@ -20,6 +20,7 @@ nesting past what JSON readers take, hostile schemas, lines past `MAX_LINE_BYTES
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from prefect_llamacpp.batch.records import InputErrorKind
 from prefect_llamacpp.request import fingerprint, schema_problem
@@ -94,6 +97,34 @@ class InputError:
     message: str
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (from 1): the lines whose custom_id hashes to it. Every shard
+    reads the whole input and keeps its own lines, so nothing is copied or planned, and all the
+    lines of one id (a repeated id included) land in one shard."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`"2/3"`; raises ValueError naming the form."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"shard {text!r} is not K/N (e.g. 2/3)") from None
+        if not 1 <= index <= count:
+            raise ValueError(f"shard {text!r}: K must be from 1 to N")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, custom_id: str) -> bool:
+        digest = hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") % self.count == self.index - 1
+
+
 @dataclass
 class InputReader:
     """Yields `BatchItem`s and `InputError`s from a JSONL file, streaming. `embeddings`: lines
@@ -103,10 +134,22 @@ class InputReader:
     path: str | Path  # a local path or a URL (prefect_llamacpp/storage.py)
     first_line_of: dict[str, int] = field(default_factory=dict)
     embeddings: bool = False
+    shard: Shard | None = None  # only this shard's lines
 
     def __iter__(self) -> Iterator[BatchItem | InputError]:
         for number, raw in _raw_lines(self.path):
-            entry = _entry(raw, number, self.embeddings)
+            if self.shard is not None:
+                key = _plain_id(raw)
+                if key is None:  # no plain id to hash: the parsed line's (`line-7`, a number)
+                    entry = _entry(raw, number, self.embeddings)
+                    if entry is None or not self.shard.owns(entry.custom_id):
+                        continue
+                elif not self.shard.owns(key):
+                    continue
+                else:
+                    entry = _entry(raw, number, self.embeddings)
+            else:
+                entry = _entry(raw, number, self.embeddings)
             if entry is None:
                 continue
             first = self.first_line_of.setdefault(entry.custom_id, number)
@@ -120,6 +163,19 @@ class InputReader:
                 )
                 continue
             yield entry
+
+
+def _plain_id(raw: bytes | None) -> str | None:
+    """The line's custom_id when it is a plain non-empty string, read without validating the
+    rest (the lines of other shards are only hashed); None: parse the line to know its id."""
+    if raw is None or b"custom_id" not in raw:
+        return None
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    raw_id = obj.get("custom_id") if isinstance(obj, dict) else None
+    return raw_id if isinstance(raw_id, str) and raw_id else None
 
 
 def count_lines(path: str | Path) -> int:

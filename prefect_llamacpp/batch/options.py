@@ -144,6 +144,26 @@ class RunOptions(BaseModel):
         description="Object-storage outputs: how long the output stays held by a run that "
         "died (its lease, renewed while it lives).",
     )
+    broker: bool = Field(
+        True,
+        description="Share each server's slots with the other runs on it, through the Prefect "
+        "concurrency limit llamacpp-slots-<server> (total_slots + queue_depth).",
+    )
+    priority: int = Field(
+        1, ge=1, le=100, description="This run's weight when runs share a server's slots."
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Split the batch into this many flow runs on a work pool (object-storage "
+        "input and output); each id goes to one shard by a hash of its custom_id.",
+    )
+    shard_deployment: str | None = Field(
+        None,
+        description="Deployment that runs the shards ('flow/deployment'); empty: the parent's "
+        "own deployment.",
+    )
 
 
 OPTION_GROUPS: dict[str, type[BaseModel]] = {"request": RequestOptions, "run": RunOptions}

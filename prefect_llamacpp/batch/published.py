@@ -191,6 +191,10 @@ class PublishedLedger:
         if errors is not None and errors.exists():
             await self._call("write", self.fs.put_file, str(errors), self._object + ".errors.jsonl")
 
+    async def put_beside(self, suffix: str, data: bytes) -> None:
+        """Write `<output><suffix>` (a run's summary, say)."""
+        await self._call("write", self.fs.pipe_file, self._object + suffix, data)
+
     def _deduplicated(self) -> Path:
         joined = self.local.with_name(self.local.name + ".joined")
         with open(self.local, "rb") as source, open(joined, "wb") as target:

@@ -35,6 +35,7 @@ from prefect_llamacpp.batch.jsonl_input import (
     BatchItem,
     InputError,
     InputReader,
+    Shard,
     sample_input,
     scan_input,
 )
@@ -51,6 +52,7 @@ from prefect_llamacpp.exceptions import (
     NotSupportedError,
 )
 from prefect_llamacpp.flows.batch_progress import BatchProgress
+from prefect_llamacpp.flows.capacity import SlotBroker
 from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.output_lease import output_lease
@@ -90,6 +92,18 @@ class ServerShare(BaseModel):
     joined_late: bool = False  # not ready when the run started; joined when it was
 
 
+class ShardShare(BaseModel):
+    """One shard's part of a sharded batch."""
+
+    shard: str
+    flow_run: str
+    attempts: int  # flow runs of this shard, over every parent run
+    succeeded: int = 0
+    failed: int = 0
+    skipped_done: int = 0
+    completion_tokens_per_s: float = 0.0
+
+
 class BatchSummary(BaseModel):
     input_path: str
     output_path: str
@@ -117,6 +131,7 @@ class BatchSummary(BaseModel):
     settings_changed: list[str] = Field(default_factory=list)
     skipped_servers: dict[str, str] = Field(default_factory=dict)
     servers: list[ServerShare] = Field(default_factory=list)
+    shards: list[ShardShare] = Field(default_factory=list)  # a sharded batch's, one per shard
     abort_reason: str | None = None
 
 
@@ -145,6 +160,7 @@ async def llamacpp_batch_flow(
     run: RunOptions = RunOptions(),
     output_format: OutputFormat = "native",
     storage: str | None = None,
+    shard: str | None = None,
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
@@ -168,6 +184,8 @@ async def llamacpp_batch_flow(
         storage: A storage block whose credentials open the input and output URLs:
             `remote-file-system/NAME`, or `s3-bucket/NAME` (prefect-aws); paths are then read
             under its base URL. Left out: the storage library's own (environment, ~/.aws, role).
+        shard: `K/N`: run only the lines of shard K of N (set by a sharded batch's parent run
+            for each shard it starts; `run.shards` splits a batch).
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
@@ -177,17 +195,20 @@ async def llamacpp_batch_flow(
     with (
         storage_credentials(base.split("://", 1)[0], options) if base else contextlib.nullcontext()
     ):
-        return await _batch(
-            _check_job(
-                under(input_path, base),
-                under(output_path, base),
-                server,
-                request,
-                run,
-                output_format,
-            ),
-            logger,
+        job = _check_job(
+            under(input_path, base),
+            under(output_path, base),
+            server,
+            request,
+            run,
+            output_format,
+            shard,
         )
+        if run.shards > 1 and job.shard is None:
+            from prefect_llamacpp.flows.shards import run_shards
+
+            return await run_shards(job, storage, logger)
+        return await _batch(job, logger)
 
 
 async def _batch(job: _Job, logger) -> BatchSummary:
@@ -207,9 +228,12 @@ async def _batch(job: _Job, logger) -> BatchSummary:
         progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
         closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
         await _run(job, lanes, summary, options, ledger, progress, logger, published)
-    _log_outcome(logger, summary)
+    log_outcome(logger, summary)
     if summary.outcome == "aborted":
         raise BatchAbortedError(summary.abort_reason or "batch aborted")
+    if job.shard is not None and published is not None:
+        # The parent reads it to report the whole batch.
+        await published.put_beside(".summary.json", summary.model_dump_json().encode())
     return summary
 
 
@@ -226,6 +250,7 @@ class _Job:
     output_format: OutputFormat
     lines: int
     embedding_lines: int
+    shard: Shard | None = None  # this run is one shard of a sharded batch
 
     @property
     def embeds(self) -> bool:
@@ -233,8 +258,14 @@ class _Job:
         return self.request.embeddings or self.embedding_lines > 0
 
 
-def _check_job(input_path, output_path, server, request, run, output_format) -> _Job:
+def _check_job(
+    input_path, output_path, server, request, run, output_format, shard: str | None = None
+) -> _Job:
     """What can be refused before anything is opened: a missing input, bad server names."""
+    try:
+        selected = Shard.parse(shard) if shard else None
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
     for name, location in (("input_path", input_path), ("output_path", output_path)):
         if not str(location).strip():
             raise ConfigurationError(
@@ -258,6 +289,8 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
         )
     server_names(server)  # an empty or repeated name fails before anything is opened
     lines, embedding_lines = _count_lines(source)
+    if selected is not None:  # about its share: ids are spread evenly by their hash
+        lines, embedding_lines = -(-lines // selected.count), -(-embedding_lines // selected.count)
     return _Job(
         source,
         output,
@@ -268,6 +301,7 @@ def _check_job(input_path, output_path, server, request, run, output_format) -> 
         output_format,
         lines,
         embedding_lines,
+        selected,
     )
 
 
@@ -412,18 +446,34 @@ async def _run(
     )
     runner.names_servers = isinstance(job.server, list)
     runner.checks_embeddings = job.embeds
+    broker = None
+    if job.run.broker:
+        broker = SlotBroker(
+            runner.lanes,
+            runner.dispatch,
+            queue_depth=job.run.queue_depth,
+            priority=job.run.priority,
+        )
     pending = _pending_items(
-        job.source, ledger, runner.settings_fp, summary, progress, job.request.embeddings
+        InputReader(job.source, embeddings=job.request.embeddings, shard=job.shard),
+        ledger,
+        runner.settings_fp,
+        summary,
+        progress,
     )
     ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
     try:
         try:
+            if broker is not None:
+                await broker.start()
             await _run_chunks(pending, job.run.chunk_size, runner, summary, checkpoints)
         except (BatchAbortedError, ExceptionGroup) as exc:
             summary.outcome = "aborted"
             summary.abort_reason = str(_first_cause(exc))
         ended = True
     finally:
+        if broker is not None:
+            await broker.aclose()
         await runner.aclose()
         await checkpoints.close(join=ended)
         _fill_summary(summary, runner, time.monotonic() - started)
@@ -443,7 +493,7 @@ async def _run(
     )
 
 
-def _log_outcome(logger, summary: BatchSummary) -> None:
+def log_outcome(logger, summary: BatchSummary) -> None:
     logger.info(
         "Batch %s: %d succeeded, %d failed, %d already done; %d completion tokens at %.1f tok/s",
         summary.outcome,
@@ -530,12 +580,12 @@ async def _report(logger, *calls) -> None:
 
 
 def _pending_items(
-    source, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress, embeddings: bool
+    reader: InputReader, ledger: Ledger, settings_fp: str, summary: BatchSummary, progress
 ):
     """Input items still to run. Input errors and changed requests get an error line (once);
     ids already answered for the same request are skipped."""
     state = ledger.state
-    for entry in InputReader(source, embeddings=embeddings):
+    for entry in reader:
         if isinstance(entry, InputError):
             _count(summary, entry.kind)
             if (entry.custom_id, entry.line) not in state.written_input_errors:
@@ -776,6 +826,15 @@ def render_summary(summary: BatchSummary) -> str:
             )
             for share in summary.servers
         ]
+    rows += [
+        (
+            f"Shard {share.shard}",
+            f"{share.succeeded} done, {share.failed} failed, {share.skipped_done} done earlier, "
+            f"{share.completion_tokens_per_s} tok/s; run {share.flow_run} "
+            f"({share.attempts} run{'s' if share.attempts > 1 else ''})",
+        )
+        for share in summary.shards
+    ]
     rows += [(f"Failed: {kind}", count) for kind, count in sorted(summary.failed_by_kind.items())]
     if summary.abort_reason:
         rows.append(("Aborted because", summary.abort_reason))

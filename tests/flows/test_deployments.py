@@ -23,7 +23,12 @@ def load_config() -> PrefectYamlModel:
 def test_prefect_yaml_is_valid_and_its_flows_take_its_parameters():
     config = load_config()
     deployments = {d.name: d for d in config.deployments}
-    assert set(deployments) == {"llamacpp-health", "llamacpp-batch", "llamacpp-batch-s3"}
+    assert set(deployments) == {
+        "llamacpp-health",
+        "llamacpp-batch",
+        "llamacpp-batch-s3",
+        "llamacpp-batch-shards",
+    }
     health = deployments["llamacpp-health"]
     assert health.schedules[0].interval.total_seconds() == 300
     assert (
@@ -63,6 +68,9 @@ async def test_prefect_deploy_all_creates_every_deployment(prefect_harness):
         health = await client.read_deployment_by_name("llamacpp-health/llamacpp-health")
         batch = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch")
         on_s3 = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-s3")
+        sharded = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-shards")
+    assert sharded.parameters["run"] == {"shards": 3, "priority": 1}
+    assert sharded.parameters["output_path"] == urls["llamacpp_batch_output"]
     assert on_s3.parameters["input_path"] == urls["llamacpp_batch_input"]
     assert on_s3.parameters["output_path"] == urls["llamacpp_batch_output"]
     assert on_s3.work_pool_name == "llamacpp-process"

@@ -1,0 +1,239 @@
+"""The capacity broker: the runs that share a llama-server share its slots, through Prefect.
+
+Each server has a Prefect global concurrency limit, `llamacpp-slots-<server>`, created sized
+`total_slots + queue_depth` from `/props` (an operator may resize it in the UI; deactivating it
+turns the broker off for that server). A run holds one leased slot of it for each request it may
+have in flight there, so all runs together never exceed it; a run that dies returns its slots
+when their leases lapse.
+
+Taking a Prefect slot per request would cost an API round trip per answer (a short answer costs
+the client about 3 ms), so a run holds a *grant* of slots for as long as it keeps them busy and
+the dispatcher keeps its requests within it (`Lane.granted`). Grants follow demand: every run on a
+server also holds `priority` slots of `llamacpp-runs-<server>` (a limit nobody fills: its active
+slots are the sum of the priorities of the runs alive on the server), and every `period` seconds
+takes its share of the slots, `priority / sum of priorities` (alone: all of them), shrinking as
+its requests finish or growing from slots that others freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from prefect_llamacpp.batch.dispatch import Dispatcher, Lane
+from prefect_llamacpp.log import get_logger_with_context
+
+logger = get_logger_with_context("capacity")
+
+PERIOD_SECONDS = 2.0  # how soon a run takes its share after another run comes or goes
+RUNS_LIMIT = 1_000_000  # the runs-limit only counts: it never refuses
+
+
+def limit_names(server_root: str) -> tuple[str, str]:
+    """(slots limit, runs limit) of a server, by its root URL: readable in the Prefect UI
+    (host and port), unique (a hash of the whole root, reverse-proxy prefix included)."""
+    host = re.sub(r"^[a-z]+://", "", server_root).split("/", 1)[0]
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", host)[:40].strip("-")
+    digest = hashlib.sha256(server_root.rstrip("/").encode()).hexdigest()[:10]
+    return f"llamacpp-slots-{base}-{digest}", f"llamacpp-runs-{base}-{digest}"
+
+
+def share(slots: int, priority: int, priorities: int) -> int:
+    """A run's share of a server's `slots` when the runs on it sum to `priorities`."""
+    return max(1, math.ceil(slots * priority / max(priorities, priority)))
+
+
+@dataclass(eq=False)
+class _Server:
+    lane: Lane
+    slots_limit: str
+    runs_limit: str
+    leases: list[UUID] = field(default_factory=list)  # one slot each
+    presence: UUID | None = None  # our `priority` slots of the runs-limit
+    brokered: bool = True  # False: the limit is deactivated, the run is not held back
+
+
+class SlotBroker:
+    """Holds a run's grants on every server of its fleet; `start`, then `aclose` at the end."""
+
+    def __init__(
+        self,
+        lanes: list[Lane],
+        dispatcher: Dispatcher,
+        *,
+        queue_depth: int,
+        priority: int = 1,
+        lease_seconds: float = 60,
+        period: float = PERIOD_SECONDS,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._queue_depth = queue_depth
+        self.priority = priority
+        self._lease_seconds = lease_seconds
+        self._period = period
+        self._servers = [
+            _Server(lane, *limit_names(lane.settings.server_url.root)) for lane in lanes
+        ]
+        for server in self._servers:
+            dispatcher.regrant(server.lane, 0)  # nothing goes out before the first grant
+        self._client: PrefectClient | None = None
+        self._loop: asyncio.Task | None = None
+        context = FlowRunContext.get()
+        self._holder = (
+            ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)
+            if context is not None and context.flow_run is not None
+            else None
+        )
+
+    def granted(self) -> dict[str, int]:
+        """Slots held per server name (for the summary and tests)."""
+        return {server.lane.name: len(server.leases) for server in self._servers}
+
+    async def start(self) -> None:
+        """Take the first grants (the servers that are ready), then keep them up to date."""
+        self._client = get_client()
+        await self._client.__aenter__()
+        await self._tick()
+        self._loop = asyncio.create_task(self._every_period())
+
+    async def aclose(self) -> None:
+        """Give every slot back (leases that cannot be released lapse by themselves)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        if self._client is None:
+            return
+        leases = [lease for server in self._servers for lease in server.leases]
+        leases += [server.presence for server in self._servers if server.presence is not None]
+        await asyncio.gather(*(self._release(lease) for lease in leases), return_exceptions=True)
+        for server in self._servers:
+            server.leases.clear()
+            server.presence = None
+        await self._client.__aexit__(None, None, None)
+        self._client = None
+
+    async def _every_period(self) -> None:
+        renewed = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(self._period)
+            now = asyncio.get_running_loop().time()
+            try:
+                if now - renewed >= self._lease_seconds / 3:
+                    await self._renew()
+                    renewed = now
+                await self._tick()
+            except (httpx.HTTPError, OSError) as exc:
+                # The Prefect API did not answer: the grants held stay (their leases outlive a
+                # short outage); the next period tries again.
+                logger.warning("The capacity broker could not reach Prefect", fault=str(exc))
+
+    async def _tick(self) -> None:
+        await asyncio.gather(*(self._adjust(server) for server in self._servers))
+
+    async def _adjust(self, server: _Server) -> None:
+        lane = server.lane
+        if lane.pending or lane.retired:
+            return  # shaped (its slots known) when it joins
+        slots = await self._slots_limit(server)
+        if slots is None:  # deactivated in the UI: this server is not brokered
+            if server.brokered:
+                server.brokered = False
+                self._dispatcher.regrant(lane, None)
+            return
+        server.brokered = True
+        if server.presence is None:
+            server.presence = await self._take(server.runs_limit, self.priority)
+        runs = await self._client.read_global_concurrency_limit_by_name(server.runs_limit)
+        target = min(lane.capacity, share(slots, self.priority, runs.active_slots))
+        held = len(server.leases)
+        if target < held:
+            self._dispatcher.regrant(lane, target)
+            # Slots still covering requests in flight are released at a later period.
+            spare = held - max(target, lane.in_flight)
+            for _ in range(max(0, spare)):
+                await self._release(server.leases.pop())
+        elif target > held:
+            taken = await asyncio.gather(
+                *(self._take(server.slots_limit, 1) for _ in range(target - held))
+            )
+            server.leases += [lease for lease in taken if lease is not None]
+            self._dispatcher.regrant(lane, len(server.leases))
+        elif lane.granted != held:
+            self._dispatcher.regrant(lane, held)
+
+    async def _slots_limit(self, server: _Server) -> int | None:
+        """The server's slots limit (created from the lane's shape on first use); None when an
+        operator deactivated it."""
+        try:
+            limit = await self._client.read_global_concurrency_limit_by_name(server.slots_limit)
+        except ObjectNotFound:
+            size = server.lane.total_slots + self._queue_depth
+            for name, limit_size in ((server.slots_limit, size), (server.runs_limit, RUNS_LIMIT)):
+                try:
+                    await self._client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit_size)
+                    )
+                except ObjectAlreadyExists:  # another run created it meanwhile
+                    pass
+            limit = await self._client.read_global_concurrency_limit_by_name(server.slots_limit)
+        return limit.limit if limit.active else None
+
+    async def _take(self, name: str, slots: int) -> UUID | None:
+        """A lease on `slots` of limit `name`, or None when they are taken (nothing waits)."""
+        try:
+            response = await self._client.increment_concurrency_slots_with_lease(
+                names=[name],
+                slots=slots,
+                mode="concurrency",
+                lease_duration=self._lease_seconds,
+                holder=self._holder,
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:  # full
+                return None
+            raise
+        return UUID(response.json()["lease_id"])
+
+    async def _release(self, lease: UUID) -> None:
+        try:
+            await self._client.release_concurrency_slots_with_lease(lease)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 404:  # 404: it had lapsed already
+                raise
+
+    async def _renew(self) -> None:
+        for server in self._servers:
+            leases = list(server.leases)
+            renewed = await asyncio.gather(*(self._renew_one(lease) for lease in leases))
+            for lease, alive in zip(leases, renewed, strict=True):
+                if not alive:  # lapsed (this process stalled past its lease): the slot is gone
+                    server.leases.remove(lease)
+            if server.presence is not None and not await self._renew_one(server.presence):
+                server.presence = None
+            if len(server.leases) != len(leases):
+                logger.warning(
+                    "Slot leases lapsed; the run keeps fewer requests in flight",
+                    server=server.lane.name,
+                    lost=len(leases) - len(server.leases),
+                )
+                self._dispatcher.regrant(server.lane, len(server.leases))
+
+    async def _renew_one(self, lease: UUID) -> bool:
+        try:
+            await self._client.renew_concurrency_lease(lease, lease_duration=self._lease_seconds)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code in (404, 410):
+                return False
+            raise
+        return True

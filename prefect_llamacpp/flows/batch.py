@@ -447,7 +447,7 @@ async def _run(
     runner.names_servers = isinstance(job.server, list)
     runner.checks_embeddings = job.embeds
     broker = None
-    if job.run.broker:
+    if job.run.broker and PREFECT_API_URL.value():  # process-local API: nobody to share with
         broker = SlotBroker(
             runner.lanes,
             runner.dispatch,

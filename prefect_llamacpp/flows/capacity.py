@@ -62,6 +62,7 @@ class _Server:
     leases: list[UUID] = field(default_factory=list)  # one slot each
     presence: UUID | None = None  # our `priority` slots of the runs-limit
     brokered: bool = True  # False: the limit is deactivated, the run is not held back
+    starved_since: float | None = None  # since when it has held no slot
 
 
 class SlotBroker:
@@ -171,6 +172,26 @@ class SlotBroker:
             self._dispatcher.regrant(lane, len(server.leases))
         elif lane.granted != held:
             self._dispatcher.regrant(lane, held)
+        self._watch_starving(server, slots)
+
+    def _watch_starving(self, server: _Server, slots: int) -> None:
+        """Say so when a run gets no slot for longer than a dead run's leases last."""
+        now = asyncio.get_running_loop().time()
+        if server.leases:
+            server.starved_since = None
+        elif server.starved_since is None:
+            server.starved_since = now
+        elif now - server.starved_since > 2 * self._lease_seconds + 30:
+            server.starved_since = now  # said again a while later, not every period
+            logger.warning(
+                "No slot of this server has been free for this run; the runs holding them are "
+                "alive, or the Prefect server reclaims no lapsed lease (its repossessor service "
+                "is off). See or reset the limit in the Prefect UI (Concurrency), or run with "
+                "run.broker = false",
+                server=server.lane.name,
+                limit=server.slots_limit,
+                slots=slots,
+            )
 
     async def _slots_limit(self, server: _Server) -> int | None:
         """The server's slots limit (created from the lane's shape on first use); None when an

@@ -1,0 +1,136 @@
+"""The capacity broker with real parts: two batch commands at once on one 4-slot llama-server,
+sharing it through a real `prefect server start`. The server's own figures (`/metrics`: requests
+processing + deferred) are read while they run: with the broker the two together stay within its
+slots plus queue depth; without it (the control) they double it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from harness.models import ensure_model
+from harness.server import LlamaServer
+from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.capacity import limit_names
+from tests.flows.test_batch_flow import write_input
+from tests.prefect_server import prefect_server as start_prefect_server
+
+pytestmark = pytest.mark.integration
+
+SLOTS, QUEUE_DEPTH = 4, 1
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    with start_prefect_server(home) as server:
+        yield server.api
+
+
+@pytest.fixture(scope="module")
+def four_slots(tmp_path_factory):
+    args = ["-np", str(SLOTS), "-c", "4096", "--metrics", "--alias", "tiny"]
+    with LlamaServer(ensure_model("tiny"), args, log_dir=tmp_path_factory.mktemp("logs")) as llama:
+        yield llama
+
+
+class InFlight(threading.Thread):
+    """Reads the server's requests in flight (processing + deferred) until stopped; the most."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(daemon=True)
+        self.root, self.most, self.reads, self._stop = root, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                text = client.get(f"{self.root}/metrics").text
+                figures = {
+                    name: float(value)
+                    for name, value in re.findall(
+                        r"^llamacpp:(requests_processing|requests_deferred) (\S+)$", text, re.M
+                    )
+                }
+                self.most = max(self.most, int(sum(figures.values())))
+                self.reads += 1
+                time.sleep(0.01)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self.join(10)
+        return self.most
+
+
+def batch(api: str, home: Path, *args: str) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect_llamacpp.flows.batch", *args],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[int, list[dict]]:
+    source = write_input(tmp_path / "in.jsonl", 300)
+    watch = InFlight(llama.url)
+    watch.start()
+    runs = [
+        batch(
+            api,
+            tmp_path / name,
+            str(source),
+            "out.jsonl",
+            "--server",
+            "four-slots",
+            "--max-tokens",
+            "48",
+            "--queue-depth",
+            str(QUEUE_DEPTH),
+            *extra,
+        )
+        for name in ("a", "b")
+    ]
+    summaries = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err.decode()[-3000:]
+        summaries.append(json.loads(out))
+    most = watch.stop()
+    assert watch.reads > 20, "the server's metrics were hardly read"
+    return most, summaries
+
+
+def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_path):
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        LlamaCppServer.register_type_and_schema()
+        LlamaCppServer(base_url=four_slots.openai_base, timeout=10).save(
+            "four-slots", overwrite=True
+        )
+    most, summaries = two_batches_at_once(prefect_api, four_slots, tmp_path / "brokered")
+    assert all(summary["succeeded"] == 300 for summary in summaries)
+    assert 0 < most <= SLOTS + QUEUE_DEPTH, most
+
+    # The limit the broker made, sized from /props, with every slot given back.
+    slots_limit, _ = limit_names(four_slots.url)
+    limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/{slots_limit}", timeout=10).json()
+    assert limit["limit"] == SLOTS + QUEUE_DEPTH and limit["active_slots"] == 0, limit
+
+    # The control: without the broker the same two runs double the server's load.
+    unbrokered, _ = two_batches_at_once(
+        prefect_api, four_slots, tmp_path / "control", "--no-broker"
+    )
+    assert unbrokered > SLOTS + QUEUE_DEPTH, unbrokered

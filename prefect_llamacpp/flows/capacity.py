@@ -21,6 +21,8 @@ import asyncio
 import hashlib
 import math
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -30,6 +32,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from prefect_llamacpp.batch.dispatch import Dispatcher, Lane
 from prefect_llamacpp.log import get_logger_with_context
@@ -258,3 +261,40 @@ class SlotBroker:
                 return False
             raise
         return True
+
+
+@asynccontextmanager
+async def canary_slot(server_root: str, wait_seconds: float) -> AsyncIterator[str | None]:
+    """One slot of a brokered server for a health canary, for the body. Yields None when it holds
+    one or the server is not brokered (no shared Prefect API, no active limit); else why not:
+    no slot freed within `wait_seconds` (the canary's own first-byte deadline), so the canary
+    is sent beside the runs holding them all."""
+    if not PREFECT_API_URL.value():
+        yield None
+        return
+    name, _ = limit_names(server_root)
+    async with get_client() as client:
+        try:
+            limit = await client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            limit = None
+        if limit is None or not limit.active:
+            yield None
+            return
+        lease = None
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while lease is None and asyncio.get_running_loop().time() < deadline:
+            try:
+                response = await client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=1, mode="concurrency", lease_duration=60
+                )
+                lease = UUID(response.json()["lease_id"])
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise
+                await asyncio.sleep(0.25)
+        try:
+            yield None if lease else f"every slot held by batch runs for {wait_seconds:g} s"
+        finally:
+            if lease is not None:
+                await client.release_concurrency_slots_with_lease(lease)

@@ -26,6 +26,7 @@ from pydantic_settings import CliApp, CliPositionalArg
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.canary import CanaryOptions
 from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, ServerNotReadyError
+from prefect_llamacpp.flows.capacity import canary_slot
 from prefect_llamacpp.flows.fleet import server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
@@ -163,7 +164,12 @@ async def _check_server(
     """One server's check: state (with the canary when given), slot load, a log line, an event."""
     logger = get_run_logger()
     if canary is not None:
-        status = await check_server_with_canary(block, canary)
+        # Runs sharing the server through the broker hold its slots: the canary takes one too.
+        root = block.settings().server_url.root
+        async with canary_slot(root, canary.first_byte_timeout) as crowded:
+            status = await check_server_with_canary(block, canary)
+        if crowded and status.canary:
+            status.canary += f" ({crowded})"
     else:
         status = await check_server(block)
     healthy = status.state in (ServerState.READY, ServerState.BUSY)

@@ -6,6 +6,7 @@ slots plus queue depth; without it (the control) they double it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.models import ensure_model
@@ -85,6 +88,7 @@ def batch(api: str, home: Path, *args: str) -> subprocess.Popen:
 
 
 def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[int, list[dict]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     source = write_input(tmp_path / "in.jsonl", 300)
     watch = InFlight(llama.url)
     watch.start()
@@ -134,3 +138,36 @@ def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_
         prefect_api, four_slots, tmp_path / "control", "--no-broker"
     )
     assert unbrokered > SLOTS + QUEUE_DEPTH, unbrokered
+
+
+async def test_the_health_canary_takes_a_slot_of_a_brokered_server(prefect_api, four_slots):
+    from prefect.client.orchestration import get_client
+
+    from prefect_llamacpp.flows.health import llamacpp_health_flow
+
+    slots_limit, _ = limit_names(four_slots.url)
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        LlamaCppServer.register_type_and_schema()
+        LlamaCppServer(base_url=four_slots.openai_base, timeout=10).save(
+            "four-slots", overwrite=True
+        )
+        canary = {"first_byte_timeout": 2}
+        async with get_client() as client:
+            with contextlib.suppress(ObjectAlreadyExists):  # made by the batch test, or here
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=slots_limit, limit=SLOTS + QUEUE_DEPTH)
+                )
+            held = [
+                await client.increment_concurrency_slots_with_lease(
+                    names=[slots_limit], slots=1, mode="concurrency", lease_duration=60
+                )
+                for _ in range(SLOTS + QUEUE_DEPTH)
+            ]  # every slot, as batch runs would hold them
+            crowded = await llamacpp_health_flow(server="four-slots", canary=canary)
+            for lease in held:
+                await client.release_concurrency_slots_with_lease(lease.json()["lease_id"])
+            free = await llamacpp_health_flow(server="four-slots", canary=canary)
+            limit = await client.read_global_concurrency_limit_by_name(slots_limit)
+    assert "every slot held by batch runs for 2 s" in crowded.status.canary
+    assert free.status.state == "ready" and "every slot" not in free.status.canary
+    assert limit.active_slots == 0  # the canary's slot given back

@@ -19,7 +19,11 @@ side by side mean anything). Same requests everywhere, fixed output length (`ign
    against the raw runs either side of it, 8 rounds;
 9. object storage: the same batch with its output on S3 (a moto server on loopback: parts
    published at every chunk's end, joined at the end) / to a local file, over the whole call,
-   rounds alternating; and the peak RSS of the large batch of (4) with input and output on S3.
+   rounds alternating; and the peak RSS of the large batch of (4) with input and output on S3;
+10. the capacity broker: one run alone with the broker on / off (short answers, where its cost
+    would show most), whole calls, rounds alternating;
+11. shards: the same batch (input and output on S3, a fleet of two servers) as 2 shards on two
+    process workers of a real `prefect server start` / as one run, whole calls.
 
     python -m benchmarks.batch_throughput [--quick]
 """
@@ -468,6 +472,97 @@ async def measure_object_storage(requests: int, rounds: int, work: Path) -> dict
     return {"ratio": median(ratios)}
 
 
+async def measure_broker(requests: int, rounds: int, work: Path) -> dict[str, float]:
+    """One run alone, broker on / off: the same short answers, whole calls, rounds alternating."""
+    from harness.models import ensure_model
+    from harness.server import LlamaServer
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+
+    source = write_jsonl(work / "broker.jsonl", prompts(requests))
+
+    async def run(broker: bool) -> float:
+        started = time.perf_counter()
+        summary = await llamacpp_batch_flow(
+            str(source),
+            str(work / f"broker-out-{time.monotonic_ns()}.jsonl"),
+            server="bench-broker",
+            request={"max_tokens": 8, "extra_body": EXTRA},
+            run={"broker": broker},
+        )
+        assert summary.failed == 0 and summary.succeeded == requests, summary.failed_by_kind
+        return requests / (time.perf_counter() - started)
+
+    args = ["-np", str(SLOTS), "-c", str(SLOTS * 1024), "--alias", "tiny"]
+    ratios = []
+    with LlamaServer(ensure_model("tiny"), args, log_dir=work) as server:
+        await LlamaCppServer(base_url=server.url).save("bench-broker", overwrite=True)
+        await run(True)  # warm-up
+        for round_number in range(rounds):
+            sides = [True, False] if round_number % 2 == 0 else [False, True]
+            results = {side: await run(side) for side in sides}
+            ratios.append(results[True] / results[False])
+            print(f"[bench] broker round {round_number + 1} (req/s): {results}", flush=True)
+    return {"ratio": median(ratios)}
+
+
+def measure_shards(requests: int, rounds: int, work: Path, endpoint: str) -> dict[str, float]:
+    """2 shards on two workers / one run, over a fleet of two servers, whole calls."""
+    import s3fs
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from harness.models import ensure_model
+    from harness.prefect_server import prefect_server
+    from harness.s3 import S3_ENV
+    from harness.server import LlamaServer
+    from harness.work_pool import deploy_batch, worker
+    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+
+    s3fs.S3FileSystem().mkdir("bench-shards")
+    s3fs.S3FileSystem().put_file(
+        str(write_jsonl(work / "shards.jsonl", prompts(requests))), "s3://bench-shards/in.jsonl"
+    )
+    args = ["-np", "2", "-c", "2048", "--alias", "tiny"]
+    with contextlib.ExitStack() as stack:
+        api = stack.enter_context(prefect_server(work / "shards-prefect")).api
+        fleet = [
+            stack.enter_context(LlamaServer(ensure_model("tiny"), args, log_dir=work))
+            for _ in range(2)
+        ]
+        deployment = deploy_batch(api, work / "shards-project", "bench-pool", "bench-shards")
+        for index in range(2):
+            home = work / f"shards-worker-{index}"
+            stack.enter_context(
+                worker(api, home, "bench-pool", AWS_ENDPOINT_URL=endpoint, **S3_ENV)
+            )
+        stack.enter_context(temporary_settings({PREFECT_API_URL: api}))
+        for index, server in enumerate(fleet):
+            LlamaCppServer(base_url=server.url).save(f"bench-shard-{index}", overwrite=True)
+
+        def run(shards: int) -> float:
+            started = time.perf_counter()
+            summary = asyncio.run(
+                llamacpp_batch_flow(
+                    "s3://bench-shards/in.jsonl",
+                    f"s3://bench-shards/out-{time.monotonic_ns()}.jsonl",
+                    server=["bench-shard-0", "bench-shard-1"],
+                    request={"max_tokens": 16, "extra_body": EXTRA},
+                    run={"shards": shards, "shard_deployment": deployment},
+                )
+            )
+            assert summary.failed == 0 and summary.succeeded == requests, summary.failed_by_kind
+            return requests / (time.perf_counter() - started)
+
+        ratios = []
+        for round_number in range(rounds):
+            sides = [1, 2] if round_number % 2 == 0 else [2, 1]
+            results = {side: run(side) for side in sides}
+            ratios.append(results[2] / results[1])
+            print(f"[bench] shards round {round_number + 1} (req/s): {results}", flush=True)
+    return {"ratio": median(ratios)}
+
+
 def memory_child(lines: int, url: str, work: Path) -> None:
     """Run one batch of `lines` tiny prompts in this process; print peak RSS and task runs."""
     from prefect.client.orchestration import get_client
@@ -604,6 +699,8 @@ def main() -> None:
         fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
         embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, 2 * rounds, work))
         storage = asyncio.run(measure_object_storage(500 if args.quick else 1_000, rounds, work))
+        broker = asyncio.run(measure_broker(1_000, rounds, work))
+        shards = measure_shards(4_000 if args.quick else 10_000, rounds, work, endpoint)
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]
     task_runs_per_1000 = memory[small]["task_runs"] * 1000 / small
@@ -645,6 +742,11 @@ def main() -> None:
     print(f"flow/raw throughput ratio: {tiny['ratio']:.2f} (tiny model)")
     print(f"flow/raw throughput ratio: {bench['ratio']:.2f} (bench model)")
     print(f"output on S3 / output to a local file: {storage['ratio']:.2f} (tiny model, whole call)")
+    print(f"one run alone, broker on / off: {broker['ratio']:.2f} (tiny model, short answers)")
+    print(
+        f"2 shards on two workers / 1 run: {shards['ratio']:.2f} (tiny model, fleet of two, "
+        "whole call; client, workers and servers share this machine's cores)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ from prefect_llamacpp.flows.output_lease import lease_name, output_lease
 from prefect_llamacpp.storage import canonical_url, filesystem, is_url, shown
 
 SHARD_ATTEMPTS = 3  # new runs per shard per parent run: a shard that fails this often stops it
-POLL_SECONDS = 5.0
+# The parent looks at its shards every second at first, then less often as the batch goes on
+# (a tenth of the time it has run, at most 10 s apart): a few API calls per shard each time.
+MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 10.0
 
 
 def shard_output(output: str, shard: Shard) -> str:
@@ -156,6 +158,7 @@ class _Watch:
         self._progress: UUID | None = None
 
     async def until_done(self, shards: list[Shard], logger) -> dict[Shard, FlowRun]:
+        started = time.monotonic()
         runs = {shard: await self._adopt_or_start(shard, logger) for shard in shards}
         self._progress = await acreate_progress_artifact(
             progress=0.0,
@@ -170,7 +173,8 @@ class _Watch:
             await self._show_progress(runs)
             if all(run.state is not None and run.state.is_completed() for run in runs.values()):
                 return runs
-            await asyncio.sleep(POLL_SECONDS)
+            elapsed = time.monotonic() - started
+            await asyncio.sleep(min(MAX_POLL_SECONDS, max(MIN_POLL_SECONDS, elapsed / 10)))
 
     async def _adopt_or_start(self, shard: Shard, logger) -> FlowRun:
         earlier = await self._runs_of(shard)

@@ -25,10 +25,10 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from harness.prefect_server import prefect_server as start_prefect_server
 from harness.server import LlamaServer
 from prefect_llamacpp.blocks import LlamaCppServer
 from tests.conftest import SECRET_KEY
-from tests.prefect_server import prefect_server as start_prefect_server
 
 pytestmark = pytest.mark.integration
 

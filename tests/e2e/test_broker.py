@@ -23,11 +23,11 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.models import ensure_model
+from harness.prefect_server import prefect_server as start_prefect_server
 from harness.server import LlamaServer
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.flows.capacity import limit_names
 from tests.flows.test_batch_flow import write_input
-from tests.prefect_server import prefect_server as start_prefect_server
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +53,11 @@ class InFlight(threading.Thread):
 
     def __init__(self, root: str) -> None:
         super().__init__(daemon=True)
-        self.root, self.most, self.reads, self._stop = root, 0, 0, threading.Event()
+        self.root, self.most, self.reads, self._done = root, 0, 0, threading.Event()
 
     def run(self) -> None:
         with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
+            while not self._done.is_set():
                 text = client.get(f"{self.root}/metrics").text
                 figures = {
                     name: float(value)
@@ -70,7 +70,7 @@ class InFlight(threading.Thread):
                 time.sleep(0.01)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join(10)
         return self.most
 
@@ -127,6 +127,7 @@ def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_
     most, summaries = two_batches_at_once(prefect_api, four_slots, tmp_path / "brokered")
     assert all(summary["succeeded"] == 300 for summary in summaries)
     assert 0 < most <= SLOTS + QUEUE_DEPTH, most
+    print(f"in flight at most, two brokered runs: {most}")
 
     # The limit the broker made, sized from /props, with every slot given back.
     slots_limit, _ = limit_names(four_slots.url)
@@ -138,6 +139,7 @@ def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_
         prefect_api, four_slots, tmp_path / "control", "--no-broker"
     )
     assert unbrokered > SLOTS + QUEUE_DEPTH, unbrokered
+    print(f"in flight at most, two runs without the broker: {unbrokered}")
 
 
 async def test_the_health_canary_takes_a_slot_of_a_brokered_server(prefect_api, four_slots):
@@ -147,8 +149,8 @@ async def test_the_health_canary_takes_a_slot_of_a_brokered_server(prefect_api, 
 
     slots_limit, _ = limit_names(four_slots.url)
     with temporary_settings({PREFECT_API_URL: prefect_api}):
-        LlamaCppServer.register_type_and_schema()
-        LlamaCppServer(base_url=four_slots.openai_base, timeout=10).save(
+        await LlamaCppServer.aregister_type_and_schema()
+        await LlamaCppServer(base_url=four_slots.openai_base, timeout=10).asave(
             "four-slots", overwrite=True
         )
         canary = {"first_byte_timeout": 2}

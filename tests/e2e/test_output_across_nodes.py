@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from harness.prefect_server import prefect_server as start_prefect_server
 from prefect_llamacpp.blocks import LlamaCppServer
 from tests.flows.test_batch_flow import write_input
 from tests.object_storage import upload
-from tests.prefect_server import prefect_server as start_prefect_server
 from tests.stalling_proxy import StallingProxy
 
 pytestmark = pytest.mark.integration

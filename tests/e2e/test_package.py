@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from harness.models import ensure_model
+from harness.prefect_server import prefect_server
 from harness.server import LlamaServer
-from tests.prefect_server import prefect_server
 
 pytestmark = pytest.mark.integration
 

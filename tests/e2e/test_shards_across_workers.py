@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -24,37 +23,20 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.models import ensure_model
+from harness.prefect_server import prefect_server as start_prefect_server
 from harness.s3 import S3_ENV
 from harness.server import LlamaServer
+from harness.work_pool import deploy_batch, kill_group, node_env, worker
 from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.flows.shards import batch_tag
 from tests.flows.test_batch_flow import write_input
 from tests.object_storage import upload
-from tests.prefect_server import prefect_server as start_prefect_server
 
 pytestmark = pytest.mark.integration
 
 LEASE_SECONDS = 60  # Prefect's shortest lease
 POOL = "shards-pool"
-DEPLOYMENT = "llamacpp-batch/shards-e2e"
 PROMPTS = 3000
-
-
-def prefect_env(api: str, home: Path, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PREFECT_API_URL": api,
-        "PREFECT_HOME": str(home / "prefect-home"),
-        "TMPDIR": str(home / "tmp"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        **extra,
-    }
-
-
-def node(root: Path, name: str) -> Path:
-    """A node: its own working directory holding its own (empty) temporary disk."""
-    home = root / name
-    (home / "tmp").mkdir(parents=True, exist_ok=True)
-    return home
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +46,6 @@ def cluster(tmp_path_factory, s3_server):
     env = {"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1"}
     model = ensure_model("tiny")
     with ExitStack() as stack:
-        (root / "server-home").mkdir()
         api = stack.enter_context(start_prefect_server(root / "server-home", env=env)).api
         llamas = [
             stack.enter_context(
@@ -76,77 +57,29 @@ def cluster(tmp_path_factory, s3_server):
             LlamaCppServer.register_type_and_schema()
             for name, llama in zip(("fleet-a", "fleet-b"), llamas, strict=True):
                 LlamaCppServer(base_url=llama.openai_base, timeout=10).save(name, overwrite=True)
-        project = node(root, "project")
-        (project / "prefect.yaml").write_text(
-            "name: shards-e2e\n"
-            "pull: []\n"
-            "deployments:\n"
-            "  - name: shards-e2e\n"
-            "    entrypoint: prefect_llamacpp.flows.batch:llamacpp_batch_flow\n"
-            f"    work_pool: {{name: {POOL}}}\n"
-        )
-        prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
-        for command in (
-            ["work-pool", "create", POOL, "--type", "process"],
-            ["deploy", "--all"],
-        ):
-            done = subprocess.run(
-                prefect + command,
-                cwd=project,
-                env=prefect_env(api, project),
-                capture_output=True,
-                text=True,
-                timeout=180,
-            )
-            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        workers = {}
-        for index in range(3):
-            home = node(root, f"worker-{index}")
-            workers[index] = stack.enter_context(worker(api, home, s3_server))
-        yield {"api": api, "root": root, "llamas": llamas, "workers": workers}
-
-
-@contextmanager
-def worker(api: str, home: Path, s3_endpoint: str):
-    log = open(home / "worker.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--limit", "1"],
-        cwd=home,
-        env=prefect_env(
-            api, home, PREFECT_WORKER_QUERY_SECONDS="1", AWS_ENDPOINT_URL=s3_endpoint, **S3_ENV
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: killed whole, as a node dies
-    )
-    try:
-        yield process
-    finally:
-        kill_group(process.pid)
-        process.wait(30)
-        log.close()
-
-
-def kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        deployment = deploy_batch(api, root / "project", POOL, "shards-e2e")
+        s3 = {"AWS_ENDPOINT_URL": s3_server, **S3_ENV}
+        workers = [
+            stack.enter_context(worker(api, root / f"worker-{index}", POOL, **s3))
+            for index in range(3)
+        ]
+        yield {"api": api, "deployment": deployment, "workers": workers}
 
 
 def parent(api: str, home: Path, *args: str) -> subprocess.Popen:
+    """The batch command on node `home`: the parent run of a sharded batch."""
     command = [sys.executable, "-m", "prefect_llamacpp.flows.batch", *args]
     return subprocess.Popen(
         command,
         cwd=home,
-        env=prefect_env(api, home),
+        env=node_env(api, home),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
 
 
-def sharded_args(source: str, output: str) -> list[str]:
+def sharded_args(source: str, output: str, deployment: str) -> list[str]:
     return [
         source,
         output,
@@ -161,7 +94,7 @@ def sharded_args(source: str, output: str) -> list[str]:
         "--shards",
         "3",
         "--shard-deployment",
-        DEPLOYMENT,
+        deployment,
         "--lease-seconds",
         str(LEASE_SECONDS),
         "--checkpoint-seconds",
@@ -216,7 +149,11 @@ def input_for(tmp_path: Path, bucket: str, name: str) -> tuple[str, str]:
 def test_three_shards_over_three_workers_answer_every_id_once(cluster, s3_bucket, tmp_path):
     source, output = input_for(tmp_path, s3_bucket, "happy")
     summary = finish(
-        parent(cluster["api"], node(tmp_path, "parent"), *sharded_args(source, output))
+        parent(
+            cluster["api"],
+            (tmp_path / "parent"),
+            *sharded_args(source, output, cluster["deployment"]),
+        )
     )
     every_id_once(output)
     assert summary["succeeded"] == PROMPTS and summary["failed"] == 0
@@ -224,8 +161,6 @@ def test_three_shards_over_three_workers_answer_every_id_once(cluster, s3_bucket
     # Each shard took about a third (ids spread by their hash) and used both servers.
     assert all(800 < share["succeeded"] < 1200 for share in summary["shards"]), summary["shards"]
     assert {share["server"] for share in summary["servers"]} == {"fleet-a", "fleet-b"}
-    from prefect_llamacpp.flows.shards import batch_tag
-
     runs = runs_of_batch(cluster["api"], batch_tag(source, output, 3))
     assert len(runs) == 3 and {run["state_type"] for run in runs} == {"COMPLETED"}
     # Three workers, each its own node: the shards ran on more than one of them.
@@ -235,10 +170,10 @@ def test_three_shards_over_three_workers_answer_every_id_once(cluster, s3_bucket
 
 def test_a_worker_killed_mid_shard_its_shard_reruns_on_a_survivor(cluster, s3_bucket, tmp_path):
     source, output = input_for(tmp_path, s3_bucket, "killed-worker")
-    from prefect_llamacpp.flows.shards import batch_tag
-
     tag = batch_tag(source, output, 3)
-    process = parent(cluster["api"], node(tmp_path, "parent"), *sharded_args(source, output))
+    process = parent(
+        cluster["api"], (tmp_path / "parent"), *sharded_args(source, output, cluster["deployment"])
+    )
     try:
         deadline = time.monotonic() + 240
         while not parts_of_every_shard(output):
@@ -251,13 +186,11 @@ def test_a_worker_killed_mid_shard_its_shard_reruns_on_a_survivor(cluster, s3_bu
         assert running, "no shard was running"
         victim = running[0]
         flow_pid = int(victim["infrastructure_pid"].rsplit(":", 1)[-1])
-        worker_pid = next(
-            process.pid
-            for process in cluster["workers"].values()
-            if str(flow_pid) in _children(process.pid) or flow_pid == process.pid
-        )
-        kill_group(worker_pid)
-        kill_group(os.getpgid(flow_pid)) if _alive(flow_pid) else None
+        (owner,) = [w for w in cluster["workers"] if str(flow_pid) in _descendants(w.pid)]
+        # The node dies: its worker's process group and the flow run's own (if it has one).
+        flow_group = os.getpgid(flow_pid)
+        kill_group(owner.pid)
+        kill_group(flow_group)
         summary = finish(process, timeout=600)
     finally:
         kill_group(process.pid)
@@ -273,11 +206,9 @@ def test_a_worker_killed_mid_shard_its_shard_reruns_on_a_survivor(cluster, s3_bu
 
 def test_the_parent_killed_and_rerun_starts_no_shard_twice(cluster, s3_bucket, tmp_path):
     source, output = input_for(tmp_path, s3_bucket, "killed-parent")
-    from prefect_llamacpp.flows.shards import batch_tag
-
     tag = batch_tag(source, output, 3)
-    args = sharded_args(source, output)
-    first = parent(cluster["api"], node(tmp_path, "parent-1"), *args)
+    args = sharded_args(source, output, cluster["deployment"])
+    first = parent(cluster["api"], tmp_path / "parent-1", *args)
     deadline = time.monotonic() + 240
     while not parts_of_every_shard(output):
         assert first.poll() is None, first.communicate()[1].decode()[-3000:]
@@ -290,7 +221,7 @@ def test_the_parent_killed_and_rerun_starts_no_shard_twice(cluster, s3_bucket, t
     attempts = 0
     while True:  # refused while the dead parent's lease on the output lives
         attempts += 1
-        rerun = parent(cluster["api"], node(tmp_path, f"parent-{attempts + 1}"), *args)
+        rerun = parent(cluster["api"], tmp_path / f"parent-{attempts + 1}", *args)
         out, err = rerun.communicate(timeout=600)
         if rerun.returncode == 0:
             break
@@ -306,7 +237,7 @@ def test_the_parent_killed_and_rerun_starts_no_shard_twice(cluster, s3_bucket, t
     assert all(share["attempts"] == 1 for share in summary["shards"])
 
 
-def _children(pid: int) -> set[str]:
+def _descendants(pid: int) -> set[str]:
     """Every descendant pid of `pid`, as strings."""
     found: set[str] = set()
     frontier = [str(pid)]
@@ -324,11 +255,3 @@ def _children(pid: int) -> set[str]:
                 found.add(proc.name)
                 frontier.append(proc.name)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.prefect_server import PrefectServer, prefect_server
+from harness.prefect_server import PrefectServer, prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
 # Assertions wait as long as actions do (Playwright's 5 s default is short for a loaded 2-core

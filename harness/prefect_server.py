@@ -1,4 +1,5 @@
-"""A real `prefect server start` on 127.0.0.1 for the end-to-end and browser tests.
+"""A real `prefect server start` on 127.0.0.1 for the end-to-end and browser tests and the
+benchmarks.
 
 Its own home and SQLite database, analytics off, started as a user would start it, stopped (the
 whole process group) at the end. With `ui=True` it serves both Prefect UIs: the new one under
@@ -53,6 +54,7 @@ def prefect_server(
         **(env or {}),
     }
     env.pop("PREFECT_API_URL", None)
+    home.mkdir(parents=True, exist_ok=True)
     log_path = home / "server.log"
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--analytics-off"] + ([] if ui else ["--no-ui"])

@@ -523,7 +523,7 @@ def measure_shards(requests: int, rounds: int, work: Path, endpoint: str) -> dic
     s3fs.S3FileSystem().put_file(
         str(write_jsonl(work / "shards.jsonl", prompts(requests))), "s3://bench-shards/in.jsonl"
     )
-    args = ["-np", "2", "-c", "2048", "--alias", "tiny"]
+    args = ["-np", "2", "-c", "2048", "-t", "1", "--alias", "tiny"]  # one core each (fleet)
     with contextlib.ExitStack() as stack:
         api = stack.enter_context(prefect_server(work / "shards-prefect")).api
         fleet = [
@@ -699,7 +699,7 @@ def main() -> None:
         fleet = asyncio.run(measure_fleet(128 if args.quick else 256, rounds, work))
         embed = asyncio.run(measure_embeddings(2_000 if args.quick else 5_000, 2 * rounds, work))
         storage = asyncio.run(measure_object_storage(500 if args.quick else 1_000, rounds, work))
-        broker = asyncio.run(measure_broker(1_000, rounds, work))
+        broker = asyncio.run(measure_broker(3_000, rounds, work))
         shards = measure_shards(4_000 if args.quick else 10_000, rounds, work, endpoint)
 
     rss_growth = memory[large]["peak_rss_mb"] - memory[small]["peak_rss_mb"]

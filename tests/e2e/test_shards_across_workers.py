@@ -49,7 +49,7 @@ def cluster(tmp_path_factory, s3_server):
         api = stack.enter_context(start_prefect_server(root / "server-home", env=env)).api
         llamas = [
             stack.enter_context(
-                LlamaServer(model, ["-np", "2", "--metrics", "--alias", "tiny"], log_dir=root)
+                LlamaServer(model, ["-np", "2", "-t", "1", "--alias", "tiny"], log_dir=root)
             )
             for _ in range(2)
         ]

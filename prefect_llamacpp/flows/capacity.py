@@ -12,7 +12,10 @@ the dispatcher keeps its requests within it (`Lane.granted`). Grants follow dema
 server also holds `priority` slots of `llamacpp-runs-<server>` (a limit nobody fills: its active
 slots are the sum of the priorities of the runs alive on the server), and every `period` seconds
 takes its share of the slots, `priority / sum of priorities` (alone: all of them), shrinking as
-its requests finish or growing from slots that others freed.
+its requests finish or growing from slots that others freed. Shares are whole slots: a run keeps
+at least the share rounded down (and one), and takes the rounded-up share while no run is below
+its own; a run below its share says so by holding a slot of `llamacpp-wants-<server>`, and the
+others give back what they hold beyond theirs. More runs than slots: the later ones wait.
 """
 
 from __future__ import annotations
@@ -44,18 +47,20 @@ PERIOD_SECONDS = 2.0  # how soon a run takes its share after another run comes o
 RUNS_LIMIT = 1_000_000  # the runs-limit only counts: it never refuses
 
 
-def limit_names(server_root: str) -> tuple[str, str]:
-    """(slots limit, runs limit) of a server, by its root URL: readable in the Prefect UI
+def limit_names(server_root: str) -> tuple[str, str, str]:
+    """(slots, runs, wants) limits of a server, by its root URL: readable in the Prefect UI
     (host and port), unique (a hash of the whole root, reverse-proxy prefix included)."""
     host = re.sub(r"^[a-z]+://", "", server_root).split("/", 1)[0]
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", host)[:40].strip("-")
     digest = hashlib.sha256(server_root.rstrip("/").encode()).hexdigest()[:10]
-    return f"llamacpp-slots-{base}-{digest}", f"llamacpp-runs-{base}-{digest}"
+    return tuple(f"llamacpp-{kind}-{base}-{digest}" for kind in ("slots", "runs", "wants"))
 
 
-def share(slots: int, priority: int, priorities: int) -> int:
-    """A run's share of a server's `slots` when the runs on it sum to `priorities`."""
-    return max(1, math.ceil(slots * priority / max(priorities, priority)))
+def shares(slots: int, priority: int, priorities: int) -> tuple[int, int]:
+    """A run's share of a server's `slots` when the runs on it sum to `priorities`, rounded
+    down and up (at least one each)."""
+    exact = slots * priority / max(priorities, priority)
+    return max(1, math.floor(exact)), max(1, math.ceil(exact))
 
 
 @dataclass(eq=False)
@@ -63,8 +68,10 @@ class _Server:
     lane: Lane
     slots_limit: str
     runs_limit: str
+    wants_limit: str
     leases: list[UUID] = field(default_factory=list)  # one slot each
     presence: UUID | None = None  # our `priority` slots of the runs-limit
+    wanting: UUID | None = None  # our slot of the wants-limit while below our share
     brokered: bool = True  # False: the limit is deactivated, the run is not held back
     starved_since: float | None = None  # since when it has held no slot
 
@@ -122,7 +129,8 @@ class SlotBroker:
         if self._client is None:
             return
         leases = [lease for server in self._servers for lease in server.leases]
-        leases += [server.presence for server in self._servers if server.presence is not None]
+        for server in self._servers:
+            leases += [lease for lease in (server.presence, server.wanting) if lease is not None]
         for lease in leases:
             try:
                 await self._release(lease)
@@ -130,7 +138,7 @@ class SlotBroker:
                 logger.warning("A slot could not be given back", fault=str(exc))
         for server in self._servers:
             server.leases.clear()
-            server.presence = None
+            server.presence = server.wanting = None
         await self._client.__aexit__(None, None, None)
         self._client = None
 
@@ -169,23 +177,30 @@ class SlotBroker:
         lane = server.lane
         if lane.pending or lane.retired:
             return  # shaped (its slots known) when it joins
-        slots = await self._slots_limit(server)
-        if slots is None:  # deactivated in the UI: this server is not brokered
+        slots = await self._read(server.slots_limit, lane.total_slots + self._queue_depth)
+        if not slots.active:  # deactivated in the UI: this server is not brokered
             if server.brokered:
                 server.brokered = False
                 self._dispatcher.regrant(lane, None)
             return
         server.brokered = True
         if server.presence is None:
+            if not server.leases and (lease := await self._take(server.slots_limit, 1)):
+                # One slot at once: the run starts while the rest is worked out.
+                server.leases.append(lease)
+                self._dispatcher.regrant(lane, 1)
+            await self._read(server.runs_limit, RUNS_LIMIT)  # made if missing
             server.presence = await self._take(server.runs_limit, self.priority)
-        runs = await self._client.read_global_concurrency_limit_by_name(server.runs_limit)
-        target = min(lane.capacity, share(slots, self.priority, runs.active_slots))
+        runs = await self._read(server.runs_limit, RUNS_LIMIT)
+        wants = await self._read(server.wants_limit, RUNS_LIMIT)
+        others_wanting = wants.active_slots - (server.wanting is not None)
+        low, high = shares(slots.limit, self.priority, runs.active_slots)
+        target = min(lane.capacity, high if others_wanting <= 0 else low)
         held = len(server.leases)
         if target < held:
             self._dispatcher.regrant(lane, target)
             # Slots still covering requests in flight are released at a later period.
-            spare = held - max(target, lane.in_flight)
-            for _ in range(max(0, spare)):
+            for _ in range(max(0, held - max(target, lane.in_flight))):
                 await self._release(server.leases.pop())
         elif target > held:
             for _ in range(target - held):
@@ -196,7 +211,13 @@ class SlotBroker:
                 self._dispatcher.regrant(lane, len(server.leases))  # each slot used at once
         elif lane.granted != held:
             self._dispatcher.regrant(lane, held)
-        self._watch_starving(server, slots)
+        below = len(server.leases) < min(lane.capacity, low)
+        if below and server.wanting is None:
+            server.wanting = await self._take(server.wants_limit, 1)
+        elif not below and server.wanting is not None:
+            await self._release(server.wanting)
+            server.wanting = None
+        self._watch_starving(server, slots.limit)
 
     def _watch_starving(self, server: _Server, slots: int) -> None:
         """Say so when a run gets no slot for longer than a dead run's leases last."""
@@ -217,22 +238,19 @@ class SlotBroker:
                 slots=slots,
             )
 
-    async def _slots_limit(self, server: _Server) -> int | None:
-        """The server's slots limit (created from the lane's shape on first use); None when an
-        operator deactivated it."""
+    async def _read(self, name: str, size: int):
+        """Limit `name`, created with `size` slots if it is missing (first use, or deleted by
+        hand: an operator resizes or deactivates a limit in the UI; a deleted one comes back)."""
         try:
-            limit = await self._client.read_global_concurrency_limit_by_name(server.slots_limit)
+            return await self._client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            size = server.lane.total_slots + self._queue_depth
-            for name, limit_size in ((server.slots_limit, size), (server.runs_limit, RUNS_LIMIT)):
-                try:
-                    await self._client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=limit_size)
-                    )
-                except ObjectAlreadyExists:  # another run created it meanwhile
-                    pass
-            limit = await self._client.read_global_concurrency_limit_by_name(server.slots_limit)
-        return limit.limit if limit.active else None
+            try:
+                await self._client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=size)
+                )
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
+            return await self._client.read_global_concurrency_limit_by_name(name)
 
     async def _take(self, name: str, slots: int) -> UUID | None:
         """A lease on `slots` of limit `name`, or None when they are taken (nothing waits)."""
@@ -292,7 +310,7 @@ async def canary_slot(server_root: str, wait_seconds: float) -> AsyncIterator[st
     if not PREFECT_API_URL.value():
         yield None
         return
-    name, _ = limit_names(server_root)
+    name = limit_names(server_root)[0]
     async with get_client() as client:
         try:
             limit = await client.read_global_concurrency_limit_by_name(name)

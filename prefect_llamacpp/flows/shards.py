@@ -60,6 +60,8 @@ SHARD_ATTEMPTS = 3  # new runs per shard per parent run: a shard that fails this
 # The parent looks at its shards every second at first, then less often as the batch goes on
 # (a tenth of the time it has run, at most 10 s apart): a few API calls per shard each time.
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 1.0, 10.0
+PENDING_LEASES = 10  # a pending shard run with no lease is given up after this many leases
+UNPICKED_WARNING_SECONDS = 60
 
 
 def shard_output(output: str, shard: Shard) -> str:
@@ -97,10 +99,11 @@ async def run_shards(job, storage: str | None, logger) -> BatchSummary:
             "storage": storage,
         }
         started = time.monotonic()
+        joined = await asyncio.to_thread(_joined_runs, fs, output_object)
         async with get_client() as client:
             watch = _Watch(client, deployment, tag, parameters, output, job.run.lease_seconds)
-            runs = await watch.until_done(shards, logger)
-        summaries = await asyncio.to_thread(_join, fs, output, shards, job.output_format)
+            runs = await watch.until_done(shards, joined, logger)
+        summaries = await asyncio.to_thread(_join, fs, output, runs)
     summary = _summary(job, summaries, runs, watch.attempts, started)
     await acreate_markdown_artifact(
         markdown=render_summary(summary),
@@ -155,11 +158,16 @@ class _Watch:
         self.attempts: dict[Shard, int] = {}  # runs of each shard, over every parent run
         self._started_here: dict[Shard, int] = {}
         self._lease_free_since: dict[UUID, float] = {}
+        self._scheduled_seen: dict[UUID, float] = {}
+        self._warned: set[UUID] = set()
         self._progress: UUID | None = None
 
-    async def until_done(self, shards: list[Shard], logger) -> dict[Shard, FlowRun]:
+    async def until_done(
+        self, shards: list[Shard], joined: set[str], logger
+    ) -> dict[Shard, FlowRun]:
+        """Every shard's completed run. `joined`: the runs an earlier parent joined already."""
         started = time.monotonic()
-        runs = {shard: await self._adopt_or_start(shard, logger) for shard in shards}
+        runs = {shard: await self._adopt_or_start(shard, joined, logger) for shard in shards}
         self._progress = await acreate_progress_artifact(
             progress=0.0,
             key="llamacpp-batch-progress",
@@ -169,20 +177,25 @@ class _Watch:
             for shard, run in list(runs.items()):
                 if run.state is not None and run.state.is_completed():
                     continue
-                runs[shard] = await self._follow(shard, await self.client.read_flow_run(run.id))
+                current = await self.client.read_flow_run(run.id)
+                runs[shard] = await self._follow(shard, current, logger)
             await self._show_progress(runs)
             if all(run.state is not None and run.state.is_completed() for run in runs.values()):
                 return runs
             elapsed = time.monotonic() - started
             await asyncio.sleep(min(MAX_POLL_SECONDS, max(MIN_POLL_SECONDS, elapsed / 10)))
 
-    async def _adopt_or_start(self, shard: Shard, logger) -> FlowRun:
+    async def _adopt_or_start(self, shard: Shard, joined: set[str], logger) -> FlowRun:
+        """The shard's last run when it is still going, or completed but never joined (its
+        parent died); else a new run: a rerun of a joined batch runs every shard again (each
+        resumes from its parts: done lines skipped, failed ones tried again, new ones run)."""
         earlier = await self._runs_of(shard)
         self.attempts[shard] = len(earlier)
-        if earlier and not _failed(earlier[-1]):
-            logger.info("Shard %s: following its run %s", shard, earlier[-1].name)
-            return earlier[-1]
-        return await self._start(shard, earlier[-1] if earlier else None)
+        last = earlier[-1] if earlier else None
+        if last is not None and not _failed(last) and str(last.id) not in joined:
+            logger.info("Shard %s: following its run %s", shard, last.name)
+            return last
+        return await self._start(shard, last)
 
     async def _runs_of(self, shard: Shard) -> list[FlowRun]:
         runs = await self.client.read_flow_runs(
@@ -217,30 +230,44 @@ class _Watch:
             flow_run_name=f"shard-{shard.index}-of-{shard.count}-attempt-{attempt + 1}",
         )
 
-    async def _follow(self, shard: Shard, run: FlowRun) -> FlowRun:
+    async def _follow(self, shard: Shard, run: FlowRun, logger) -> FlowRun:
         state = run.state
         if state is None or state.is_completed():
             return run
         if _failed(run):
             return await self._start(shard, run)
         if not (state.is_running() or state.is_pending()):
+            self._say_if_unpicked(shard, run, logger)
             return run  # scheduled: waits for a worker
         if await self._lease_held(shard):
             self._lease_free_since.pop(run.id, None)
             return run
         free_since = self._lease_free_since.setdefault(run.id, time.monotonic())
-        if time.monotonic() - free_since < self.lease_seconds:
+        # A pending run may still be starting its infrastructure (pulling an image, say).
+        patience = self.lease_seconds * (1 if state.is_running() else PENDING_LEASES)
+        if time.monotonic() - free_since < patience:
             return run
         # Its worker vanished: nothing holds its output. Crashed, so it never comes back.
         await self.client.set_flow_run_state(
             run.id,
             Crashed(
-                message=f"no lease on its output for {self.lease_seconds:g} s: its worker is "
-                "gone; the parent started the shard again"
+                message=f"no lease on its output for {patience:g} s while {state.type.value.lower()}:"
+                " its worker is gone; the parent started the shard again"
             ),
             force=True,
         )
         return await self._start(shard, run)
+
+    def _say_if_unpicked(self, shard: Shard, run: FlowRun, logger) -> None:
+        waited = time.monotonic() - self._scheduled_seen.setdefault(run.id, time.monotonic())
+        if waited >= UNPICKED_WARNING_SECONDS and run.id not in self._warned:
+            self._warned.add(run.id)
+            logger.warning(
+                "Shard %s has waited %d s for a worker of its work pool: start one (a parent "
+                "running on the same pool holds one of its slots while it waits)",
+                shard,
+                waited,
+            )
 
     async def _lease_held(self, shard: Shard) -> bool:
         name = lease_name(canonical_url(shard_output(self.output, shard)))
@@ -277,15 +304,37 @@ def _failed(run: FlowRun) -> bool:
     return run.state is not None and run.state.is_final() and not run.state.is_completed()
 
 
-def _join(fs, output: str, shards: list[Shard], output_format: str) -> list[dict]:
+def _joined_runs(fs, output_object: str) -> set[str]:
+    """The shard runs an earlier parent joined into this output."""
+    record = output_object + ".shards/joined.json"
+    return set(json.loads(fs.cat_file(record))) if fs.exists(record) else set()
+
+
+def _join(fs, output: str, runs: dict[Shard, FlowRun]) -> list[dict]:
     """The shards' outputs, one after another, as the output (each id is in one shard only);
-    the errors files likewise; the first shard's settings beside it. Returns their summaries."""
+    the errors files likewise; the first shard's settings beside it; the runs joined recorded.
+    Returns the shards' summaries."""
     _, output_object = filesystem(output)
+    shards = list(runs)
     summaries = []
     for shard in shards:
         _, shard_object = filesystem(shard_output(output, shard))
         summary = shard_object + ".summary.json"
-        summaries.append(json.loads(fs.cat_file(summary)) if fs.exists(summary) else {})
+        if not fs.exists(summary):
+            raise BatchAbortedError(
+                f"shard {shard} completed but left no summary beside {shown(shard_output(output, shard))}"
+                " (removed by hand?); rerun the batch"
+            )
+        figures = json.loads(fs.cat_file(summary))
+        if (
+            not fs.exists(shard_object)
+            and figures["succeeded"] + figures["failed"] + figures["skipped_done"]
+        ):
+            raise BatchAbortedError(
+                f"shard {shard} answered lines but its output {shown(shard_output(output, shard))} "
+                "is missing (removed by hand?); rerun the batch"
+            )
+        summaries.append(figures)
     for suffix in ("", ".errors.jsonl"):
         names = [filesystem(shard_output(output, shard))[1] + suffix for shard in shards]
         present = [name for name in names if fs.exists(name)]
@@ -298,6 +347,8 @@ def _join(fs, output: str, shards: list[Shard], output_format: str) -> list[dict
     settings = filesystem(shard_output(output, shards[0]))[1] + ".settings.json"
     if fs.exists(settings):
         fs.pipe_file(output_object + ".settings.json", fs.cat_file(settings))
+    joined = sorted(str(run.id) for run in runs.values())
+    fs.pipe_file(output_object + ".shards/joined.json", json.dumps(joined).encode())
     return summaries
 
 

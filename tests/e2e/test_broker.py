@@ -130,7 +130,7 @@ def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_
     print(f"in flight at most, two brokered runs: {most}")
 
     # The limit the broker made, sized from /props, with every slot given back.
-    slots_limit, _ = limit_names(four_slots.url)
+    slots_limit = limit_names(four_slots.url)[0]
     limit = httpx.get(f"{prefect_api}/v2/concurrency_limits/{slots_limit}", timeout=10).json()
     assert limit["limit"] == SLOTS + QUEUE_DEPTH and limit["active_slots"] == 0, limit
 
@@ -147,7 +147,7 @@ async def test_the_health_canary_takes_a_slot_of_a_brokered_server(prefect_api, 
 
     from prefect_llamacpp.flows.health import llamacpp_health_flow
 
-    slots_limit, _ = limit_names(four_slots.url)
+    slots_limit = limit_names(four_slots.url)[0]
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         await LlamaCppServer.aregister_type_and_schema()
         await LlamaCppServer(base_url=four_slots.openai_base, timeout=10).asave(

@@ -167,6 +167,16 @@ def test_three_shards_over_three_workers_answer_every_id_once(cluster, s3_bucket
     pids = {run["infrastructure_pid"].rsplit(":", 1)[-1] for run in runs}
     assert len(pids) == 3
 
+    # Run again (a joined batch): every shard runs again, resumes from its parts, redoes nothing.
+    again = finish(
+        parent(
+            cluster["api"], tmp_path / "again", *sharded_args(source, output, cluster["deployment"])
+        )
+    )
+    assert again["skipped_done"] == PROMPTS and again["succeeded"] == 0
+    assert len(runs_of_batch(cluster["api"], batch_tag(source, output, 3))) == 6
+    every_id_once(output)
+
 
 def test_a_worker_killed_mid_shard_its_shard_reruns_on_a_survivor(cluster, s3_bucket, tmp_path):
     source, output = input_for(tmp_path, s3_bucket, "killed-worker")

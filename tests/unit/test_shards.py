@@ -10,7 +10,7 @@ import pytest
 from prefect_llamacpp.batch.dispatch import Dispatcher, Lane
 from prefect_llamacpp.batch.jsonl_input import InputReader, Shard
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.flows.capacity import limit_names, share
+from prefect_llamacpp.flows.capacity import limit_names, shares
 from prefect_llamacpp.flows.shards import batch_tag
 
 
@@ -59,17 +59,25 @@ def test_a_batch_is_its_input_output_and_shard_count():
 
 @pytest.mark.parametrize(
     ("slots", "priority", "priorities", "expected"),
-    [(5, 1, 1, 5), (5, 1, 2, 3), (5, 1, 5, 1), (5, 1, 50, 1), (10, 3, 4, 8), (10, 1, 4, 3)],
+    [
+        (5, 1, 1, (5, 5)),  # alone: every slot
+        (5, 1, 2, (2, 3)),
+        (5, 1, 4, (1, 2)),
+        (5, 1, 50, (1, 1)),  # more runs than slots: one each, the later ones wait
+        (10, 3, 4, (7, 8)),
+        (10, 1, 4, (2, 3)),
+    ],
 )
 def test_a_runs_share_follows_its_priority(slots, priority, priorities, expected):
-    assert share(slots, priority, priorities) == expected
+    assert shares(slots, priority, priorities) == expected
 
 
 def test_limit_names_are_per_server_and_valid_prefect_names():
-    slots, runs = limit_names("http://gpu-1:8080/proxy/llama")
+    slots, runs, wants = limit_names("http://gpu-1:8080/proxy/llama")
     assert slots.startswith("llamacpp-slots-gpu-1-8080-") and runs.startswith("llamacpp-runs-")
+    assert wants.startswith("llamacpp-wants-gpu-1-8080-")
     assert slots != limit_names("http://gpu-1:8080")[0]
-    assert all(ch.isalnum() or ch in "._-" for ch in slots + runs)
+    assert all(ch.isalnum() or ch in "._-" for ch in slots + runs + wants)
 
 
 async def test_a_grant_bounds_the_requests_in_flight_and_more_room_is_handed_out_at_once():

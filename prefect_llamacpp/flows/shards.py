@@ -160,6 +160,7 @@ class _Watch:
         self._lease_free_since: dict[UUID, float] = {}
         self._scheduled_seen: dict[UUID, float] = {}
         self._warned: set[UUID] = set()
+        self._logged_tenths = 0
         self._progress: UUID | None = None
 
     async def until_done(
@@ -179,7 +180,7 @@ class _Watch:
                     continue
                 current = await self.client.read_flow_run(run.id)
                 runs[shard] = await self._follow(shard, current, logger)
-            await self._show_progress(runs)
+            await self._show_progress(runs, logger)
             if all(run.state is not None and run.state.is_completed() for run in runs.values()):
                 return runs
             elapsed = time.monotonic() - started
@@ -277,10 +278,14 @@ class _Watch:
             return False
         return limit.active_slots > 0
 
-    async def _show_progress(self, runs: dict[Shard, FlowRun]) -> None:
+    async def _show_progress(self, runs: dict[Shard, FlowRun], logger) -> None:
         shares = await asyncio.gather(*(self._progress_of(run) for run in runs.values()))
         progress = round(sum(shares) / len(shares), 1)
         await self.client.update_artifact(self._progress, ArtifactUpdate(data=progress))
+        if int(progress // 10) > self._logged_tenths:  # a log line every tenth of the batch
+            self._logged_tenths = int(progress // 10)
+            done = sum(run.state is not None and run.state.is_completed() for run in runs.values())
+            logger.info("Batch %.0f%% done; %d of %d shards completed", progress, done, len(runs))
 
     async def _progress_of(self, run: FlowRun) -> float:
         if run.state is not None and run.state.is_completed():

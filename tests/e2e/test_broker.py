@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ from tests.flows.test_batch_flow import write_input
 pytestmark = pytest.mark.integration
 
 SLOTS, QUEUE_DEPTH = 4, 1
+PROMPTS = 1500  # each run lasts several seconds: the two overlap whatever their start-up takes
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def batch(api: str, home: Path, *args: str) -> subprocess.Popen:
 
 def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[int, list[dict]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    source = write_input(tmp_path / "in.jsonl", 300)
+    source = write_input(tmp_path / "in.jsonl", PROMPTS)
     watch = InFlight(llama.url)
     watch.start()
     runs = [
@@ -115,7 +117,19 @@ def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[i
         summaries.append(json.loads(out))
     most = watch.stop()
     assert watch.reads > 20, "the server's metrics were hardly read"
+    # They ran at the same time for a while (else any bound would hold by itself).
+    spans = [answered_between(tmp_path / name / "out.jsonl") for name in ("a", "b")]
+    together = min(end for _, end in spans) - max(start for start, _ in spans)
+    assert together > 2, spans
     return most, summaries
+
+
+def answered_between(output: Path) -> tuple[float, float]:
+    times = [
+        datetime.fromisoformat(json.loads(line)["finished_at"]).timestamp()
+        for line in output.read_text().splitlines()
+    ]
+    return min(times), max(times)
 
 
 def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_path):
@@ -125,7 +139,7 @@ def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_
             "four-slots", overwrite=True
         )
     most, summaries = two_batches_at_once(prefect_api, four_slots, tmp_path / "brokered")
-    assert all(summary["succeeded"] == 300 for summary in summaries)
+    assert all(summary["succeeded"] == PROMPTS for summary in summaries)
     assert 0 < most <= SLOTS + QUEUE_DEPTH, most
     print(f"in flight at most, two brokered runs: {most}")
 

@@ -11,7 +11,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
 from prefect_llamacpp.batch.dispatch import Dispatcher, Lane
 from prefect_llamacpp.config import LlamaCppSettings
-from prefect_llamacpp.flows.capacity import SlotBroker, limit_names
+from prefect_llamacpp.flows.capacity import SlotBroker, _held, limit_names
 
 PERIOD = 0.2
 
@@ -39,7 +39,7 @@ async def held(name: str) -> int:
 async def settle(runs, seconds: float = 3.0) -> list[int]:
     """Grants after `seconds`, checking on the way that together they never exceed the limit."""
     for _ in range(int(seconds / 0.05)):
-        assert sum(len(b._servers[0].leases) for b, _ in runs) <= 5
+        assert sum(_held(b._servers[0]) for b, _ in runs) <= 5
         await asyncio.sleep(0.05)
     return [lane.granted for _, lane in runs]
 

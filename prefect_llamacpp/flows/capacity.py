@@ -36,7 +36,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.settings import PREFECT_API_URL
 
 from prefect_llamacpp.batch.dispatch import Dispatcher, Lane
 from prefect_llamacpp.log import get_logger_with_context
@@ -45,7 +45,6 @@ logger = get_logger_with_context("capacity")
 
 PERIOD_SECONDS = 2.0  # how soon a run takes its share after another run comes or goes
 RUNS_LIMIT = 1_000_000  # the runs-limit only counts: it never refuses
-TAKE_TRIES = 8  # a write the Prefect database refused while busy (503): tried again at once
 
 
 def limit_names(server_root: str) -> tuple[str, str, str]:
@@ -61,7 +60,10 @@ def shares(slots: int, priority: int, priorities: int) -> tuple[int, int]:
     """A run's share of a server's `slots` when the runs on it sum to `priorities`, rounded
     down and up (at least one each)."""
     exact = slots * priority / max(priorities, priority)
-    return max(1, math.floor(exact)), max(1, math.ceil(exact))
+    # Every other run keeps at least one slot (they number at most `priorities - priority`):
+    # rounded-down shares never add up past the slots while runs <= slots.
+    low = min(math.floor(exact), slots - (max(priorities, priority) - priority))
+    return max(1, low), max(1, math.ceil(exact))
 
 
 @dataclass(eq=False)
@@ -125,9 +127,12 @@ class SlotBroker:
         (each slot is used the moment it is granted), not for the whole first round of calls."""
         self._client = get_client()
         await self._client.__aenter__()
-        for server in self._servers:
-            if not server.lane.pending and not server.lane.retired:
-                await self._first_grant(server)
+        try:
+            for server in self._servers:
+                if not server.lane.pending and not server.lane.retired:
+                    await self._first_grant(server)
+        except (httpx.HTTPError, OSError) as exc:  # the loop tries again every period
+            logger.warning("The capacity broker could not reach Prefect", fault=str(exc))
         self._stopping = asyncio.Event()
         self._loop = asyncio.create_task(self._every_period())
 
@@ -289,30 +294,20 @@ class SlotBroker:
             return await self._client.read_global_concurrency_limit_by_name(name)
 
     async def _take(self, name: str, slots: int) -> UUID | None:
-        """A lease on `slots` of limit `name`, or None when they are taken (nothing waits).
-
-        A Prefect server on SQLite answers 503 ("database is locked") to a write that meets
-        another; its client would try again 2 s later, which a run waiting for its first slots
-        feels (measured: the first grant at 2.0 s instead of 0.07). Tried again here at once,
-        a few times, then left to the next period."""
-        for attempt in range(TAKE_TRIES):
-            try:
-                with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
-                    response = await self._client.increment_concurrency_slots_with_lease(
-                        names=[name],
-                        slots=slots,
-                        mode="concurrency",
-                        lease_duration=self._lease_seconds,
-                        holder=self._holder,
-                    )
-                return UUID(response.json()["lease_id"])
-            except httpx.HTTPStatusError as exc:
-                if exc.response.status_code == 423:  # full
-                    return None
-                if exc.response.status_code != 503:
-                    raise
-                await asyncio.sleep(0.02 * 2**attempt)  # 5 s in all, then the next period
-        return None
+        """A lease on `slots` of limit `name`, or None when they are taken (nothing waits)."""
+        try:
+            response = await self._client.increment_concurrency_slots_with_lease(
+                names=[name],
+                slots=slots,
+                mode="concurrency",
+                lease_duration=self._lease_seconds,
+                holder=self._holder,
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:  # full
+                return None
+            raise
+        return UUID(response.json()["lease_id"])
 
     async def _release(self, lease: UUID) -> None:
         try:

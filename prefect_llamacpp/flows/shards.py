@@ -141,7 +141,8 @@ def _check_layout(fs, output_object: str, output: str, count: int) -> None:
         names = fs.ls(output_object + ".shards", detail=False, refresh=True)
     except FileNotFoundError:
         return
-    counts = {name.rsplit("-of-", 1)[-1].split(".", 1)[0] for name in names if "-of-" in name}
+    basenames = [name.rstrip("/").rsplit("/", 1)[-1] for name in names]
+    counts = {name.split("-of-", 1)[1].split(".", 1)[0] for name in basenames if "-of-" in name}
     if counts - {str(count)}:
         raise ConfigurationError(
             f"{shown(output)} was written in {', '.join(sorted(counts))} shards; rerun it with "
@@ -328,7 +329,7 @@ def _join(fs, output: str, runs: dict[Shard, FlowRun]) -> list[dict]:
         if not fs.exists(summary):
             raise BatchAbortedError(
                 f"shard {shard} completed but left no summary beside {shown(shard_output(output, shard))}"
-                " (removed by hand?); rerun the batch"
+                " (removed by hand?); give the batch another output (its shard runs are adopted, not rerun, on this one)"
             )
         figures = json.loads(fs.cat_file(summary))
         if (
@@ -337,7 +338,7 @@ def _join(fs, output: str, runs: dict[Shard, FlowRun]) -> list[dict]:
         ):
             raise BatchAbortedError(
                 f"shard {shard} answered lines but its output {shown(shard_output(output, shard))} "
-                "is missing (removed by hand?); rerun the batch"
+                "is missing (removed by hand?); give the batch another output (its shard runs are adopted, not rerun, on this one)"
             )
         summaries.append(figures)
     for suffix in ("", ".errors.jsonl"):

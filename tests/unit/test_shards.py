@@ -66,6 +66,7 @@ def test_a_batch_is_its_input_output_and_shard_count():
         (5, 1, 50, (1, 1)),  # more runs than slots: one each, the later ones wait
         (10, 3, 4, (7, 8)),
         (10, 1, 4, (2, 3)),
+        (5, 10, 13, (2, 4)),  # beside three runs of priority 1, each of which keeps a slot
     ],
 )
 def test_a_runs_share_follows_its_priority(slots, priority, priorities, expected):

@@ -37,7 +37,13 @@ NOT_DEFAULT = {
     "allow_settings_change": True,
     "checkpoint_seconds": 5.0,
     "lease_seconds": 90.0,
+    "broker": False,
+    "priority": 3,
+    "shards": 2,
+    "shard_deployment": "llamacpp-batch/elsewhere",
 }
+# What a run that reaches the runner is given: a sharded one is a parent and runs no lines.
+RUNNER_VALUES = NOT_DEFAULT | {"shards": 1}
 
 
 def test_every_option_has_a_test_value_unlike_its_default():
@@ -50,10 +56,12 @@ def test_every_option_has_a_test_value_unlike_its_default():
 
 def cli_flags() -> list[str]:
     flags = []
-    for name, value in NOT_DEFAULT.items():
+    for name, value in RUNNER_VALUES.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif value is False:
+            flags.append("--no-" + name.replace("_", "-"))
         else:
             flags += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     return flags
@@ -75,7 +83,7 @@ def runner_options(monkeypatch):
 
 def assert_all_reached(options) -> None:
     for group, name in option_names():
-        assert getattr(getattr(options, group), name) == NOT_DEFAULT[name], name
+        assert getattr(getattr(options, group), name) == RUNNER_VALUES[name], name
 
 
 async def test_every_option_reaches_the_runner_from_the_flow(
@@ -85,7 +93,7 @@ async def test_every_option_reaches_the_runner_from_the_flow(
     (tmp_path / "in.jsonl").write_text('{"custom_id": "a", "input": "hello"}\n')
     groups = {"request": {}, "run": {}}
     for group, name in option_names():
-        groups[group][name] = NOT_DEFAULT[name]
+        groups[group][name] = RUNNER_VALUES[name]
     summary = await batch_flow.llamacpp_batch_flow(
         str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), server="opts", **groups
     )

@@ -324,6 +324,8 @@ class SlotBroker:
                     server.leases.remove(entry)  # lapsed (this process stalled): slots gone
             if server.presence is not None and not await self._renew_one(server.presence):
                 server.presence = None
+            if server.wanting is not None and not await self._renew_one(server.wanting):
+                server.wanting = None  # taken again at the next period while still below
             if len(server.leases) != len(leases):
                 logger.warning(
                     "Slot leases lapsed; the run keeps fewer requests in flight",

@@ -13,6 +13,7 @@ from pydantic_ai.models.openai import OpenAIChatModel
 
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppConnection, LlamaCppSettings
+from prefect_llamacpp.launch import LaunchSpec
 from prefect_llamacpp.provider import create_llamacpp_model, create_llamacpp_model_async
 
 DEFAULT_BLOCK_NAME = "llamacpp"
@@ -76,3 +77,42 @@ print(agent.run_sync("Say hello in five words.").output)
     async def create_model_async(self, model_name: str | None = None, **kwargs) -> OpenAIChatModel:
         """A pydantic-ai model after checking the server is ready; raises `ServerNotReadyError` if not."""
         return await create_llamacpp_model_async(model_name, self.settings(), **kwargs)
+
+
+class LlamaCppLaunch(Block, LaunchSpec):
+    """How a run starts its own llama-server on the worker: binary, model, server options.
+
+    A batch given `launch="BLOCK_NAME"` starts the server before its first request, watches it
+    (restarting it when wedged or crashed, within the restart policy) and stops it at the end,
+    however the run ends. The model may be a local path or a URL (downloaded once per machine).
+
+    Example:
+        Run a batch with a server of its own:
+        ```python
+        from prefect_llamacpp import LlamaCppLaunch, llamacpp_batch_flow
+
+        LlamaCppLaunch(model="s3://models/qwen3-0.6b-q8_0.gguf", parallel=8).save("BLOCK_NAME")
+        llamacpp_batch_flow("prompts.jsonl", "results.jsonl", launch="BLOCK_NAME")
+        ```
+    """
+
+    model_config = ConfigDict(hide_input_in_errors=True, extra="allow")  # as Block
+
+    _block_type_name = "llama.cpp Launch"
+    _block_type_slug = "llamacpp-launch"
+    _description = (
+        "How to start a llama-server for a run: binary, model (path or URL, cached), slots, "
+        "context, embeddings, restart policy."
+    )
+    _documentation_url = "https://github.com/ggml-org/llama.cpp/tree/master/tools/server"
+    _code_example = """
+```python
+from prefect_llamacpp import LlamaCppLaunch, llamacpp_batch_flow
+
+llamacpp_batch_flow("prompts.jsonl", "results.jsonl", launch="BLOCK_NAME")
+```
+"""
+
+    def spec(self) -> LaunchSpec:
+        """The stored fields as a `LaunchSpec` (what `llamacpp_server` takes)."""
+        return LaunchSpec(**{name: getattr(self, name) for name in LaunchSpec.model_fields})

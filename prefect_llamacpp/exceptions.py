@@ -17,6 +17,7 @@
     ├── ServerNotReadyError            not ready now or before a deadline; `last_state` says why
     ├── DeadlineExceededError          the health canary missed its first-byte or total deadline
     ├── ModelError                     the served model could not be detected (the cause is kept)
+    ├── LaunchError                    a llama-server we start exited or was not ready in time
     └── BatchError                     a batch cannot start or go on; finished work is saved
         ├── BatchAbortedError          stopped mid-run (wrong key, server gone past the deadline)
         ├── NoServerError              no server that can run a line has been usable in time
@@ -195,6 +196,11 @@ class ServerNotReadyError(LlamaCppError):
         super().__init__(message, details=details)
         self.last_state = last_state
         self.transient = transient
+
+
+class LaunchError(LlamaCppError):
+    """A llama-server this process started exited, or was not ready within `ready_timeout`; the
+    message ends with its log's tail. Not transient: the same command fails the same way."""
 
 
 class BatchError(LlamaCppError):

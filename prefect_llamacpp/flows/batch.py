@@ -53,11 +53,13 @@ from prefect_llamacpp.exceptions import (
 )
 from prefect_llamacpp.flows.batch_progress import BatchProgress
 from prefect_llamacpp.flows.capacity import SlotBroker
-from prefect_llamacpp.flows.fleet import gate_fleet, resolve_servers, server_names
+from prefect_llamacpp.flows.fleet import FleetMember, gate_fleet, resolve_servers, server_names
+from prefect_llamacpp.flows.launched import launched_member
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.output_lease import output_lease
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.flows.storage_block import storage_from_block
+from prefect_llamacpp.launch import LaunchSpec
 from prefect_llamacpp.storage import (
     canonical_url,
     checked_input,
@@ -161,6 +163,7 @@ async def llamacpp_batch_flow(
     output_format: OutputFormat = "native",
     storage: str | None = None,
     shard: str | None = None,
+    launch: LaunchSpec | str | None = None,
 ) -> BatchSummary:
     """Run every line of a JSONL file through one llama-server or a fleet; resumable.
 
@@ -186,6 +189,10 @@ async def llamacpp_batch_flow(
             under its base URL. Left out: the storage library's own (environment, ~/.aws, role).
         shard: `K/N`: run only the lines of shard K of N (set by a sharded batch's parent run
             for each shard it starts; `run.shards` splits a batch).
+        launch: Start a llama-server for this run on the worker: the name of a saved
+            llama.cpp Launch block, or a launch spec (model path or URL, slots, context...).
+            It is watched, restarted if wedged, and stopped when the run ends. With `server`
+            too, the run uses both. A sharded batch starts one per shard.
 
     Returns:
         The run's `BatchSummary` (also written as the `llamacpp-batch-summary` artifact).
@@ -203,6 +210,7 @@ async def llamacpp_batch_flow(
             run,
             output_format,
             shard,
+            launch,
         )
         if run.shards > 1 and job.shard is None:
             from prefect_llamacpp.flows.shards import run_shards
@@ -222,12 +230,16 @@ async def _batch(job: _Job, logger) -> BatchSummary:
                 output_format=output_format,
             )
         )
-        lanes, summary, options = await _open_fleet(job, ledger, closing, logger)
+        launched = None
+        if job.launch is not None:  # after the lease and lock: a refused run starts nothing
+            launched = await closing.enter_async_context(launched_member(job.launch))
+        lanes, summary, options = await _open_fleet(job, ledger, closing, logger, launched)
         if published is not None:
             await published.publish()  # the settings: proves the output writable, none sent yet
         progress = await BatchProgress.start(job.lines, done=len(ledger.state.done))
         closing.push_async_callback(progress.close)  # before the ledger closes, whatever happens
-        await _run(job, lanes, summary, options, ledger, progress, logger, published)
+        private = {launched.label} if launched else set()
+        await _run(job, lanes, summary, options, ledger, progress, logger, published, private)
     log_outcome(logger, summary)
     if summary.outcome == "aborted":
         raise BatchAbortedError(summary.abort_reason or "batch aborted")
@@ -251,6 +263,12 @@ class _Job:
     lines: int
     embedding_lines: int
     shard: Shard | None = None  # this run is one shard of a sharded batch
+    launch: LaunchSpec | str | None = None  # a server this run starts itself
+
+    @property
+    def fleet(self) -> bool:
+        """Several servers (or a list of one): result lines name theirs, settings no model."""
+        return isinstance(self.server, list) or (self.server is not None and bool(self.launch))
 
     @property
     def embeds(self) -> bool:
@@ -259,7 +277,14 @@ class _Job:
 
 
 def _check_job(
-    input_path, output_path, server, request, run, output_format, shard: str | None = None
+    input_path,
+    output_path,
+    server,
+    request,
+    run,
+    output_format,
+    shard: str | None = None,
+    launch: LaunchSpec | str | None = None,
 ) -> _Job:
     """What can be refused before anything is opened: a missing input, bad server names."""
     try:
@@ -287,7 +312,10 @@ def _check_job(
             f"input {shown(source)} is the output or a file the batch writes beside it; give "
             "the output another URL"
         )
-    server_names(server)  # an empty or repeated name fails before anything is opened
+    if server is not None or launch is None:
+        server_names(server)  # an empty or repeated name fails before anything is opened
+    if isinstance(launch, str) and not launch.strip():
+        raise ConfigurationError("launch is an empty name: name a llama.cpp Launch block")
     lines, embedding_lines = _count_lines(source)
     if selected is not None:  # about its share: ids are spread evenly by their hash
         lines, embedding_lines = -(-lines // selected.count), -(-embedding_lines // selected.count)
@@ -302,6 +330,7 @@ def _check_job(
         lines,
         embedding_lines,
         selected,
+        launch,
     )
 
 
@@ -348,13 +377,18 @@ async def _open_published(
 
 
 async def _open_fleet(
-    job: _Job, ledger: Ledger, closing: contextlib.AsyncExitStack, logger
+    job: _Job,
+    ledger: Ledger,
+    closing: contextlib.AsyncExitStack,
+    logger,
+    launched: FleetMember | None = None,
 ) -> tuple[list[Lane], BatchSummary, BatchOptions]:
-    """Gate the servers, open a lane for each (pending for those not ready yet), check the
-    embedding servers and the ledger's settings: everything that may refuse the run before a
-    line is sent."""
+    """Gate the servers (the named ones and the one this run started), open a lane for each
+    (pending for those not ready yet), check the embedding servers and the ledger's settings:
+    everything that may refuse the run before a line is sent."""
     request, run, server = job.request, job.run, job.server
-    members = await gate_fleet(await resolve_servers(server), run.ready_timeout)
+    named = await resolve_servers(server) if server is not None or launched is None else []
+    members = await gate_fleet(named + ([launched] if launched else []), run.ready_timeout)
     # Servers not ready now join the run when they are (pending lanes, watched).
     lanes = [
         Lane.for_server(
@@ -389,7 +423,7 @@ async def _open_fleet(
     )
     # A fleet's answers come from whichever server is free, and its members come and go
     # between runs: lines pin a model by naming it, so the run's settings name none.
-    model = ready[0].model if not isinstance(server, list) else "(fleet)"
+    model = ready[0].model if not job.fleet else "(fleet)"
     summary = BatchSummary(
         input_path=shown(job.source),
         output_path=shown(job.output),
@@ -425,6 +459,7 @@ async def _run(
     progress: BatchProgress,
     logger,
     published: PublishedLedger | None = None,
+    private: set[str] = frozenset(),
 ) -> None:
     """Run the pending lines in chunks, then report: the summary artifact and the last progress.
     An abort is an outcome in `summary`; anything else unexpected is raised after the report.
@@ -444,12 +479,14 @@ async def _run(
         on_results=finished,
         already_done=ledger.succeeded.__contains__,
     )
-    runner.names_servers = isinstance(job.server, list)
+    runner.names_servers = job.fleet
     runner.checks_embeddings = job.embeds
     broker = None
-    if job.run.broker and PREFECT_API_URL.value():  # process-local API: nobody to share with
+    # Shared servers only: one this run started is its own. No API: nobody to share with.
+    shared = [lane for lane in runner.lanes if lane.name not in private]
+    if job.run.broker and shared and PREFECT_API_URL.value():
         broker = SlotBroker(
-            runner.lanes,
+            shared,
             runner.dispatch,
             queue_depth=job.run.queue_depth,
             priority=job.run.priority,
@@ -872,6 +909,16 @@ class BatchCommand(BaseModel):
         description="Storage block for the input and output URLs' credentials: "
         "remote-file-system/NAME or s3-bucket/NAME; paths are read under its base URL",
     )
+    launch: str | None = Field(
+        None,
+        description="llama.cpp Launch block name: start a llama-server for this run on this "
+        "machine (beside any --server)",
+    )
+    launch_model: str | None = Field(
+        None,
+        description="GGUF path or URL: start a llama-server with it for this run, with the "
+        "default launch options (instead of --launch)",
+    )
     request: RequestOptions = RequestOptions()
     run: RunOptions = RunOptions()
 
@@ -910,7 +957,13 @@ class BatchCommand(BaseModel):
             "run": self.run,
             "output_format": self.output_format,
             "storage": self.storage,
+            "launch": self._launch(),
         }
+
+    def _launch(self) -> LaunchSpec | str | None:
+        if self.launch and self.launch_model:
+            raise ConfigurationError("give --launch (a block) or --launch-model (a file), not both")
+        return LaunchSpec(model=self.launch_model) if self.launch_model else self.launch
 
 
 def main(argv: list[str] | None = None) -> int:

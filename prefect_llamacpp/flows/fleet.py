@@ -30,6 +30,7 @@ class FleetMember:
     block: LlamaCppServer
     status: ProviderHealthStatus | None = None
     skipped: str | None = None  # why it takes no work at the start of this run
+    private: bool = False  # started by this run on its worker: nobody else can reach it
 
     @property
     def may_join(self) -> bool:

@@ -181,13 +181,26 @@ async def _check_server(
         status.model_id or "-",
         f": {status.error}" if status.error else "",
     )
+    emit_health_event(label, status, load, canary_sent=canary is not None)
+    return label, status, load
+
+
+def server_resource(label: str, base_url: str) -> dict[str, str]:
+    """The Prefect event resource for one server: every event about it names it this way."""
+    return {
+        "prefect.resource.id": f"{EVENT_PREFIX}.{label}",
+        "prefect.resource.name": label,
+        "llamacpp.base_url": base_url,
+    }
+
+
+def emit_health_event(
+    label: str, status: ProviderHealthStatus, load: dict[str, Any], *, canary_sent: bool
+) -> None:
+    """The `llamacpp.server.<state>` event the alert automations listen for."""
     emit_event(
         event=f"{EVENT_PREFIX}.{status.state}",
-        resource={
-            "prefect.resource.id": f"{EVENT_PREFIX}.{label}",
-            "prefect.resource.name": label,
-            "llamacpp.base_url": status.base_url,
-        },
+        resource=server_resource(label, status.base_url),
         payload={
             "state": str(status.state),
             "model_id": status.model_id,
@@ -196,10 +209,9 @@ async def _check_server(
             **{key: value for key, value in load.items() if key in ("busy_slots",)},
             # Every event carries every latency key, None when not measured: alerts rely on it.
             "latency": (status.latency or CanaryLatency()).model_dump(),
-            "canary": canary_note(status, canary is not None),
+            "canary": canary_note(status, canary_sent),
         },
     )
-    return label, status, load
 
 
 async def _fleet_outcome(

@@ -53,6 +53,7 @@ from prefect_llamacpp.flows.batch import (
     log_outcome,
     render_summary,
 )
+from prefect_llamacpp.flows.launched import launch_parameter
 from prefect_llamacpp.flows.output_lease import lease_name, output_lease
 from prefect_llamacpp.storage import canonical_url, filesystem, is_url, shown
 
@@ -84,6 +85,8 @@ async def run_shards(job, storage: str | None, logger) -> BatchSummary:
             "a sharded batch needs its input and output on storage every worker reaches "
             "(s3://, gs://, az://...); give URLs, or run it with run.shards = 1"
         )
+    # Each shard's worker starts its own server from the same spec (a key only in a block).
+    launch = launch_parameter(job.launch) if job.launch is not None else None
     deployment = await _shard_deployment(job.run.shard_deployment)
     fs, output_object = filesystem(output)
     async with output_lease(output, job.run.lease_seconds):
@@ -97,6 +100,7 @@ async def run_shards(job, storage: str | None, logger) -> BatchSummary:
             "run": job.run.model_copy(update={"shards": 1}).model_dump(mode="json"),
             "output_format": job.output_format,
             "storage": storage,
+            "launch": launch,
         }
         started = time.monotonic()
         joined = await asyncio.to_thread(_joined_runs, fs, output_object)

@@ -1,0 +1,332 @@
+"""Managed servers: a llama-server this process starts, watches, restarts and always stops.
+
+    async with llamacpp_server(LaunchSpec(model="/models/tiny.gguf")) as server:
+        status = await llamacpp_health_check(server.settings())
+
+On entry: the binary and the model are found (a URL is downloaded into the model cache once),
+the server starts on a free loopback port (or the spec's), and the block waits until it is
+ready (loading is logged as it goes). While the block runs, a watcher checks it every
+`restart.check_interval` seconds with the one-token canary and restarts it, on the same port, at
+most `restart.max_restarts` times per `restart.window`: when its process exited, or when
+`restart.failed_checks` checks in a row found it wedged (or not answering `/health` at all while
+its process runs: stopped, or stuck). On exit, whatever the cause, it is stopped.
+
+No orphans: the server is started by a keeper process (`_keeper.py`) that holds one end of a
+pipe to this process; when this process dies in any way, SIGKILL included, the kernel closes the
+pipe and the keeper stops the server. If the keeper is killed too, the kernel sends the server
+SIGKILL (Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prefect_llamacpp.canary import CanaryOptions
+from prefect_llamacpp.client import LlamaCppClient
+from prefect_llamacpp.config import LlamaCppSettings
+from prefect_llamacpp.exceptions import LaunchError, LlamaCppError, ServerLoadingError
+from prefect_llamacpp.launch import LaunchSpec, find_llama_server, server_command, server_env
+from prefect_llamacpp.log import get_logger_with_context
+from prefect_llamacpp.model_cache import fetch_model
+from prefect_llamacpp.provider import llamacpp_health_check
+from prefect_llamacpp.status import ProviderHealthStatus, ServerState
+
+_KEEPER = Path(__file__).with_name("_keeper.py")
+LOG_TAIL_LINES = 30
+# Ready-wait poll: fast at first (a small model loads in well under a second), then gentler.
+_POLL_FIRST, _POLL_MAX = 0.05, 1.0
+# What happened to a managed server, for the caller's events: started, restarting, restarted,
+# gave_up, stopped; `detail` says why and the figures.
+OnEvent = Callable[[str, "ManagedServer", dict[str, Any]], None]
+Check = Callable[["ManagedServer"], Awaitable[ProviderHealthStatus]]
+
+logger = get_logger_with_context("managed")
+
+
+class ManagedServer:
+    """One llama-server started from a `LaunchSpec`. Use `llamacpp_server(...)` rather than
+    calling `start`/`stop` by hand."""
+
+    def __init__(
+        self, spec: LaunchSpec, *, on_event: OnEvent | None = None, log_dir: Path | None = None
+    ) -> None:
+        self.spec = spec
+        self.on_event = on_event or (lambda *_: None)
+        self.log_dir = Path(log_dir or Path(tempfile.gettempdir()) / "prefect-llamacpp")
+        self.port = spec.port
+        self.binary: Path | None = None
+        self.model_path: Path | None = None
+        self.keeper: subprocess.Popen | None = None
+        self.pid: int | None = None  # the llama-server's own
+        self.restarts: deque[float] = deque()  # monotonic times, within the window
+        self.log_path: Path | None = None
+
+    # -- what callers use ------------------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        """The server's root URL, as this machine reaches it."""
+        host = self.spec.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root}/v1"
+
+    @property
+    def label(self) -> str:
+        """A short name for logs and reports: the model id and the port."""
+        return f"{self.spec.model_id}@{self.port}"
+
+    def settings(self, timeout: float = 30.0) -> LlamaCppSettings:
+        """How to reach it: what the provider library, the health check and a block take."""
+        return LlamaCppSettings(
+            base_url=self.base_url, api_key=self.spec.api_key, timeout=timeout, model_name=""
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.keeper is not None and self.keeper.poll() is None
+
+    # -- start and stop --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Find the binary and the model, start the server, wait until it is ready. Raises
+        `ConfigurationError` (binary, model) or `LaunchError` (exited, not ready in time)."""
+        self.binary = find_llama_server(self.spec.binary or None)
+        self.model_path = await asyncio.to_thread(
+            fetch_model,
+            self.spec.model,
+            sha256=self.spec.model_sha256,
+            size=self.spec.model_size,
+            progress=self._download_progress,
+        )
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):  # a free port taken by someone else before the server binds
+            port = self.spec.port or _free_port(self.spec.host)
+            try:
+                await self._start_process(port)
+                break
+            except LaunchError:
+                if self.spec.port or attempt == 2 or "bind" not in self.log_tail().lower():
+                    raise
+        self.on_event("started", self, {"pid": self.pid})
+
+    async def stop(self, *, kill: bool = False) -> None:
+        """Stop the server: SIGTERM and a grace period, or at once with `kill`. Idempotent."""
+        keeper, self.keeper = self.keeper, None
+        if keeper is None:
+            return
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            if kill:
+                keeper.stdin.write(b"kill\n")
+                keeper.stdin.flush()
+            keeper.stdin.close()  # EOF: the keeper stops the server
+        try:
+            await asyncio.to_thread(keeper.wait, 30)
+        except subprocess.TimeoutExpired:  # the keeper itself is stuck: the kernel finishes it
+            keeper.kill()
+            await asyncio.to_thread(keeper.wait)
+        if keeper.stdout:
+            keeper.stdout.close()
+
+    async def restart(self, reason: str) -> None:
+        """Stop at once and start again on the same port; counts against the restart budget."""
+        self.restarts.append(time.monotonic())
+        self.on_event("restarting", self, {"reason": reason, "restarts": len(self.restarts)})
+        logger.warning("Restarting llama-server", server=self.label, reason=reason)
+        await self.stop(kill=True)
+        await self._start_process(self.port)
+        self.on_event("restarted", self, {"reason": reason, "pid": self.pid})
+
+    def may_restart(self) -> bool:
+        window = self.spec.restart.window
+        while self.restarts and time.monotonic() - self.restarts[0] > window:
+            self.restarts.popleft()
+        return len(self.restarts) < self.spec.restart.max_restarts
+
+    # -- watching --------------------------------------------------------------------------
+
+    async def watch(self, check: Check | None = None) -> None:
+        """Check every `check_interval` s; restart a crashed or wedged server while the budget
+        lasts, then give up (the server stays down; the caller sees it as any outage)."""
+        policy = self.spec.restart
+        check = check or default_check
+        strikes = 0
+        while True:
+            await asyncio.sleep(policy.check_interval)
+            if not self.running:
+                reason = f"its process exited ({self._exit_code()})"
+            else:
+                status = await check(self)
+                bad = status.state == ServerState.WEDGED
+                strikes = strikes + 1 if bad else 0
+                if strikes < policy.failed_checks:
+                    continue
+                reason = f"wedged {strikes} checks in a row: {status.error}"
+            strikes = 0
+            if not self.may_restart():
+                self.on_event("gave_up", self, {"reason": reason, "restarts": len(self.restarts)})
+                logger.error(
+                    "llama-server stays down: restart budget spent",
+                    server=self.label,
+                    reason=reason,
+                    max_restarts=policy.max_restarts,
+                    window_s=policy.window,
+                )
+                return
+            try:
+                await self.restart(reason)
+            except LlamaCppError as exc:  # it did not come back: the next check tries again
+                logger.error("llama-server did not restart", server=self.label, error=str(exc))
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _start_process(self, port: int) -> None:
+        self.port = port
+        self.log_path = self.log_dir / f"llama-server-{port}-{os.getpid()}.log"
+        command = server_command(self.spec, self.binary, self.model_path, port)
+        self.keeper = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-I", str(_KEEPER), str(self.log_path), "--", *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=server_env(self.spec),
+            start_new_session=True,  # a Ctrl-C or a kill of our group reaches us, we stop it
+        )
+        line = await asyncio.to_thread(self.keeper.stdout.readline)
+        self.pid = int(line) if line.strip().isdigit() else None
+        logger.info("Started llama-server", server=self.label, pid=self.pid, log=self.log_path)
+        try:
+            await self._wait_ready()
+        except BaseException:
+            await self.stop(kill=True)
+            raise
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.spec.ready_timeout
+        started = time.monotonic()
+        said = 0.0
+        delay = _POLL_FIRST
+        async with LlamaCppClient(self.root, timeout=5, api_key=self.spec.api_key) as client:
+            while True:
+                if not self.running:
+                    raise LaunchError(
+                        f"llama-server exited with code {self._exit_code()} while starting: "
+                        f"{' '.join(server_command(self.spec, self.binary, self.model_path, self.port))}"
+                        f"\n{self.log_tail()}"
+                    )
+                try:
+                    await client.get_health()
+                    logger.info(
+                        "llama-server is ready",
+                        server=self.label,
+                        seconds=round(time.monotonic() - started, 2),
+                    )
+                    return
+                except ServerLoadingError:
+                    if time.monotonic() - said >= 10:
+                        said = time.monotonic()
+                        logger.info(
+                            "llama-server is loading its model",
+                            server=self.label,
+                            seconds=round(said - started),
+                        )
+                except LlamaCppError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise LaunchError(
+                        f"llama-server {self.label} was not ready within "
+                        f"{self.spec.ready_timeout:g} s (raise the launch spec's ready_timeout "
+                        f"for a large model)\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+
+    def _exit_code(self) -> int | None:
+        return self.keeper.poll() if self.keeper is not None else None
+
+    def _download_progress(self, done: int, total: int) -> None:
+        share = f" of {total / 1e6:.0f} MB" if total else ""
+        logger.info("Downloading model", model=self.spec.model_id, mb=round(done / 1e6), of=share)
+
+    def log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except (OSError, AttributeError):
+            return "(no server log)"
+        return f"--- {self.log_path} (tail) ---\n" + "\n".join(lines)
+
+
+async def default_check(server: ManagedServer) -> ProviderHealthStatus:
+    """The health check with the canary; a server whose process runs but does not answer
+    `/health` at all (stopped, stuck) is reported `wedged`, not `unreachable`."""
+    policy = server.spec.restart
+    canary = CanaryOptions(
+        first_byte_timeout=policy.first_byte_timeout,
+        total_timeout=policy.first_byte_timeout * 3,
+        progress_interval=2.0,
+    )
+    status = await llamacpp_health_check(
+        server.settings(timeout=policy.first_byte_timeout), canary=canary
+    )
+    return managed_state(server, status)
+
+
+def managed_state(server: ManagedServer, status: ProviderHealthStatus) -> ProviderHealthStatus:
+    """`status` as the manager sees it: unreachable while its own process runs is wedged."""
+    if status.state == ServerState.UNREACHABLE and server.running:
+        return status.model_copy(
+            update={
+                "state": ServerState.WEDGED,
+                "error": f"its process runs but did not answer: {status.error}",
+            }
+        )
+    return status
+
+
+@contextlib.asynccontextmanager
+async def llamacpp_server(
+    spec: LaunchSpec | dict[str, Any],
+    *,
+    on_event: OnEvent | None = None,
+    check: Check | None = None,
+    log_dir: Path | None = None,
+) -> AsyncIterator[ManagedServer]:
+    """Start a llama-server from `spec`, yield it ready (`.settings()`, `.base_url`), watch and
+    restart it per `spec.restart`, and stop it on exit, whatever ends the block."""
+    server = ManagedServer(LaunchSpec.model_validate(spec), on_event=on_event, log_dir=log_dir)
+    watcher = None
+    try:
+        await server.start()
+        if server.spec.restart.check_interval:
+            watcher = asyncio.create_task(server.watch(check), name=f"watch {server.label}")
+        yield server
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await server.stop()
+        server.on_event("stopped", server, {})
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
+        return sock.getsockname()[1]

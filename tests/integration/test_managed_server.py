@@ -13,6 +13,7 @@ import textwrap
 import threading
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 
@@ -70,8 +71,8 @@ async def test_started_ready_on_a_free_port_and_stopped_on_exit(llama_server_bin
 async def test_the_key_reaches_the_server_and_never_its_command_line(llama_server_bin, tiny_model):
     launch = spec(llama_server_bin, tiny_model, api_key="sk-launched-secret-42")
     async with llamacpp_server(launch) as server:
-        with open(f"/proc/{server.pid}/cmdline", "rb") as cmdline:
-            assert b"sk-launched-secret-42" not in cmdline.read()
+        cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert b"sk-launched-secret-42" not in cmdline
         assert (await llamacpp_health_check(server.settings())).state == ServerState.READY
         anonymous = server.settings().model_copy(update={"api_key": ""})
         assert (await llamacpp_health_check(anonymous)).state == ServerState.UNAUTHORIZED

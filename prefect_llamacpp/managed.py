@@ -8,8 +8,8 @@ the server starts on a free loopback port (or the spec's), and the block waits u
 ready (loading is logged as it goes). While the block runs, a watcher checks it every
 `restart.check_interval` seconds with the one-token canary and restarts it, on the same port, at
 most `restart.max_restarts` times per `restart.window`: when its process exited, or when
-`restart.failed_checks` checks in a row found it wedged (or not answering `/health` at all while
-its process runs: stopped, or stuck). On exit, whatever the cause, it is stopped.
+`restart.failed_checks` checks in a row found it wedged (completions stuck with nothing
+progressing, or `/health` accepted and never answered: the process stopped or stuck). On exit, whatever the cause, it is stopped.
 
 No orphans: the server is started by a keeper process (`_keeper.py`) that holds one end of a
 pipe to this process; when this process dies in any way, SIGKILL included, the kernel closes the
@@ -274,30 +274,16 @@ class ManagedServer:
 
 
 async def default_check(server: ManagedServer) -> ProviderHealthStatus:
-    """The health check with the canary; a server whose process runs but does not answer
-    `/health` at all (stopped, stuck) is reported `wedged`, not `unreachable`."""
+    """The health flow's check, canary included, with the restart policy's deadlines."""
     policy = server.spec.restart
     canary = CanaryOptions(
         first_byte_timeout=policy.first_byte_timeout,
         total_timeout=policy.first_byte_timeout * 3,
         progress_interval=2.0,
     )
-    status = await llamacpp_health_check(
+    return await llamacpp_health_check(
         server.settings(timeout=policy.first_byte_timeout), canary=canary
     )
-    return managed_state(server, status)
-
-
-def managed_state(server: ManagedServer, status: ProviderHealthStatus) -> ProviderHealthStatus:
-    """`status` as the manager sees it: unreachable while its own process runs is wedged."""
-    if status.state == ServerState.UNREACHABLE and server.running:
-        return status.model_copy(
-            update={
-                "state": ServerState.WEDGED,
-                "error": f"its process runs but did not answer: {status.error}",
-            }
-        )
-    return status
 
 
 @contextlib.asynccontextmanager

@@ -45,6 +45,7 @@ from prefect_llamacpp.exceptions import (
     ServerHTTPError,
     ServerLoadingError,
     ServerNotReadyError,
+    ServerTimeoutError,
     TransportError,
     UnauthorizedError,
     UnexpectedResponseError,
@@ -383,6 +384,13 @@ async def _read_server_status(
     except UnauthorizedError:
         # --api-prefix with --api-key makes /health answer 401: the server is up, go on with the key.
         status.fields["server_status"] = "unauthorized"
+    except ServerTimeoutError as exc:
+        # Accepted, never answered. llama-server answers /health from its HTTP thread at once,
+        # loading or generating: a process that does not is stopped or stuck.
+        return status.build(
+            ServerState.WEDGED,
+            error=f"{exc}; it accepted the connection, so the process is stopped or stuck",
+        )
     except LlamaCppError as exc:
         return status.from_error(exc)
 

@@ -97,11 +97,18 @@ async def test_unreachable():
 
 
 @respx.mock
-async def test_timeout_is_unreachable():
+async def test_health_accepted_but_never_answered_is_wedged():
     respx.get(f"{ROOT}/health").mock(side_effect=httpx.ReadTimeout("slow"))
     status = await llamacpp_health_check(settings())
-    assert status.state == ServerState.UNREACHABLE
-    assert "did not answer" in status.error
+    assert status.state == ServerState.WEDGED and status.connected
+    assert "did not answer" in status.error and "stopped or stuck" in status.error
+
+
+@respx.mock
+async def test_no_connection_in_time_is_unreachable():
+    respx.get(f"{ROOT}/health").mock(side_effect=httpx.ConnectTimeout("no route"))
+    status = await llamacpp_health_check(settings())
+    assert status.state == ServerState.UNREACHABLE and not status.connected
 
 
 @respx.mock

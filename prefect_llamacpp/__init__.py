@@ -20,6 +20,8 @@ __version__ = "0.2.0"
 _EXPORTS = {
     # Prefect layer
     "LlamaCppServer": "blocks",
+    "LlamaCppLaunch": "blocks",
+    "llamacpp_managed_server_flow": "flows.managed_server",
     "llamacpp_health_flow": "flows.health",
     "HealthCanary": "flows.health",
     "HealthReport": "flows.health",
@@ -45,6 +47,11 @@ _EXPORTS = {
     "llamacpp_health_check": "provider",
     "llamacpp_model_settings": "provider",
     "CanaryOptions": "canary",
+    "LaunchSpec": "launch",
+    "RestartPolicy": "launch",
+    "llamacpp_server": "managed",
+    "ManagedServer": "managed",
+    "fetch_model": "model_cache",
     "LlamaCppSettings": "config",
     "LlamaCppClient": "client",
     "ProviderHealthStatus": "status",
@@ -54,6 +61,7 @@ _EXPORTS = {
     "LlamaCppError": "exceptions",
     "ConfigurationError": "exceptions",
     "ModelError": "exceptions",
+    "LaunchError": "exceptions",
     "TransportError": "exceptions",
     "ServerUnreachableError": "exceptions",
     "ServerTimeoutError": "exceptions",
@@ -94,7 +102,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from prefect_llamacpp.batch.options import RequestOptions, RunOptions
-    from prefect_llamacpp.blocks import LlamaCppServer
+    from prefect_llamacpp.blocks import LlamaCppLaunch, LlamaCppServer
     from prefect_llamacpp.canary import CanaryOptions
     from prefect_llamacpp.client import LlamaCppClient
     from prefect_llamacpp.config import LlamaCppSettings
@@ -106,6 +114,7 @@ if TYPE_CHECKING:
         BlockNotFoundError,
         ConfigurationError,
         DeadlineExceededError,
+        LaunchError,
         LedgerFormatError,
         LedgerInUseError,
         LedgerSettingsError,
@@ -125,6 +134,10 @@ if TYPE_CHECKING:
     )
     from prefect_llamacpp.flows.batch import BatchSummary, llamacpp_batch_flow
     from prefect_llamacpp.flows.health import HealthCanary, HealthReport, llamacpp_health_flow
+    from prefect_llamacpp.flows.managed_server import llamacpp_managed_server_flow
+    from prefect_llamacpp.launch import LaunchSpec, RestartPolicy
+    from prefect_llamacpp.managed import ManagedServer, llamacpp_server
+    from prefect_llamacpp.model_cache import fetch_model
     from prefect_llamacpp.provider import (
         LlamaCppModel,
         LlamaCppModelSettings,

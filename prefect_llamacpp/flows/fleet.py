@@ -18,6 +18,7 @@ from prefect import get_run_logger
 from prefect_llamacpp.batch.dispatch import join_problem
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.exceptions import BatchAbortedError, ConfigurationError, LlamaCppError
+from prefect_llamacpp.managed import ManagedServer
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import check_server, load_server_or_env, wait_until_ready
 
@@ -30,7 +31,8 @@ class FleetMember:
     block: LlamaCppServer
     status: ProviderHealthStatus | None = None
     skipped: str | None = None  # why it takes no work at the start of this run
-    private: bool = False  # started by this run on its worker: nobody else can reach it
+    # A server this run started on its worker (`launch`): only this run uses it.
+    managed: ManagedServer | None = None
 
     @property
     def may_join(self) -> bool:

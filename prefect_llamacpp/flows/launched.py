@@ -69,9 +69,10 @@ def launch_parameter(launch: LaunchRef) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def launched_member(launch: LaunchRef) -> AsyncIterator[FleetMember]:
+async def launched_member(launch: LaunchRef, name: str | None = None) -> AsyncIterator[FleetMember]:
     """Start the server `launch` describes; yield it as a fleet member; stop it on exit."""
-    spec, name = await resolve_launch(launch)
+    spec, resolved = await resolve_launch(launch)
+    name = name or resolved
     logger = get_run_logger()
     host = socket.gethostname()
 
@@ -101,4 +102,4 @@ async def launched_member(launch: LaunchRef) -> AsyncIterator[FleetMember]:
         logger.info(
             "llama-server %s is ready at %s (pid %s)", label(server), server.root, server.pid
         )
-        yield FleetMember(label(server), block, private=True)
+        yield FleetMember(label(server), block, managed=server)

@@ -28,6 +28,8 @@ def test_prefect_yaml_is_valid_and_its_flows_take_its_parameters():
         "llamacpp-batch",
         "llamacpp-batch-s3",
         "llamacpp-batch-shards",
+        "llamacpp-batch-launch",
+        "llamacpp-managed-server",
     }
     health = deployments["llamacpp-health"]
     assert health.schedules[0].interval.total_seconds() == 300
@@ -69,6 +71,12 @@ async def test_prefect_deploy_all_creates_every_deployment(prefect_harness):
         batch = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch")
         on_s3 = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-s3")
         sharded = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-shards")
+        launched = await client.read_deployment_by_name("llamacpp-batch/llamacpp-batch-launch")
+        managed = await client.read_deployment_by_name(
+            "llamacpp-managed-server/llamacpp-managed-server"
+        )
+    assert launched.parameters["launch"] == "llamacpp" and "server" not in launched.parameters
+    assert managed.parameters == {"launch": "llamacpp", "server_block": "llamacpp"}
     assert sharded.parameters["run"] == {"shards": 3, "priority": 1}
     assert sharded.parameters["output_path"] == urls["llamacpp_batch_output"]
     assert on_s3.parameters["input_path"] == urls["llamacpp_batch_input"]

@@ -25,6 +25,9 @@ LIBRARY = [
     "canary",
     "request",
     "embedding_probe",
+    "launch",
+    "model_cache",
+    "managed",
     "batch.dispatch",
     "batch.jsonl_input",
     "batch.ledger",
@@ -51,6 +54,7 @@ SEED_PATHS = {
     # this repository's Prefect project: imported by name, the package's own modules
     "flows.health": "prefect_llamacpp.flows.health",
     "flows.batch": "prefect_llamacpp.flows.batch",
+    "flows.managed_server": "prefect_llamacpp.flows.managed_server",
     "tasks.llamacpp": "prefect_llamacpp.tasks",
     "blocks.llamacpp": "prefect_llamacpp.blocks",
 }
@@ -88,5 +92,6 @@ def test_a_project_entry_point_loaded_from_its_file_holds_the_flow():
     for entrypoint, name in (
         ("flows/health.py:llamacpp_health_flow", "llamacpp-health"),
         ("flows/batch.py:llamacpp_batch_flow", "llamacpp-batch"),
+        ("flows/managed_server.py:llamacpp_managed_server_flow", "llamacpp-managed-server"),
     ):
         assert load_flow_from_entrypoint(str(REPO / entrypoint)).name == name

@@ -509,10 +509,9 @@ async def measure_broker(requests: int, rounds: int, work: Path) -> dict[str, fl
 def measure_shards(requests: int, rounds: int, work: Path, endpoint: str) -> dict[str, float]:
     """2 shards on two workers / one run, over a fleet of two servers, whole calls."""
     import s3fs
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from harness.models import ensure_model
-    from harness.prefect_server import prefect_server
+    from harness.prefect_server import prefect_server, talking_to
     from harness.s3 import S3_ENV
     from harness.server import LlamaServer
     from harness.work_pool import deploy_batch, worker
@@ -536,7 +535,7 @@ def measure_shards(requests: int, rounds: int, work: Path, endpoint: str) -> dic
             stack.enter_context(
                 worker(api, home, "bench-pool", AWS_ENDPOINT_URL=endpoint, **S3_ENV)
             )
-        stack.enter_context(temporary_settings({PREFECT_API_URL: api}))
+        stack.enter_context(talking_to(api))
         for index, server in enumerate(fleet):
             LlamaCppServer(base_url=server.url).save(f"bench-shard-{index}", overwrite=True)
 

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,3 +92,35 @@ def _stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(10)
+
+
+def drain_events(timeout: float = 30) -> None:
+    """Send this process's queued Prefect events, then stop the worker that sends them.
+
+    Prefect keeps one events worker per process, bound to the API it first saw; the next
+    `instance()` after a drain is a new worker bound to the API set then. Drained on a thread of
+    its own so that it blocks even when an event loop runs on the caller's thread.
+    """
+    from prefect.events.worker import EventsWorker
+
+    worker = threading.Thread(target=EventsWorker.drain_all, kwargs={"timeout": timeout})
+    worker.start()
+    worker.join()
+
+
+@contextmanager
+def talking_to(api: str) -> Iterator[None]:
+    """This process's Prefect client, events included, on `api` for the block's duration.
+
+    `temporary_settings` alone moves the client but not the events worker: left bound to a
+    server the test then stops, it makes every later flow in the session wait minutes on exit
+    trying to deliver to it.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    drain_events()
+    with temporary_settings({PREFECT_API_URL: api}):
+        try:
+            yield
+        finally:
+            drain_events()

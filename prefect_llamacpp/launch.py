@@ -3,8 +3,8 @@
     LaunchSpec(model="s3://models/qwen3-0.6b-q8_0.gguf", parallel=8, ctx_size=16384)
 
 `server_command` is the one place that turns a spec into the server's command line. The
-defaults follow what the server API notes verified: `--metrics` (progress for busy vs wedged,
-and the metrics the health flow reads), `-kvu` whenever embeddings run on more than one slot
+defaults follow what the server API notes verified: `--metrics` and `--slots` (progress for busy vs wedged,
+the slots the broker counts), `-kvu` whenever embeddings run on more than one slot
 (without it a text's vector depends on what it was packed with), `--cache-ram 0` for embeddings
 (the host prompt cache only costs them). The API key goes to the server in its environment
 (`LLAMA_API_KEY`), never on a command line another user can read in `ps`.
@@ -201,7 +201,8 @@ def server_command(spec: LaunchSpec, binary: Path, model_path: Path, port: int) 
     """The llama-server command line for `spec` (the key is not in it: see `server_env`)."""
     args = [str(binary), "-m", str(model_path), "--host", spec.host, "--port", str(port)]
     # The alias always: a cached download's file name is not the name the spec gave it.
-    args += ["--alias", spec.model_id, "-np", str(spec.parallel), "--metrics"]
+    # --slots and --metrics explicitly: the health check and the broker read both endpoints.
+    args += ["--alias", spec.model_id, "-np", str(spec.parallel), "--metrics", "--slots"]
     if spec.ctx_size:
         args += ["-c", str(spec.ctx_size)]
     if spec.threads:

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.prefect_server import prefect_server as start_prefect_server
+from harness.prefect_server import talking_to
 from harness.server import LlamaServer
 from prefect_llamacpp.blocks import LlamaCppServer
 from tests.conftest import SECRET_KEY
@@ -106,7 +106,7 @@ async def test_alerts_reach_the_webhook_and_never_carry_the_key(
         log_dir=tmp_path,
     ).start()
     try:
-        with temporary_settings({PREFECT_API_URL: prefect_server}):
+        with talking_to(prefect_server):
             await CustomWebhookNotificationBlock(
                 name="llamacpp-alerts",
                 url=receiver.url,
@@ -128,7 +128,7 @@ async def test_alerts_reach_the_webhook_and_never_carry_the_key(
         )
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert "Created 2 automation(s)" in installed.stdout
-        with temporary_settings({PREFECT_API_URL: prefect_server}):
+        with talking_to(prefect_server):
             async with get_client() as client:
                 names = {a.name for a in await client.read_automations()}
         assert names == {"llamacpp-server-unhealthy", "llamacpp-server-silent"}

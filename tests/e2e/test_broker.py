@@ -21,10 +21,10 @@ import httpx
 import pytest
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.models import ensure_model
 from harness.prefect_server import prefect_server as start_prefect_server
+from harness.prefect_server import talking_to
 from harness.server import LlamaServer
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.flows.capacity import limit_names
@@ -133,7 +133,7 @@ def answered_between(output: Path) -> tuple[float, float]:
 
 
 def test_two_batches_on_one_server_share_its_slots(prefect_api, four_slots, tmp_path):
-    with temporary_settings({PREFECT_API_URL: prefect_api}):
+    with talking_to(prefect_api):
         LlamaCppServer.register_type_and_schema()
         LlamaCppServer(base_url=four_slots.openai_base, timeout=10).save(
             "four-slots", overwrite=True
@@ -162,7 +162,7 @@ async def test_the_health_canary_takes_a_slot_of_a_brokered_server(prefect_api, 
     from prefect_llamacpp.flows.health import llamacpp_health_flow
 
     slots_limit = limit_names(four_slots.url)[0]
-    with temporary_settings({PREFECT_API_URL: prefect_api}):
+    with talking_to(prefect_api):
         await LlamaCppServer.aregister_type_and_schema()
         await LlamaCppServer(base_url=four_slots.openai_base, timeout=10).asave(
             "four-slots", overwrite=True

@@ -20,9 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.prefect_server import prefect_server as start_prefect_server
+from harness.prefect_server import talking_to
 from prefect_llamacpp.blocks import LlamaCppServer
 from tests.flows.test_batch_flow import write_input
 from tests.object_storage import upload
@@ -85,7 +85,7 @@ def test_one_run_per_output_across_nodes_and_a_killed_one_resumed_elsewhere(
     source = upload(write_input(tmp_path / "in.jsonl", 200), f"s3://{s3_bucket}/in.jsonl")
     output = f"s3://{s3_bucket}/results/out.jsonl"
     with StallingProxy(server.url, mode="hold", hold_after=30) as proxy:
-        with temporary_settings({PREFECT_API_URL: prefect_api}):
+        with talking_to(prefect_api):
             LlamaCppServer.register_type_and_schema()
             LlamaCppServer(base_url=proxy.url + "/v1", timeout=5).save("nodes", overwrite=True)
         args = [source, output, "--server", "nodes", "--max-tokens", "8", "--chunk-size", "10"]

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from harness.models import ensure_model
 from harness.prefect_server import prefect_server as start_prefect_server
+from harness.prefect_server import talking_to
 from harness.s3 import S3_ENV
 from harness.server import LlamaServer
 from harness.work_pool import deploy_batch, kill_group, node_env, worker
@@ -53,7 +53,7 @@ def cluster(tmp_path_factory, s3_server):
             )
             for _ in range(2)
         ]
-        with temporary_settings({PREFECT_API_URL: api}):
+        with talking_to(api):
             LlamaCppServer.register_type_and_schema()
             for name, llama in zip(("fleet-a", "fleet-b"), llamas, strict=True):
                 LlamaCppServer(base_url=llama.openai_base, timeout=10).save(name, overwrite=True)

@@ -16,11 +16,13 @@ from prefect.logging.handlers import APILogHandler
 from prefect.testing.fixtures import asserting_events_worker, reset_worker_events  # noqa: F401
 from prefect.testing.utilities import prefect_test_harness
 
+from harness.prefect_server import drain_events
 from prefect_llamacpp.blocks import LlamaCppServer
 
 
 @pytest.fixture(autouse=True, scope="session")
 def prefect_harness():
+    drain_events()  # an events worker bound to an earlier test's server would outlive it
     with prefect_test_harness(server_startup_timeout=180):
         yield
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,9 @@ from prefect.settings import PREFECT_API_URL
 
 from prefect_llamacpp.batch.options import RunOptions
 from prefect_llamacpp.blocks import LlamaCppLaunch
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
+from prefect_llamacpp.flows.launched import launch_parameter
 from prefect_llamacpp.launch import LaunchSpec
 from tests.flows.test_batch_flow import read_output, successes, wait_for_lines, write_input
 from tests.flows.test_health_flow import events_named
@@ -100,6 +103,42 @@ async def test_a_launch_block_with_a_model_on_the_s3_server(
     assert summary.succeeded == 40 and summary.model == "launched-tiny.gguf"
     cached = list((tmp_path / "cache").glob("*launched-tiny.gguf"))
     assert len(cached) == 1 and none_left(cached[0], 5)
+
+
+async def test_each_shard_run_starts_its_own_server_from_the_parents_parameter(
+    llama_server_bin, own_model, tmp_path, registered_block_type, s3_bucket
+):
+    """What a shard's worker does with the `launch` its parent passes: the spec as JSON, as
+    Prefect stores it, starts a server of its own there; the shards answer each line once."""
+    spec = LaunchSpec(binary=str(llama_server_bin), model=str(own_model), parallel=2)
+    parameter = launch_parameter(spec)
+    assert parameter == json.loads(json.dumps(parameter))  # what Prefect stores and hands back
+    source = upload(write_input(tmp_path / "in.jsonl", 40), f"s3://{s3_bucket}/launch-in.jsonl")
+    answered: Counter = Counter()
+    for k in (1, 2):
+        output = f"s3://{s3_bucket}/launch-out.jsonl.shards/{k}-of-2.jsonl"
+        summary = await llamacpp_batch_flow(
+            source, output, launch=parameter, request={"max_tokens": 4}, shard=f"{k}/2"
+        )
+        assert summary.failed == 0 and none_left(own_model, 5)  # its server stopped with it
+        answered.update(successes(json.loads(line) for line in read_lines(output)))
+    assert answered == Counter({f"q{i}": 1 for i in range(40)})
+
+
+def test_a_spec_with_a_key_is_not_passed_as_a_shard_parameter():
+    spec = LaunchSpec(model="/m.gguf", api_key="sk-shard-secret")
+    with pytest.raises(ConfigurationError, match="Launch block") as caught:
+        launch_parameter(spec)
+    assert "sk-shard-secret" not in str(caught.value)
+    assert launch_parameter("gpu-launch") == "gpu-launch"  # a block's name travels as it is
+
+
+def read_lines(url: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    return fs.cat_file(url).decode().splitlines()
 
 
 async def test_a_missing_launch_block_names_the_fix(tmp_path, registered_block_type):

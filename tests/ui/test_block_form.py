@@ -19,8 +19,8 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from harness.prefect_server import talking_to
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.flows.health import artifact_key
 from tests.conftest import SECRET_KEY
@@ -93,7 +93,7 @@ def save_edit(page: Page) -> None:
 
 
 def load(api: str, name: str) -> LlamaCppServer:
-    with temporary_settings({PREFECT_API_URL: api}):
+    with talking_to(api):
         # Playwright's sync API keeps an event loop running on this thread, which makes
         # Prefect's `load` hand back its coroutine; `_sync=True` is Prefect's switch for that.
         return LlamaCppServer.load(name, _sync=True)

@@ -24,9 +24,9 @@ import pytest
 from playwright.sync_api import Locator, Page, Response, expect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import BaseModel
 
+from harness.prefect_server import talking_to
 from prefect_llamacpp.batch.options import RequestOptions, RunOptions
 from prefect_llamacpp.flows.batch import llamacpp_batch_flow
 
@@ -69,7 +69,7 @@ def is_validation(response: Response) -> bool:
 
 @pytest.fixture(scope="module")
 def deployment_id(prefect_with_ui) -> str:
-    with temporary_settings({PREFECT_API_URL: prefect_with_ui.api}):
+    with talking_to(prefect_with_ui.api):
         # `_sync=True`: with Playwright's event loop running on this thread (the module's
         # browser may be up already), Prefect would hand back coroutines otherwise.
         deployment = llamacpp_batch_flow.to_deployment(name="batch-form", _sync=True)
@@ -175,7 +175,7 @@ def test_the_batch_run_form_shows_the_options_grouped_described_and_validated(
         expect(page).not_to_have_url(form_url)
 
     with screens.during("read the run back through the Prefect client"):
-        with temporary_settings({PREFECT_API_URL: prefect.api}):
+        with talking_to(prefect.api):
             with get_client(sync_client=True) as client:
                 flow_run = client.read_flow_run(run_id)
                 runs = client.read_flow_runs(

@@ -27,7 +27,7 @@ def test_defaults_listen_on_loopback_with_metrics_and_an_alias():
     assert args[0] == str(BIN)
     assert option(args, "-m") == str(MODEL)
     assert option(args, "--host") == "127.0.0.1" and option(args, "--port") == "8123"
-    assert option(args, "-np") == "4" and "--metrics" in args
+    assert option(args, "-np") == "4" and {"--metrics", "--slots"} <= set(args)
     assert option(args, "--alias") == "tiny.gguf"  # the server reports the spec's name
     for unset in ("-c", "-t", "-ngl", "-kvu", "--embeddings", "--cache-ram"):
         assert unset not in args

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.storage import checked_location, is_url
@@ -34,9 +34,18 @@ _OWNED_ARGS = {
     "--hf-repo": "model",
     "--api-key": "api_key",
     "--api-key-file": "api_key",
+    "-hfr": "model",
+    "-hff": "model",
+    "--hf-file": "model",
+    "-dr": "model",
+    "--docker-repo": "model",
+    "--models-dir": "model",
+    "--models-preset": "model",
     "--alias": "alias",
     "-a": "alias",
 }
+# Secrets that would show in `ps` and in errors: they belong in the environment.
+_SECRET_ARGS = {"-hft": "HF_TOKEN", "--hf-token": "HF_TOKEN"}
 
 
 class RestartPolicy(BaseModel):
@@ -179,13 +188,31 @@ class LaunchSpec(BaseModel):
     @classmethod
     def _not_owned(cls, args: list[str]) -> list[str]:
         for arg in args:
+            if "\0" in arg:
+                raise ValueError("extra_args holds a NUL byte, which no command line can carry")
             name = arg.split("=", 1)[0]
             if name in _OWNED_ARGS:
                 raise ValueError(
                     f"extra_args sets {name}, which the launcher sets from the "
                     f"{_OWNED_ARGS[name]!r} field: set that field instead"
                 )
+            if name in _SECRET_ARGS:
+                raise ValueError(
+                    f"extra_args sets {name}, a secret any user could read in `ps`: set "
+                    f"{_SECRET_ARGS[name]} in the environment of the process that launches"
+                )
         return args
+
+    @model_validator(mode="after")
+    def _one_model_id(self) -> LaunchSpec:
+        # llama-server reads --alias as a comma-separated list: "a,b" would serve as "b".
+        if "," in self.model_id or "\0" in self.model_id or "\0" in self.model:
+            field = "alias" if self.alias else "model (its file name is the id)"
+            raise ValueError(
+                f"the model id {self.model_id!r} holds a comma or a NUL byte, which llama-server "
+                f"would split or refuse: give an alias without them ({field})"
+            )
+        return self
 
     @property
     def unified_kv(self) -> bool:

@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from prefect_llamacpp.canary import CanaryOptions
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppSettings
@@ -63,7 +65,8 @@ class ManagedServer:
     ) -> None:
         self.spec = spec
         self.on_event = on_event or (lambda *_: None)
-        self.log_dir = Path(log_dir or Path(tempfile.gettempdir()) / "prefect-llamacpp")
+        # Private by default (mode 0700, a fresh name): not a shared, guessable /tmp path.
+        self.log_dir = Path(log_dir) if log_dir else None
         self.port = spec.port
         self.binary: Path | None = None
         self.model_path: Path | None = None
@@ -116,6 +119,8 @@ class ManagedServer:
             size=self.spec.model_size,
             progress=self._download_progress,
         )
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="llama-server-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a free port taken by someone else before the server binds
             port = self.spec.port or _free_port(self.spec.host)
@@ -125,18 +130,16 @@ class ManagedServer:
             except LaunchError:
                 if self.spec.port or attempt == 2 or "bind" not in self.log_tail().lower():
                     raise
-        self.on_event("started", self, {"pid": self.pid})
+        self._emit("started", {"pid": self.pid})
 
     async def stop(self, *, kill: bool = False) -> None:
-        """Stop the server: SIGTERM and a grace period, or at once with `kill`. Idempotent."""
-        keeper, self.keeper = self.keeper, None
+        """Stop the server: SIGTERM and a grace period, or at once with `kill`. Idempotent.
+
+        The stop is under way before the first await: a cancellation while waiting for it
+        (a flow's timeout, an anyio scope) does not leave the server running."""
+        keeper = self._begin_stop(kill=kill)
         if keeper is None:
             return
-        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
-            if kill:
-                keeper.stdin.write(b"kill\n")
-                keeper.stdin.flush()
-            keeper.stdin.close()  # EOF: the keeper stops the server
         try:
             await asyncio.to_thread(keeper.wait, 30)
         except subprocess.TimeoutExpired:  # the keeper itself is stuck: the kernel finishes it
@@ -145,14 +148,26 @@ class ManagedServer:
         if keeper.stdout:
             keeper.stdout.close()
 
+    def _begin_stop(self, *, kill: bool = False) -> subprocess.Popen | None:
+        """Tell the keeper to stop the server (no await): EOF, after a `kill` line for at once."""
+        keeper, self.keeper = self.keeper, None
+        if keeper is None:
+            return None
+        with contextlib.suppress(BrokenPipeError, ValueError, OSError):
+            if kill:
+                keeper.stdin.write(b"kill\n")
+                keeper.stdin.flush()
+            keeper.stdin.close()  # EOF: the keeper stops the server
+        return keeper
+
     async def restart(self, reason: str) -> None:
         """Stop at once and start again on the same port; counts against the restart budget."""
         self.restarts.append(time.monotonic())
-        self.on_event("restarting", self, {"reason": reason, "restarts": len(self.restarts)})
+        self._emit("restarting", {"reason": reason, "restarts": len(self.restarts)})
         logger.warning("Restarting llama-server", server=self.label, reason=reason)
         await self.stop(kill=True)
         await self._start_process(self.port)
-        self.on_event("restarted", self, {"reason": reason, "pid": self.pid})
+        self._emit("restarted", {"reason": reason, "pid": self.pid})
 
     def may_restart(self) -> bool:
         window = self.spec.restart.window
@@ -173,7 +188,11 @@ class ManagedServer:
             if not self.running:
                 reason = f"its process exited ({self._exit_code()})"
             else:
-                status = await check(self)
+                try:
+                    status = await check(self)
+                except Exception as exc:  # a faulty check must not end the watching
+                    logger.error("Health check failed", server=self.label, error=repr(exc))
+                    continue
                 bad = status.state == ServerState.WEDGED
                 strikes = strikes + 1 if bad else 0
                 if strikes < policy.failed_checks:
@@ -181,7 +200,7 @@ class ManagedServer:
                 reason = f"wedged {strikes} checks in a row: {status.error}"
             strikes = 0
             if not self.may_restart():
-                self.on_event("gave_up", self, {"reason": reason, "restarts": len(self.restarts)})
+                self._emit("gave_up", {"reason": reason, "restarts": len(self.restarts)})
                 logger.error(
                     "llama-server stays down: restart budget spent",
                     server=self.label,
@@ -199,23 +218,31 @@ class ManagedServer:
 
     async def _start_process(self, port: int) -> None:
         self.port = port
+        if await asyncio.to_thread(_listening, self.spec.host, port):
+            # A server already there would answer our readiness checks for ours.
+            raise LaunchError(
+                f"port {port} on {self.spec.host} is already in use: give the launch spec "
+                "another port, or port 0 for a free one"
+            )
         self.log_path = self.log_dir / f"llama-server-{port}-{os.getpid()}.log"
         command = server_command(self.spec, self.binary, self.model_path, port)
-        self.keeper = await asyncio.to_thread(
-            subprocess.Popen,
+        # Not in a thread: a cancellation there would lose the keeper, and with it the server.
+        self.keeper = subprocess.Popen(  # noqa: ASYNC220 - a fork and exec, milliseconds
             [sys.executable, "-I", str(_KEEPER), str(self.log_path), "--", *command],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=server_env(self.spec),
             start_new_session=True,  # a Ctrl-C or a kill of our group reaches us, we stop it
         )
-        line = await asyncio.to_thread(self.keeper.stdout.readline)
-        self.pid = int(line) if line.strip().isdigit() else None
-        logger.info("Started llama-server", server=self.label, pid=self.pid, log=self.log_path)
         try:
+            line = await asyncio.to_thread(self.keeper.stdout.readline)
+            self.pid = int(line) if line.strip().isdigit() else None
+            logger.info("Started llama-server", server=self.label, pid=self.pid, log=self.log_path)
             await self._wait_ready()
         except BaseException:
-            await self.stop(kill=True)
+            keeper = self._begin_stop(kill=True)
+            if keeper is not None:
+                await asyncio.shield(asyncio.to_thread(keeper.wait, 30))
             raise
 
     async def _wait_ready(self) -> None:
@@ -227,12 +254,15 @@ class ManagedServer:
             while True:
                 if not self.running:
                     raise LaunchError(
-                        f"llama-server exited with code {self._exit_code()} while starting: "
-                        f"{' '.join(server_command(self.spec, self.binary, self.model_path, self.port))}"
-                        f"\n{self.log_tail()}"
+                        f"llama-server exited with code {self._exit_code()} while starting "
+                        f"({self.binary}, model {self.model_path}, port {self.port}); its log "
+                        f"says why:\n{self.log_tail()}"
                     )
                 try:
                     await client.get_health()
+                    await asyncio.sleep(_POLL_FIRST)
+                    if not self.running:  # the answer came from another process's server
+                        continue
                     logger.info(
                         "llama-server is ready",
                         server=self.label,
@@ -257,6 +287,12 @@ class ManagedServer:
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX)
+
+    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
+        try:
+            self.on_event(kind, self, detail)
+        except Exception as exc:  # the caller's hook: its fault must not stop the watching
+            logger.error("Event hook failed", server=self.label, event=kind, error=repr(exc))
 
     def _exit_code(self) -> int | None:
         return self.keeper.poll() if self.keeper is not None else None
@@ -304,11 +340,28 @@ async def llamacpp_server(
             watcher = asyncio.create_task(server.watch(check), name=f"watch {server.label}")
         yield server
     finally:
+        # The stop starts before any await, and the waits are shielded: a cancel scope that
+        # cancels again at every await (a flow's timeout) still gets the server stopped.
         if watcher is not None:
             watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        await server.stop()
-        server.on_event("stopped", server, {})
+        keeper = server._begin_stop()
+        with anyio.CancelScope(shield=True):
+            if watcher is not None:
+                await asyncio.gather(watcher, return_exceptions=True)
+            server.keeper = keeper  # the watcher's restart may have started one: its own
+            await server.stop()  # except handler stopped that; this waits for ours
+            server._emit("stopped", {})
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port (as this machine reaches it)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _free_port(host: str) -> int:

@@ -13,6 +13,7 @@ one recorded at its download, and its size is the source's current size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.storage import filesystem, is_url, local_path, shown, unreachable
 
 _BLOCK_BYTES = 8 * 1024 * 1024
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # progress(done_bytes, total_bytes or 0)
 Progress = Callable[[int, int], None]
 
@@ -77,41 +79,74 @@ def _cached(url: str, sha256: str, size: int, progress: Progress | None) -> Path
             raise ConfigurationError(f"no model at {shown(url)}: check the URL") from None
         except Exception as exc:  # each storage library raises its own
             raise unreachable(url, exc, "read the model") from None
+        if size and source_size and source_size != size:  # before a download, not after
+            raise ConfigurationError(
+                f"the model at {shown(url)} has {source_size} bytes, the launch spec says {size}"
+            )
         if _reusable(target, record, sha256, source_size):
             return target
-        digest, written = _download(fs, inner, target, source_size, progress)
+        part = target.with_name(target.name + ".part")
         try:
-            if size and written != size:
+            try:
+                digest, written = _download(fs, inner, target, source_size, progress)
+            except OSError as exc:
+                if exc.errno in _DISK_ERRORS:  # this machine's disk, not the source
+                    raise ConfigurationError(
+                        f"cannot write the model cache {cache}: {exc.strerror}; free space "
+                        "there or point LLAMACPP_MODEL_CACHE at a disk that has it"
+                    ) from None
+                raise unreachable(url, exc, "download the model") from None
+            except Exception as exc:  # each storage library raises its own
+                raise unreachable(url, exc, "download the model") from None
+            if (size or source_size) and written != (size or source_size):
                 raise ConfigurationError(
-                    f"the model at {shown(url)} has {written} bytes, the launch spec says {size}"
+                    f"the model at {shown(url)} came as {written} bytes, "
+                    f"{'the launch spec says' if size else 'the source says'} "
+                    f"{size or source_size}: the download was cut short, or fix model_size"
                 )
             if sha256:
                 _check_sha256(url, digest, sha256)
-        except ConfigurationError:
-            target.with_name(target.name + ".part").unlink(missing_ok=True)
+        except BaseException:
+            part.unlink(missing_ok=True)
             raise
-        os.replace(target.with_name(target.name + ".part"), target)
-        record.write_text(json.dumps({"url": shown(url), "size": written, "sha256": digest}))
+        os.chmod(part, 0o444)  # the cache's copy is not to be edited in place
+        os.replace(part, target)
+        record.write_text(json.dumps({"url": shown(url), **_identity(target), "sha256": digest}))
         return target
+
+
+def _identity(path: Path) -> dict[str, int]:
+    """What changes when a file is written to or replaced: its size, mtime and inode."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
 
 
 def _reusable(target: Path, record: Path, sha256: str, source_size: int) -> bool:
     try:
         recorded = json.loads(record.read_text())
-        cached_size = target.stat().st_size
+        identity = _identity(target)
     except (OSError, ValueError):
         return False
-    if cached_size != recorded.get("size") or (source_size and cached_size != source_size):
-        return False  # changed at the source, or cut short here
-    return not sha256 or recorded.get("sha256") == sha256
+    if source_size and identity["size"] != source_size:
+        return False  # changed at the source
+    if sha256 and recorded.get("sha256") != sha256:
+        return False
+    if all(recorded.get(key) == value for key, value in identity.items()):
+        return True
+    # Touched since it was downloaded: hashed again, reused only when still the same bytes.
+    return recorded.get("sha256") == _file_sha256(target)
 
 
 def _download(fs, inner: str, target: Path, total: int, progress: Progress | None):
     part = target.with_name(target.name + ".part")
+    part.unlink(missing_ok=True)  # a killed download's leftover
     digest = hashlib.sha256()
     written = 0
     shown_at = 0
-    with fs.open(inner, "rb", block_size=_BLOCK_BYTES) as remote, open(part, "wb") as local:
+    # Read once, front to back: a plain stream (block_size 0) where the library offers one,
+    # so an HTTP server without range requests serves it too.
+    streamed = 0 if "http" in _protocols(fs) else _BLOCK_BYTES
+    with fs.open(inner, "rb", block_size=streamed) as remote, open(part, "wb") as local:
         while block := remote.read(_BLOCK_BYTES):
             local.write(block)
             digest.update(block)
@@ -122,6 +157,11 @@ def _download(fs, inner: str, target: Path, total: int, progress: Progress | Non
         local.flush()
         os.fsync(local.fileno())
     return digest.hexdigest(), written
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _file_sha256(path: Path) -> str:

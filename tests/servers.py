@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -193,3 +195,33 @@ def router_server(llama_server_bin, tiny_model, tmp_path_factory):
 
 def settings_for(server: LlamaServer, **overrides) -> LlamaCppSettings:
     return LlamaCppSettings(base_url=server.openai_base, timeout=10, **overrides)
+
+
+def servers_of(model: Path, keepers: bool = False) -> list[int]:
+    """PIDs of the llama-servers running `model` (each test copies the model to a path of its
+    own, so only its servers match), and with `keepers` the keepers that started them."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        # Not its keeper, whose argv holds the server's too (unless asked for).
+        server = argv[0].endswith(b"/llama-server") or (
+            keepers and any(a.endswith(b"/_keeper.py") for a in argv[:3])
+        )
+        if server and state != "Z" and str(model).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def none_left(model: Path, seconds: float = 15) -> bool:
+    deadline = time.monotonic() + seconds
+    while servers_of(model, keepers=True):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -28,38 +28,9 @@ from prefect_llamacpp.launch import LaunchSpec
 from tests.flows.test_batch_flow import read_output, successes, wait_for_lines, write_input
 from tests.flows.test_health_flow import events_named
 from tests.object_storage import upload
+from tests.servers import none_left, servers_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def servers_of(model: Path, keepers: bool = False) -> list[int]:
-    """PIDs of the llama-servers running `model` (each test copies the model to a path of its
-    own, so only its servers match), and with `keepers` the keepers that started them."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        # Not its keeper, whose argv holds the server's too (unless asked for).
-        server = argv[0].endswith(b"/llama-server") or (
-            keepers and any(a.endswith(b"/_keeper.py") for a in argv[:3])
-        )
-        if server and state != "Z" and str(model).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
-def none_left(model: Path, seconds: float = 15) -> bool:
-    deadline = time.monotonic() + seconds
-    while servers_of(model, keepers=True):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.fixture

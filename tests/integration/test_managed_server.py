@@ -4,8 +4,10 @@ never left behind, whatever kills the process that started it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,14 +17,17 @@ import time
 from functools import partial
 from pathlib import Path
 
+import anyio
 import pytest
 
 from prefect_llamacpp.exceptions import ConfigurationError, LaunchError
 from prefect_llamacpp.launch import LaunchSpec
 from prefect_llamacpp.managed import llamacpp_server
+from prefect_llamacpp.model_cache import fetch_model
 from prefect_llamacpp.provider import llamacpp_health_check
 from prefect_llamacpp.status import ServerState
 from tests.object_storage import upload
+from tests.servers import none_left
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -172,6 +177,63 @@ async def test_a_model_over_http_with_a_wrong_checksum_is_refused(
             assert (await llamacpp_health_check(server.settings())).is_ready
     finally:
         httpd.shutdown()
+
+
+def test_a_large_model_over_http_without_range_requests_is_downloaded(tmp_path):
+    """Python's http.server answers no range requests: the download streams it instead."""
+    served = tmp_path / "served"
+    served.mkdir()
+    blob = os.urandom(20 * 1024 * 1024)  # larger than one read block
+    (served / "big.gguf").write_bytes(blob)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/big.gguf"
+        digest = hashlib.sha256(blob).hexdigest()
+        assert fetch_model(url, sha256=digest, size=len(blob)).read_bytes() == blob
+    finally:
+        httpd.shutdown()
+
+
+async def test_a_port_already_taken_is_refused_not_joined(llama_server_bin, tiny_model):
+    async with llamacpp_server(spec(llama_server_bin, tiny_model, alias="first")) as first:
+        second = spec(llama_server_bin, tiny_model, alias="second", port=first.port)
+        with pytest.raises(LaunchError, match=f"port {first.port} .* already in use.*port 0"):
+            async with llamacpp_server(second):
+                pytest.fail("another process's server is never yielded as ours")
+        assert (await llamacpp_health_check(first.settings())).model_id == "first"
+
+
+async def test_a_cancel_scope_that_cancels_again_still_stops_it(
+    llama_server_bin, tiny_model, tmp_path
+):
+    """A Prefect flow's timeout cancels through anyio, again at every await: the stop must
+    not depend on an await getting through."""
+    model = Path(shutil.copy(tiny_model, tmp_path / "scoped.gguf"))
+    entered = []
+    with anyio.move_on_after(4):
+        async with llamacpp_server(spec(llama_server_bin, model)) as server:
+            entered.append(server.pid)
+            await asyncio.sleep(60)
+    assert entered and none_left(model, 15)
+
+
+@pytest.mark.parametrize("after", [0.0005, 0.02, 0.2])
+async def test_cancelled_while_starting_leaves_nothing(
+    llama_server_bin, tiny_model, tmp_path, after
+):
+    model = Path(shutil.copy(tiny_model, tmp_path / "cancelled.gguf"))
+
+    async def enter() -> None:
+        async with llamacpp_server(spec(llama_server_bin, model)):
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(enter())
+    await asyncio.sleep(after)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert none_left(model, 15)
 
 
 async def test_a_stopped_server_is_found_wedged_restarted_and_then_given_up(

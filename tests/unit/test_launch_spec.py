@@ -79,11 +79,45 @@ def test_no_key_clears_a_key_inherited_from_our_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "arg", ["--port", "--host=0.0.0.0", "-m", "--api-key", "--alias", "-hf", "--model-url"]
+    "arg",
+    [
+        "--port",
+        "--host=0.0.0.0",
+        "-m",
+        "--api-key",
+        "--alias",
+        "-hf",
+        "-hfr",
+        "--hf-file",
+        "-dr",
+        "--models-dir",
+        "--model-url",
+    ],
 )
 def test_extra_args_may_not_set_what_the_launcher_owns(arg):
     with pytest.raises(ValidationError, match="set that field instead"):
         LaunchSpec(model=str(MODEL), extra_args=[arg, "x"])
+
+
+@pytest.mark.parametrize("arg", ["-hft", "--hf-token=hf_secret"])
+def test_a_token_on_the_command_line_is_refused_naming_the_environment(arg):
+    with pytest.raises(ValidationError, match="HF_TOKEN in the environment") as caught:
+        LaunchSpec(model=str(MODEL), extra_args=[arg, "hf_secret"])
+    assert "hf_secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"alias": "tiny,other"},  # llama-server would serve it as "other"
+        {"alias": "ti\0ny"},
+        {"model": "/models/a,b.gguf"},  # its file name is the id
+        {"extra_args": ["--temp", "0\0"]},
+    ],
+)
+def test_what_a_command_line_cannot_carry_is_refused_at_once(fields):
+    with pytest.raises(ValidationError, match="comma or a NUL|NUL byte"):
+        LaunchSpec(**{"model": str(MODEL), **fields})
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def url(request):
     fs = fsspec.filesystem("memory")
-    path = f"/models-{request.node.name}/tiny.gguf"
+    path = f"/models-{request.node.name.translate({ord('['): '-', ord(']'): None})}/tiny.gguf"
     fs.pipe(path, BYTES)
     yield f"memory://{path}"
     fs.rm(path)
@@ -92,8 +92,51 @@ def test_a_source_that_changed_size_is_fetched_again(url):
 
 def test_a_cached_file_cut_short_is_fetched_again(url):
     path = fetch_model(url)
+    path.chmod(0o644)  # the cache keeps it read-only
     path.write_bytes(BYTES[:10])
     assert fetch_model(url).read_bytes() == BYTES
+
+
+@pytest.mark.parametrize("sha256", ["", SHA], ids=["unchecked", "checked"])
+def test_a_cached_file_damaged_in_place_is_fetched_again(url, monkeypatch, sha256):
+    path = fetch_model(url, sha256=sha256)
+    assert path.stat().st_mode & 0o222 == 0  # read-only: not to be edited in place
+    path.chmod(0o644)
+    damaged = bytearray(BYTES)
+    damaged[100] ^= 0xFF  # one byte, same size
+    path.write_bytes(bytes(damaged))
+    opened = reads(monkeypatch)
+    assert fetch_model(url, sha256=sha256).read_bytes() == BYTES
+    assert len(opened) == 1  # hashed, found changed, downloaded again
+
+
+def test_an_untouched_cached_file_is_not_hashed_again(url, monkeypatch):
+    import prefect_llamacpp.model_cache as model_cache
+
+    fetch_model(url, sha256=SHA)
+    hashed = []
+    monkeypatch.setattr(model_cache, "_file_sha256", lambda p: hashed.append(p) or SHA)
+    fetch_model(url, sha256=SHA)
+    assert hashed == []  # a multi-GB model is not read at every launch
+
+
+def test_a_wrong_size_is_refused_before_downloading(url, cache, monkeypatch):
+    opened = reads(monkeypatch)
+    with pytest.raises(ConfigurationError, match=f"has {len(BYTES)} bytes, the launch spec says 7"):
+        fetch_model(url, size=7)
+    assert opened == [] and not list(cache.glob("*.part"))
+
+
+def test_a_download_that_fails_midway_names_the_fix_and_leaves_nothing(url, cache, monkeypatch):
+    memory = type(fsspec.filesystem("memory"))
+
+    def broken(self, path, *args, **kwargs):
+        raise ValueError("the HTTP server doesn't appear to support range requests")
+
+    monkeypatch.setattr(memory, "_open", broken)
+    with pytest.raises(ConfigurationError, match="cannot download the model memory://"):
+        fetch_model(url)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_two_launches_at_once_download_once(url, monkeypatch):

@@ -23,6 +23,9 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from prefect_llamacpp.exceptions import ConfigurationError
+from prefect_llamacpp.launch import installed_llama_server
+
 SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
 SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
@@ -53,19 +56,13 @@ def cached_binary() -> Path:
 
 
 def find_llama_server() -> Path | None:
-    """The binary to use without building, or None."""
-    env_bin = os.environ.get("LLAMA_SERVER_BIN")
-    if env_bin:
-        path = Path(env_bin).expanduser()
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ServerBinaryError(
-                f"LLAMA_SERVER_BIN={env_bin} is not an executable file; "
-                "point it at a llama-server binary or unset it to build one."
-            )
-        return path
-    on_path = shutil.which("llama-server")
-    if on_path:
-        return Path(on_path)
+    """The binary to use without building ($LLAMA_SERVER_BIN, PATH, then the cache), or None."""
+    try:
+        found = installed_llama_server()
+    except ConfigurationError as exc:
+        raise ServerBinaryError(f"{exc}, or unset LLAMA_SERVER_BIN to build one") from exc
+    if found:
+        return found
     cached = cached_binary()
     return cached if cached.is_file() else None
 

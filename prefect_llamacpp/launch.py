@@ -255,9 +255,9 @@ def server_env(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-def find_llama_server(binary: str | Path | None = None) -> Path:
-    """The llama-server to run: `binary`, else `$LLAMA_SERVER_BIN`, else `llama-server` on PATH.
-    Raises `ConfigurationError` naming what to set when none is there."""
+def installed_llama_server(binary: str | Path | None = None) -> Path | None:
+    """`binary`, else `$LLAMA_SERVER_BIN`, else `llama-server` on PATH; None when none is set.
+    Raises `ConfigurationError` when a named one is not an executable file."""
     for source, candidate in (
         ("binary", binary),
         ("LLAMA_SERVER_BIN", os.environ.get("LLAMA_SERVER_BIN")),
@@ -271,8 +271,15 @@ def find_llama_server(binary: str | Path | None = None) -> Path:
                 )
             return path
     found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+def find_llama_server(binary: str | Path | None = None) -> Path:
+    """The llama-server to run (see `installed_llama_server`); raises `ConfigurationError`
+    naming what to set when there is none."""
+    found = installed_llama_server(binary)
     if found:
-        return Path(found)
+        return found
     raise ConfigurationError(
         "no llama-server binary: set the launch spec's binary, or LLAMA_SERVER_BIN, or put "
         "llama-server on PATH (build: https://github.com/ggml-org/llama.cpp#building-the-project)"

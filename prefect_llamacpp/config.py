@@ -8,6 +8,7 @@ the same fields by deriving from this model.
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,6 +115,44 @@ class LlamaCppSettings(LlamaCppConnection, BaseSettings):
         protected_namespaces=(),
         hide_input_in_errors=True,
     )
+
+
+def check_pushgateway_url(value: str) -> str:
+    """A Pushgateway address (`http://host:9091`), or empty for none. Raises ValueError naming
+    the fix; the message never repeats a password."""
+    value = value.strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("a Pushgateway address looks like http://host:9091")
+    if parts.username or parts.password:
+        raise ValueError(
+            "the Pushgateway address holds credentials; give it without them (a gateway that "
+            "needs a password goes behind a proxy that adds it)"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("a Pushgateway address has no ?query or #fragment: http://host:9091")
+    return value.rstrip("/")
+
+
+class MetricsSettings(BaseSettings):
+    """Where the flows push Prometheus metrics: `LLAMACPP_PUSHGATEWAY_URL` (empty: nowhere)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLAMACPP_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    pushgateway_url: str = Field(
+        default="",
+        description="A Prometheus Pushgateway (http://host:9091) the health and batch flows push "
+        "their figures to. Empty: no push.",
+    )
+
+    @field_validator("pushgateway_url")
+    @classmethod
+    def _valid_gateway(cls, value: str) -> str:
+        return check_pushgateway_url(value)
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefect_llamacpp.batch.ledger import RunSettings
+from prefect_llamacpp.config import check_pushgateway_url
 from prefect_llamacpp.request import schema_problem
 
 # Requests beyond total_slots that llama-server queues and starts the moment a slot frees: they
@@ -164,6 +165,24 @@ class RunOptions(BaseModel):
         description="Deployment that runs the shards ('flow/deployment'); empty: the parent's "
         "own deployment.",
     )
+    metrics_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="The batch's name in Prometheus metrics and progress events (keep it "
+        "stable across runs: it is a label); empty: the output's file name.",
+    )
+    pushgateway: str | None = Field(
+        None,
+        description="A Prometheus Pushgateway (http://host:9091) to push the run's figures to; "
+        "not given: LLAMACPP_PUSHGATEWAY_URL, if set; an empty string: no push.",
+    )
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _valid_gateway(cls, value: str | None) -> str | None:
+        return None if value is None else check_pushgateway_url(value)
 
 
 OPTION_GROUPS: dict[str, type[BaseModel]] = {"request": RequestOptions, "run": RunOptions}

@@ -17,6 +17,7 @@ import contextlib
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.output_lease import output_lease
 from prefect_llamacpp.flows.report import markdown_table
 from prefect_llamacpp.flows.storage_block import storage_from_block
+from prefect_llamacpp.flows.telemetry import BatchTelemetry, pushgateway
 from prefect_llamacpp.launch import LaunchSpec
+from prefect_llamacpp.metrics import BatchFigures
 from prefect_llamacpp.storage import (
     canonical_url,
     checked_input,
@@ -466,11 +469,38 @@ async def _run(
     An object-storage output is published at checkpoints and joined at the end."""
     started = time.monotonic()
     checkpoints = _Checkpoints(ledger, published, job.run.checkpoint_seconds, logger)
+    done_earlier = progress.finished
+
+    def figures(ended: bool) -> BatchFigures:
+        # Until the summary is filled at the end, item failures are the runner's own count.
+        failed = Counter(summary.failed_by_kind)
+        if not ended:
+            failed.update(runner.stats.failed)
+        lanes = runner.lanes
+        return BatchFigures(
+            batch=job.run.metrics_name or _file_name(job.output),
+            shard=str(job.shard or ""),
+            lines=job.lines,
+            succeeded=runner.stats.succeeded,
+            failed=dict(failed),
+            done_earlier=done_earlier,
+            in_flight=runner.in_flight,
+            servers_in=sum(lane.up and not lane.pending and not lane.retired for lane in lanes),
+            servers_out=sum(not (lane.up and not lane.pending) or lane.retired for lane in lanes),
+            completion_tokens=runner.stats.completion_tokens,
+            completion_tokens_per_s=round(
+                runner.stats.completion_tokens / max(time.monotonic() - started, 1e-3), 2
+            ),
+            finished=ended,
+        )
+
+    telemetry = BatchTelemetry(figures, pushgateway(job.run.pushgateway))
 
     def finished(results: list[ResultLine]) -> None:
         ledger.write_all(results)
         failed = sum(result["error"] is not None for result in results)
         progress.advance(len(results), failed=failed)
+        telemetry.tick()
 
     runner = BatchRunner(
         lanes,
@@ -509,6 +539,7 @@ async def _run(
             summary.abort_reason = str(_first_cause(exc))
         ended = True
     finally:
+        await telemetry.close()
         if broker is not None:
             await broker.aclose()
         await runner.aclose()
@@ -522,12 +553,18 @@ async def _run(
     await _report(
         logger,
         progress.finish(),
+        telemetry.finish(),
         acreate_markdown_artifact(
             markdown=render_summary(summary),
             key="llamacpp-batch-summary",
             description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
         ),
     )
+
+
+def _file_name(output: str | Path) -> str:
+    """The last part of a path or URL: a batch's default name in metrics."""
+    return str(output).rstrip("/").rsplit("/", 1)[-1] or "batch"
 
 
 def log_outcome(logger, summary: BatchSummary) -> None:

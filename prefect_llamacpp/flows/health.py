@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
@@ -30,6 +31,9 @@ from prefect_llamacpp.flows.capacity import canary_slot
 from prefect_llamacpp.flows.fleet import server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.flows.telemetry import push_health
+from prefect_llamacpp.flows.telemetry import pushgateway as pushgateway_for
+from prefect_llamacpp.metrics import ServerCheck
 from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
     check_server,
@@ -105,6 +109,7 @@ async def llamacpp_health_flow(
     fail_when_not_ready: bool = True,
     fail_when_busy: bool = False,
     min_ready: Annotated[int | None, Field(ge=0)] = None,
+    pushgateway: str | None = None,
 ) -> HealthReport:
     """Check the server saved as block `server`, or a fleet.
 
@@ -120,10 +125,13 @@ async def llamacpp_health_flow(
             count as ready; wedged, loading, unreachable, unauthorized and error do not).
         fail_when_busy: Also fail the run when a server is busy.
         min_ready: For a fleet, how many servers must be ready; default: all of them.
+        pushgateway: A Prometheus Pushgateway (http://host:9091) to push each server's figures
+            to (one group per server). Left out: LLAMACPP_PUSHGATEWAY_URL, if set; "": none.
 
     Returns:
         A `HealthReport`: a row per server (`report.status` for a run of one server).
     """
+    gateway = pushgateway_for(pushgateway)  # a bad address fails the run before any check
     names = server_names(server)
     members = [await load_server_or_env(name) for name in names]
     options = canary if canary.send else None
@@ -136,6 +144,17 @@ async def llamacpp_health_flow(
             for label, status, load in checks
         ]
     )
+    if gateway:
+        now = time.time()
+        await push_health(
+            gateway,
+            [
+                ServerCheck.from_report(
+                    label, health_payload(status, load, canary_sent=options is not None), now
+                )
+                for label, status, load in checks
+            ],
+        )
     if isinstance(server, list):
         await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
         return report
@@ -194,23 +213,30 @@ def server_resource(label: str, base_url: str) -> dict[str, str]:
     }
 
 
+def health_payload(
+    status: ProviderHealthStatus, load: dict[str, Any], *, canary_sent: bool
+) -> dict[str, Any]:
+    """What a check found, as its event carries it (and the metrics read it)."""
+    return {
+        "state": str(status.state),
+        "model_id": status.model_id,
+        "error": status.error,
+        "total_slots": status.total_slots,
+        **{key: value for key, value in load.items() if key in ("busy_slots",)},
+        # Every event carries every latency key, None when not measured: alerts rely on it.
+        "latency": (status.latency or CanaryLatency()).model_dump(),
+        "canary": canary_note(status, canary_sent),
+    }
+
+
 def emit_health_event(
     label: str, status: ProviderHealthStatus, load: dict[str, Any], *, canary_sent: bool
 ) -> None:
-    """The `llamacpp.server.<state>` event the alert automations listen for."""
+    """The `llamacpp.server.<state>` event the alert automations (and the exporter) read."""
     emit_event(
         event=f"{EVENT_PREFIX}.{status.state}",
         resource=server_resource(label, status.base_url),
-        payload={
-            "state": str(status.state),
-            "model_id": status.model_id,
-            "error": status.error,
-            "total_slots": status.total_slots,
-            **{key: value for key, value in load.items() if key in ("busy_slots",)},
-            # Every event carries every latency key, None when not measured: alerts rely on it.
-            "latency": (status.latency or CanaryLatency()).model_dump(),
-            "canary": canary_note(status, canary_sent),
-        },
+        payload=health_payload(status, load, canary_sent=canary_sent),
     )
 
 
@@ -361,6 +387,11 @@ class HealthCommand(BaseModel):
     fail_when_busy: bool = Field(False, description="Also exit 1 when a server is busy.")
     min_ready: int | None = Field(
         None, ge=0, description="For a fleet, how many servers must be ready; default: all."
+    )
+    pushgateway: str | None = Field(
+        None,
+        description="Push each server's figures to this Prometheus Pushgateway "
+        "(http://host:9091); default: LLAMACPP_PUSHGATEWAY_URL, if set.",
     )
 
     def flow_parameters(self) -> dict[str, Any]:

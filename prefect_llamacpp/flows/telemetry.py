@@ -1,0 +1,110 @@
+"""What the flows tell Prometheus: their figures pushed to a Pushgateway, and the batch's
+progress event that the exporter (`llamacpp-exporter`) turns into metrics, as it does the
+health flow's `llamacpp.server.<state>` events.
+
+A push that fails (no gateway there, a timeout) costs a warning, never the run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+from prefect import get_run_logger
+from prefect.events import emit_event
+
+from prefect_llamacpp.config import MetricsSettings, check_pushgateway_url
+from prefect_llamacpp.flows.batch_progress import update_gap
+from prefect_llamacpp.metrics import BatchFigures, FleetMetrics, ServerCheck
+
+BATCH_EVENT = "llamacpp.batch.progress"
+HEALTH_JOB = "llamacpp_health"
+BATCH_JOB = "llamacpp_batch"
+
+
+def pushgateway(given: str | None) -> str | None:
+    """The Pushgateway to push to: `given` ("" for none), else `LLAMACPP_PUSHGATEWAY_URL`."""
+    if given is not None:
+        return check_pushgateway_url(given) or None
+    return MetricsSettings().pushgateway_url or None
+
+
+async def push(gateway: str, metrics: FleetMetrics, job: str, grouping: dict[str, str]) -> bool:
+    """Replace one group at the gateway; False (and a warning) when it could not be done."""
+    try:
+        await asyncio.to_thread(metrics.push, gateway, job, grouping)
+    except Exception as exc:
+        get_run_logger().warning(
+            "Could not push metrics to the Pushgateway at %s (%s: %s); the run goes on",
+            gateway,
+            type(exc).__name__,
+            exc,
+        )
+        return False
+    return True
+
+
+async def push_health(gateway: str, checks: Iterable[ServerCheck]) -> None:
+    """One group per server (`job="llamacpp_health"`, `server`): a run checking one server
+    replaces that server's figures and leaves the others'. Gauges only: a gateway keeps a
+    pushed histogram as it was pushed, so latency histograms come from the exporter."""
+
+    async def one(check: ServerCheck) -> bool:
+        metrics = FleetMetrics(histograms=False)
+        metrics.observe_check(check)
+        return await push(gateway, metrics, HEALTH_JOB, {"server": check.server})
+
+    await asyncio.gather(*(one(check) for check in checks))
+
+
+def batch_resource(figures: BatchFigures) -> dict[str, str]:
+    name = f"{figures.batch}#{figures.shard}" if figures.shard else figures.batch
+    return {"prefect.resource.id": f"llamacpp.batch.{name}", "prefect.resource.name": name}
+
+
+class BatchTelemetry:
+    """A batch run's figures, sent as the run goes (an event and a push, as often as its
+    progress artifact is updated: every 2 s at first, at most 30 s apart) and once at the end."""
+
+    def __init__(self, figures: Callable[[bool], BatchFigures], gateway: str | None) -> None:
+        self._figures = figures
+        self.gateway = gateway
+        self._started = self._last = time.monotonic()
+        self._pushing: asyncio.Task | None = None
+        self._failed_push = False
+
+    def tick(self) -> None:
+        """Results arrived: send the figures if it is time."""
+        now = time.monotonic()
+        if now - self._last >= update_gap(now - self._started):
+            self._last = now
+            self._send(self._figures(False))
+
+    async def finish(self, finished: bool = True) -> None:
+        """The last figures, sent and (the push) waited for."""
+        if self._pushing is not None:
+            await asyncio.gather(self._pushing, return_exceptions=True)
+        figures = self._figures(finished)
+        self._send(figures, push_now=False)
+        if self.gateway:
+            await self._push(figures)
+
+    async def close(self) -> None:
+        """Whatever happened: no push left running."""
+        if self._pushing is not None and not self._pushing.done():
+            self._pushing.cancel()
+            await asyncio.gather(self._pushing, return_exceptions=True)
+
+    def _send(self, figures: BatchFigures, push_now: bool = True) -> None:
+        emit_event(event=BATCH_EVENT, resource=batch_resource(figures), payload=figures.payload())
+        busy = self._pushing is not None and not self._pushing.done()
+        # One push at a time; a gateway that failed once is not asked again until the end.
+        if push_now and self.gateway and not busy and not self._failed_push:
+            self._pushing = asyncio.get_running_loop().create_task(self._push(figures))
+
+    async def _push(self, figures: BatchFigures) -> None:
+        metrics = FleetMetrics()
+        metrics.observe_batch(figures)
+        grouping = {"batch": figures.batch, **({"shard": figures.shard} if figures.shard else {})}
+        if not await push(self.gateway, metrics, BATCH_JOB, grouping):
+            self._failed_push = True

@@ -19,6 +19,10 @@ setup:
 	  echo "Installing Debian's chromium for the browser test (tests/ui)"; \
 	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; } \
 	  || echo "warning: chromium could not be installed; tests/ui will fail until it is (apt-get install chromium, or set CHROMIUM_BIN)"; }
+	@{ command -v prometheus && command -v prometheus-pushgateway && command -v promtool; } >/dev/null 2>&1 || { \
+	  echo "Installing Debian's prometheus and prometheus-pushgateway for the metrics tests"; \
+	  { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus prometheus-pushgateway; } \
+	  || echo "warning: prometheus could not be installed; the metrics tests will fail until it is"; }
 
 # A llama-server binary: $$LLAMA_SERVER_BIN, PATH, or a cached build (~10 min, once).
 server: setup

@@ -12,43 +12,20 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from harness.browser import CHROMIUM_ARGS, INSTALL_HINT, find_chromium
 from harness.prefect_server import PrefectServer, prefect_server
 
 REPO = Path(__file__).resolve().parents[2]
 # Assertions wait as long as actions do (Playwright's 5 s default is short for a loaded 2-core
 # machine rendering Prefect's UI).
 expect.set_options(timeout=30_000)
-# As root and with no network: no sandbox, no GPU, and none of Chromium's own calls home (each
-# one is refused here and slows the page).
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-INSTALL_HINT = (
-    "The browser test needs Chromium from the OS packages (Playwright's own browser download "
-    "is not used). Run `make setup` (it runs `apt-get install chromium`), install it yourself "
-    "(`sudo apt-get install chromium`), or point CHROMIUM_BIN at a Chromium or Chrome binary."
-)
 
 
 def chromium_path() -> str:
-    candidates = [
-        os.environ.get("CHROMIUM_BIN"),
-        shutil.which("chromium"),
-        shutil.which("chromium-browser"),
-        "/usr/bin/chromium",
-    ]
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"No Chromium found. {INSTALL_HINT}", pytrace=False)
+    found = find_chromium()
+    if found is None:
+        pytest.fail(f"No Chromium found. {INSTALL_HINT}", pytrace=False)
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,259 @@
+"""Metrics where operators look, end to end: a real Prometheus (Debian's) scrapes the
+`llamacpp-exporter` (fed by a real `prefect server start`'s event stream) and a real
+Pushgateway, while the health flow checks three real llama-servers (one ready, one busy with a
+long generation, one wedged behind a stalling proxy) and a batch runs, each as a process of its
+own as a deployment would run them. Prometheus's HTTP API is then asked what it saw: the right
+state per server, canary histogram counts equal to the canaries answered, the batch's lines,
+the alert rules loaded and the wedged one pending, and every dashboard panel's query answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from harness.browser import CHROMIUM_ARGS, INSTALL_HINT, find_chromium
+from harness.prefect_server import prefect_server as start_prefect_server
+from harness.prefect_server import talking_to
+from harness.prometheus import prometheus, pushgateway
+from harness.server import free_port
+from monitoring.dashboard import PANEL_QUERIES
+from prefect_llamacpp.blocks import LlamaCppServer
+from tests.servers import long_generation
+from tests.stalling_proxy import StallingProxy
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "monitoring" / "prometheus" / "llamacpp-alerts.yml"
+CHECKS = 3  # health runs over the fleet
+LINES = 20
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server.api
+
+
+def env_for(api: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def start_exporter(api: str, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefect_llamacpp.flows.exporter", "--port", str(port)],
+        cwd=REPO,
+        env=env_for(api),
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
+    line = process.stdout.readline()  # printed once subscribed to the events
+    assert "serving" in line, f"the exporter did not start: {line!r}; see {log}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def run(api: str, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=REPO,
+        env=env_for(api),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 240)
+    return process.returncode, out.decode(errors="replace")
+
+
+def eventually(what: str, fetch, want, timeout: float = 60):
+    """Poll `fetch()` until it returns `want`; fail with what it returned last."""
+    deadline = time.monotonic() + timeout
+    while (found := fetch()) != want:
+        assert time.monotonic() < deadline, f"{what}: want {want!r}, last seen {found!r}"
+        time.sleep(0.5)
+
+
+async def test_prometheus_sees_each_servers_state_the_canaries_and_the_batch(
+    prefect_api, server, busy_server, tmp_path
+):
+    with (
+        pushgateway(tmp_path) as gateway,
+        StallingProxy(server.url) as wedged,
+    ):
+        exporter, exporter_url = start_exporter(prefect_api, tmp_path / "exporter.log")
+        try:
+            with prometheus(tmp_path, [exporter_url, gateway], rules=RULES) as prom:
+                with talking_to(prefect_api):
+                    for name, base in (
+                        ("e2e-ready", server.openai_base),
+                        ("e2e-busy", busy_server.openai_base),
+                        ("e2e-wedged", f"{wedged.url}/v1"),
+                    ):
+                        await LlamaCppServer(base_url=base, timeout=5).save(name, overwrite=True)
+
+                # Some generation first: the server's tokens/s (from its /metrics) is measured
+                # only once it has spent 10 ms generating.
+                async with httpx.AsyncClient(timeout=60) as http:
+                    answer = await http.post(
+                        f"{server.openai_base}/chat/completions",
+                        json={
+                            "messages": [{"role": "user", "content": "Go on."}],
+                            "max_tokens": 600,
+                            "ignore_eos": True,
+                        },
+                    )
+                    answer.raise_for_status()
+
+                for _ in range(CHECKS):
+                    async with long_generation(busy_server):
+                        code, out = await run(
+                            prefect_api,
+                            "-m",
+                            "flows.health",
+                            "e2e-ready",
+                            "e2e-busy",
+                            "e2e-wedged",
+                            "--first-byte-timeout",
+                            "1",
+                            "--total-timeout",
+                            "3",
+                            "--pushgateway",
+                            gateway,
+                        )
+                    assert code == 1, out  # not every server is ready: the run says so
+                    await asyncio.sleep(
+                        2
+                    )  # checks a few scrapes apart, as a schedule would space them
+
+                inputs = tmp_path / "in.jsonl"
+                inputs.write_text(
+                    "".join(
+                        json.dumps({"custom_id": f"p{i}", "prompt": f"Say {i}"}) + "\n"
+                        for i in range(LINES)
+                    )
+                    + "not json\n"  # one line fails, as some do: counted by kind
+                )
+                code, out = await run(
+                    prefect_api,
+                    "-m",
+                    "flows.batch",
+                    str(inputs),
+                    str(tmp_path / "out.jsonl"),
+                    "--server",
+                    "e2e-ready",
+                    "--max-tokens",
+                    "4",
+                    "--metrics-name",
+                    "e2e-batch",
+                    "--pushgateway",
+                    gateway,
+                )
+                assert code == 0, out
+
+                expected = {"e2e-ready": "ready", "e2e-busy": "busy", "e2e-wedged": "wedged"}
+                for job in ("llamacpp", "llamacpp_health"):  # the exporter's, the gateway's
+                    eventually(
+                        f"the states {job} reports",
+                        lambda job=job: {
+                            row["metric"]["server"]: row["metric"]["state"]
+                            for row in prom.query(f'llamacpp_server_state{{job="{job}"}} == 1')
+                        },
+                        expected,
+                    )
+                # Every check counted; one canary observation per answered canary (ready only:
+                # the busy and wedged servers' canaries had no first byte in time).
+                eventually(
+                    "checks counted",
+                    lambda: prom.values('llamacpp_health_checks_total{job="llamacpp"}', "server"),
+                    dict.fromkeys(expected, float(CHECKS)),
+                )
+                counts = prom.values(
+                    'llamacpp_canary_first_byte_seconds_count{job="llamacpp"}', "server"
+                )
+                assert counts == {"e2e-ready": CHECKS}
+                assert prom.values(
+                    'llamacpp_canary_first_byte_seconds_bucket{job="llamacpp",le="+Inf"}', "server"
+                ) == {"e2e-ready": CHECKS}
+                # A Pushgateway holds gauges only: no histogram pushed by a short run.
+                assert not prom.query('llamacpp_canary_first_byte_seconds_count{job!="llamacpp"}')
+                busy = prom.values('llamacpp_server_slots_busy{job="llamacpp"}', "server")
+                assert busy["e2e-busy"] == 1
+
+                for job in ("llamacpp", "llamacpp_batch"):
+                    eventually(
+                        f"the batch's lines from {job}",
+                        lambda job=job: prom.values(
+                            f'llamacpp_batch_lines{{job="{job}",batch="e2e-batch"}}', "outcome"
+                        ),
+                        {"succeeded": LINES, "failed": 1, "done_earlier": 0, "pending": 0},
+                    )
+                    kinds = prom.values(f'llamacpp_batch_failed_lines{{job="{job}"}}', "kind")
+                    assert kinds == {"invalid_json": 1}
+                    finished = prom.values(f'llamacpp_batch_finished{{job="{job}"}}', "batch")
+                    assert finished == {"e2e-batch": 1}
+
+                # The alert rules are loaded and evaluated: the wedged server's alert waits out
+                # its 5 minutes (pending), the unhealthy rule does not fire for busy or wedged.
+                eventually(
+                    "the wedged alert pending",
+                    lambda: prom.values(
+                        'ALERTS{alertname="LlamaCppServerWedged",alertstate="pending"}', "server"
+                    ),
+                    {"e2e-wedged": 1.0},
+                )
+                assert not prom.query('ALERTS{alertname="LlamaCppServerUnhealthy"}')
+
+                # Every panel of the dashboard has data.
+                for expr in PANEL_QUERIES:
+                    query = expr.replace("$server", ".*").replace("$__rate_interval", "2m")
+                    assert prom.query(query), f"no data for the panel query {query}"
+                # What an operator sees: Prometheus's own graph of two of the dashboard's
+                # queries in headless Chromium (no Grafana is packaged for this machine).
+                shots = await asyncio.to_thread(screenshot, prom.url, tmp_path)
+                for path, legend in shots:
+                    assert path.stat().st_size > 10_000 and "e2e-ready" in legend, legend
+        finally:
+            exporter.terminate()
+            exporter.wait(10)
+
+
+def screenshot(prometheus_url: str, folder: Path) -> list[tuple[Path, str]]:
+    """(PNG, legend text) of Prometheus's graph page for the fleet-state and canary panels."""
+    from playwright.sync_api import sync_playwright
+
+    executable = find_chromium()
+    assert executable, INSTALL_HINT
+    queries = {
+        "fleet-state": "llamacpp_server_state == 1",
+        "canary-first-byte": PANEL_QUERIES[2]
+        .replace('server=~"$server"', "")
+        .replace("$__rate_interval", "1m"),
+    }
+    shots = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        for name, expr in queries.items():
+            url = f"{prometheus_url}/graph?" + urlencode(
+                {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "5m"}
+            )
+            page.goto(url)
+            legend = page.locator(".rickshaw_legend").first  # Debian's 2.42 UI
+            legend.wait_for(timeout=30_000)
+            path = folder / f"prometheus-{name}.png"
+            page.screenshot(path=path, full_page=True)
+            shots.append((path, legend.inner_text()))
+        browser.close()
+    return shots

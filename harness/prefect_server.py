@@ -39,10 +39,11 @@ class PrefectServer:
 
 @contextmanager
 def prefect_server(
-    home: Path, *, ui: bool = False, env: dict[str, str] | None = None
+    home: Path, *, ui: bool = False, env: dict[str, str] | None = None, port: int | None = None
 ) -> Iterator[PrefectServer]:
-    """Start one; `env`: more settings for it (e.g. a service's loop interval)."""
-    port = free_port()
+    """Start one; `env`: more settings for it (e.g. a service's loop interval); `port`: where
+    (default: a free one)."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,

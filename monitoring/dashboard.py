@@ -32,12 +32,20 @@ PATH = Path(__file__).parent / "grafana" / "llamacpp-fleet.json"
 UID = "llamacpp-fleet"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SERVERS = 'server=~"$server"'
+# The same figure may be scraped twice (the exporter and a Pushgateway, each its own job and
+# instance): every panel takes one series per server (or batch shard) before adding up.
+ONE = "max by "
 
 # (title, [(expr, legend)], unit, kind): the panels, row by row.
 FLEET = [
     (
         "Servers by state",
-        [(f"sum by (state) (llamacpp_server_state{{{SERVERS}}})", "{{state}}")],
+        [
+            (
+                f"sum by (state) ({ONE}(server, state) (llamacpp_server_state{{{SERVERS}}}))",
+                "{{state}}",
+            )
+        ],
         "short",
         "stacked",
     ),
@@ -87,8 +95,8 @@ FLEET = [
     (
         "Slots busy / total",
         [
-            (f"sum by (server) (llamacpp_server_slots_busy{{{SERVERS}}})", "{{server}} busy"),
-            (f"sum by (server) (llamacpp_server_slots{{{SERVERS}}})", "{{server}} total"),
+            (f"{ONE}(server) (llamacpp_server_slots_busy{{{SERVERS}}})", "{{server}} busy"),
+            (f"{ONE}(server) (llamacpp_server_slots{{{SERVERS}}})", "{{server}} total"),
         ],
         "short",
         "lines",
@@ -97,7 +105,7 @@ FLEET = [
         "Generation tokens/s (server average)",
         [
             (
-                f"llamacpp_server_generation_tokens_per_second{{{SERVERS}}}",
+                f"{ONE}(server, model) (llamacpp_server_generation_tokens_per_second{{{SERVERS}}})",
                 "{{server}} {{model}}",
             )
         ],
@@ -106,7 +114,13 @@ FLEET = [
     ),
     (
         "Seconds since the last health check",
-        [(f"time() - llamacpp_health_last_check_timestamp_seconds{{{SERVERS}}}", "{{server}}")],
+        [
+            (
+                f"time() - {ONE}(server) "
+                f"(llamacpp_health_last_check_timestamp_seconds{{{SERVERS}}})",
+                "{{server}}",
+            )
+        ],
         "s",
         "stat",
     ),
@@ -114,29 +128,53 @@ FLEET = [
 BATCHES = [
     (
         "Batch lines by outcome",
-        [("sum by (batch, outcome) (llamacpp_batch_lines)", "{{batch}} {{outcome}}")],
+        [
+            (
+                f"sum by (batch, outcome) ({ONE}(batch, shard, outcome) (llamacpp_batch_lines))",
+                "{{batch}} {{outcome}}",
+            )
+        ],
         "short",
         "stacked",
     ),
     (
         "Failed lines by kind",
-        [("sum by (batch, kind) (llamacpp_batch_failed_lines)", "{{batch}} {{kind}}")],
+        [
+            (
+                f"sum by (batch, kind) ({ONE}(batch, shard, kind) (llamacpp_batch_failed_lines))",
+                "{{batch}} {{kind}}",
+            )
+        ],
         "short",
         "stacked",
     ),
     (
         "Requests in flight, servers in and out of rotation",
         [
-            ("sum by (batch) (llamacpp_batch_requests_in_flight)", "{{batch}} in flight"),
-            ("sum by (batch) (llamacpp_batch_servers_in_rotation)", "{{batch}} servers in"),
-            ("sum by (batch) (llamacpp_batch_servers_out_of_rotation)", "{{batch}} servers out"),
+            (
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_requests_in_flight))",
+                "{{batch}} in flight",
+            ),
+            (
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_in_rotation))",
+                "{{batch}} servers in",
+            ),
+            (
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_out_of_rotation))",
+                "{{batch}} servers out",
+            ),
         ],
         "short",
         "lines",
     ),
     (
         "Batch completion tokens/s",
-        [("sum by (batch) (llamacpp_batch_completion_tokens_per_second)", "{{batch}}")],
+        [
+            (
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_completion_tokens_per_second))",
+                "{{batch}}",
+            )
+        ],
         "short",
         "lines",
     ),

@@ -123,16 +123,28 @@ def check_pushgateway_url(value: str) -> str:
     value = value.strip()
     if not value:
         return ""
+    example = "a Pushgateway address looks like http://host:9091"
+    if any(char.isspace() or not char.isprintable() for char in value):
+        raise ValueError(f"{example}: no spaces or control characters")
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("a Pushgateway address looks like http://host:9091")
-    if parts.username or parts.password:
+    if parts.username is not None or parts.password is not None:
         raise ValueError(
             "the Pushgateway address holds credentials; give it without them (a gateway that "
             "needs a password goes behind a proxy that adds it)"
         )
-    if parts.query or parts.fragment:
-        raise ValueError("a Pushgateway address has no ?query or #fragment: http://host:9091")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise ValueError(example)
+    if "?" in value or "#" in value:
+        raise ValueError(f"{example}, with no ?query or #fragment")
+    if parts.path.strip("/"):
+        # The client adds /metrics/job/...: a path here would be a proxy's prefix, and a
+        # gateway's own URL pasted with /metrics is the usual mistake.
+        if parts.path.rstrip("/").endswith("/metrics"):
+            raise ValueError(f"{example}, without /metrics (the client adds it)")
     return value.rstrip("/")
 
 

@@ -14,6 +14,7 @@ block name, a model id, a state, an error kind, a batch's name; never a URL, a k
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -37,8 +38,15 @@ from prefect_llamacpp.status import ServerState
 CANARY_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+logger = logging.getLogger(__name__)
 STATES: tuple[str, ...] = tuple(str(state) for state in ServerState)
 NO_MODEL = ""  # the model label of a server whose model is not known (unreachable, loading)
+# What an event may carry is bounded before it becomes a series: a label's length, a count, a
+# measure (a poison value must never make /metrics fail or grow without end).
+LABEL_CHARS = 120
+MAX_COUNT = 2**53  # the largest integer a float (Prometheus's sample value) holds exactly
+MAX_MEASURE = 1e9  # seconds or tokens per second; anything above is not a measurement
+MAX_SERIES = 2000  # servers, and batch shards, held at once; newer ones beyond are dropped
 
 
 @dataclass(frozen=True)
@@ -60,18 +68,20 @@ class ServerCheck:
     def from_report(cls, server: str, report: Mapping[str, Any], at: float) -> ServerCheck:
         """From the health check's report: the payload of its `llamacpp.server.<state>` event
         (state, model_id, total_slots, busy_slots, latency{...})."""
-        latency = report.get("latency") or {}
+        latency = report.get("latency")
+        latency = latency if isinstance(latency, Mapping) else {}
+        state = report.get("state")
         return cls(
-            server=server,
-            state=str(report.get("state") or ServerState.ERROR),
-            model=report.get("model_id") or NO_MODEL,
+            server=label(server),
+            state=state if state in STATES else str(ServerState.ERROR),
+            model=label(report.get("model_id")),
             at=at,
-            total_slots=_number(report.get("total_slots")),
-            busy_slots=_number(report.get("busy_slots")),
-            ttfb_s=_number(latency.get("ttfb_s")),
-            total_s=_number(latency.get("total_s")),
-            prompt_tokens_per_s=_number(latency.get("prompt_tokens_per_s")),
-            predicted_tokens_per_s=_number(latency.get("predicted_tokens_per_s")),
+            total_slots=_count(report.get("total_slots")),
+            busy_slots=_count(report.get("busy_slots")),
+            ttfb_s=_measure(latency.get("ttfb_s")),
+            total_s=_measure(latency.get("total_s")),
+            prompt_tokens_per_s=_measure(latency.get("prompt_tokens_per_s")),
+            predicted_tokens_per_s=_measure(latency.get("predicted_tokens_per_s")),
         )
 
 
@@ -111,21 +121,27 @@ class BatchFigures:
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], at: float) -> BatchFigures:
-        failed = payload.get("failed") or {}
+        """From a progress event's payload; a field of the wrong type or out of bounds reads
+        as nothing (0), never as an error or a series that breaks /metrics."""
+        failed = payload.get("failed")
+
+        def count(name: str) -> int:
+            return _count(payload.get(name)) or 0
+
         return cls(
-            batch=str(payload.get("batch") or "batch"),
-            shard=str(payload.get("shard") or ""),
-            lines=int(payload.get("lines") or 0),
-            succeeded=int(payload.get("succeeded") or 0),
+            batch=label(payload.get("batch")) or "batch",
+            shard=label(payload.get("shard")),
+            lines=count("lines"),
+            succeeded=count("succeeded"),
             # Kinds outside the known set are counted as "other": the label set stays bounded.
-            failed=_bounded_kinds(failed),
-            done_earlier=int(payload.get("done_earlier") or 0),
-            in_flight=int(payload.get("in_flight") or 0),
-            servers_in=int(payload.get("servers_in") or 0),
-            servers_out=int(payload.get("servers_out") or 0),
-            completion_tokens=int(payload.get("completion_tokens") or 0),
-            completion_tokens_per_s=float(payload.get("completion_tokens_per_s") or 0.0),
-            finished=bool(payload.get("finished")),
+            failed=_bounded_kinds(failed if isinstance(failed, Mapping) else {}),
+            done_earlier=count("done_earlier"),
+            in_flight=count("in_flight"),
+            servers_in=count("servers_in"),
+            servers_out=count("servers_out"),
+            completion_tokens=count("completion_tokens"),
+            completion_tokens_per_s=_measure(payload.get("completion_tokens_per_s")) or 0.0,
+            finished=payload.get("finished") is True,
             at=at,
         )
 
@@ -174,10 +190,14 @@ class FleetMetrics:
         self._total: dict[tuple[str, str], _Histogram] = {}
         self._checks: Counter[tuple[str, str]] = Counter()
         self._batches: dict[tuple[str, str], BatchFigures] = {}
+        self._warned_full: set[str] = set()
 
-    def observe_check(self, check: ServerCheck) -> None:
+    def observe_check(self, check: ServerCheck) -> bool:
+        """Take one check in; False when it was dropped (MAX_SERIES servers already held)."""
         with self._lock:
             latest = self._servers.get(check.server)
+            if latest is None and len(self._servers) >= MAX_SERIES:
+                return self._full("servers")
             if latest is None or latest.at <= check.at:  # a late, older one counts, no more
                 self._servers[check.server] = check
             self._checks[(check.server, check.state)] += 1
@@ -186,13 +206,29 @@ class FleetMetrics:
                 self._ttfb.setdefault(labels, _Histogram()).observe(check.ttfb_s)
             if check.total_s is not None:
                 self._total.setdefault(labels, _Histogram()).observe(check.total_s)
+        return True
 
-    def observe_batch(self, figures: BatchFigures) -> None:
+    def observe_batch(self, figures: BatchFigures) -> bool:
+        """Take a batch's figures in; False when dropped (MAX_SERIES shards already held)."""
         with self._lock:
             key = (figures.batch, figures.shard)
             latest = self._batches.get(key)
+            if latest is None and len(self._batches) >= MAX_SERIES:
+                return self._full("batch shards")
             if latest is None or latest.at <= figures.at:
                 self._batches[key] = figures
+        return True
+
+    def _full(self, what: str) -> bool:
+        if what not in self._warned_full:
+            self._warned_full.add(what)
+            logger.warning(
+                "%d %s held already: new ones are dropped until old ones are forgotten "
+                "(forget_after)",
+                MAX_SERIES,
+                what,
+            )
+        return False
 
     def _forget(self, before: float) -> None:
         gone = {name for name, check in self._servers.items() if check.at < before}
@@ -360,14 +396,38 @@ def _histogram(
     return family
 
 
-def _number(value: Any) -> float | None:
+def label(value: Any) -> str:
+    """A label value from what an event said: a string, printable, at most LABEL_CHARS long."""
+    if not isinstance(value, str):
+        return ""
+    printable = "".join(char if char.isprintable() else "?" for char in value)
+    return printable[:LABEL_CHARS]
+
+
+def _measure(value: Any) -> float | None:
+    """A duration or a rate: a finite number from 0 to MAX_MEASURE, else nothing."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return None if math.isnan(value) or math.isinf(value) else value
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return number if 0 <= number <= MAX_MEASURE else None  # NaN fails both comparisons
 
 
-def _bounded_kinds(failed: Mapping[str, Any]) -> dict[str, int]:
+def _count(value: Any) -> int | None:
+    """A count: an integer (or a whole float) from 0 to MAX_COUNT, else nothing."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return None
+    return value
+
+
+def _bounded_kinds(failed: Mapping[Any, Any]) -> dict[str, int]:
     kinds: Counter[str] = Counter()
     for kind, count in failed.items():
-        kinds[kind if kind in ERROR_KINDS else "other"] += int(count or 0)
-    return dict(kinds)
+        kinds[kind if kind in ERROR_KINDS else "other"] += _count(count) or 0
+    return {kind: min(count, MAX_COUNT) for kind, count in kinds.items()}

@@ -171,7 +171,7 @@ class RunOptions(BaseModel):
         max_length=100,
         pattern=r"^[^\x00-\x1f\x7f]+$",
         description="The batch's name in Prometheus metrics and progress events (keep it "
-        "stable across runs: it is a label); empty: the output's file name.",
+        "stable across runs: it is a label); not given: the output's file name.",
     )
     pushgateway: str | None = Field(
         None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -267,6 +268,7 @@ class _Job:
     embedding_lines: int
     shard: Shard | None = None  # this run is one shard of a sharded batch
     launch: LaunchSpec | str | None = None  # a server this run starts itself
+    gateway: str | None = None  # the Pushgateway the run's figures go to
 
     @property
     def fleet(self) -> bool:
@@ -319,6 +321,7 @@ def _check_job(
         server_names(server)  # an empty or repeated name fails before anything is opened
     if isinstance(launch, str) and not launch.strip():
         raise ConfigurationError("launch is an empty name: name a llama.cpp Launch block")
+    gateway = pushgateway(run.pushgateway)  # a bad LLAMACPP_PUSHGATEWAY_URL fails here
     lines, embedding_lines = _count_lines(source)
     if selected is not None:  # about its share: ids are spread evenly by their hash
         lines, embedding_lines = -(-lines // selected.count), -(-embedding_lines // selected.count)
@@ -334,6 +337,7 @@ def _check_job(
         embedding_lines,
         selected,
         launch,
+        gateway,
     )
 
 
@@ -494,7 +498,7 @@ async def _run(
             finished=ended,
         )
 
-    telemetry = BatchTelemetry(figures, pushgateway(job.run.pushgateway))
+    telemetry = BatchTelemetry(figures, job.gateway)
 
     def finished(results: list[ResultLine]) -> None:
         ledger.write_all(results)
@@ -529,6 +533,7 @@ async def _run(
         progress,
     )
     ended = False  # the run ended (done or aborted), not broken off by an unexpected fault
+    telemetry.start()
     try:
         try:
             if broker is not None:
@@ -563,8 +568,9 @@ async def _run(
 
 
 def _file_name(output: str | Path) -> str:
-    """The last part of a path or URL: a batch's default name in metrics."""
-    return str(output).rstrip("/").rsplit("/", 1)[-1] or "batch"
+    """The last part of a path or URL (no query, no credentials): a batch's default name in
+    metrics."""
+    return re.split(r"[/\\]", shown(output).rstrip("/\\"))[-1] or "batch"
 
 
 def log_outcome(logger, summary: BatchSummary) -> None:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
+from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
+from urllib.parse import urlsplit
+from uuid import UUID
 
 from prefect.events import Event
 from prefect.events.clients import get_events_subscriber
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import CliApp
@@ -28,50 +31,96 @@ from prefect_llamacpp.flows.health import EVENT_PREFIX
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem
 from prefect_llamacpp.flows.telemetry import BATCH_EVENT
 from prefect_llamacpp.metrics import STATES, BatchFigures, FleetMetrics, ServerCheck
+from prefect_llamacpp.storage import shown
 
 logger = logging.getLogger("prefect_llamacpp.exporter")
 DEFAULT_PORT = 9464
 FORGET_AFTER_S = 24 * 3600
+SEEN_EVENTS = 10_000  # ids remembered to drop a reconnect's repeated events
+MAX_PAUSE_S = 30.0
 
 
 def observe(metrics: FleetMetrics, event: Event) -> bool:
-    """Take one event into `metrics`; False when it is not one the metrics read."""
-    at = event.occurred.timestamp()
+    """Take one event into `metrics`; False when it is not one the metrics read (or there is
+    no room left for a new series). A payload's odd values read as nothing (see metrics.py)."""
+    # A clock ahead (or a forged time) must not pin a server's state: never later than now.
+    at = min(event.occurred.timestamp(), time.time())
     if event.event == BATCH_EVENT:
-        metrics.observe_batch(BatchFigures.from_payload(event.payload, at))
-        return True
+        return metrics.observe_batch(BatchFigures.from_payload(event.payload, at))
     prefix, _, state = event.event.rpartition(".")
     if prefix != EVENT_PREFIX or state not in STATES:
         return False  # a managed server's restart, say: not a check
     server = event.resource.name or event.resource.id.removeprefix(f"{EVENT_PREFIX}.")
-    metrics.observe_check(ServerCheck.from_report(server, {**event.payload, "state": state}, at))
-    return True
+    check = ServerCheck.from_report(server, {**event.payload, "state": state}, at)
+    return metrics.observe_check(check)
 
 
-async def export(
-    metrics: FleetMetrics,
-    *,
-    since: datetime | None = None,
-    on_connected: Callable[[], None] | None = None,
-) -> None:
-    """Feed `metrics` from the Prefect API's event stream until cancelled. Events that occurred
-    before `since` (default: now) are not replayed: a restarted exporter starts counting anew,
-    as any Prometheus counter does after a restart."""
-    if not PREFECT_API_URL.value():
+def check_api_url(url: str | None) -> str:
+    """PREFECT_API_URL if it can be connected to; RuntimeError naming the fix if not."""
+    example = "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+    if not url:
         raise RuntimeError(
-            "PREFECT_API_URL is not set: the exporter reads the events of a Prefect server "
-            "(export PREFECT_API_URL=http://127.0.0.1:4200/api)"
+            f"PREFECT_API_URL is not set: the exporter reads the events of a Prefect server "
+            f"({example})"
         )
-    wanted = EventFilter(
-        event=EventNameFilter(prefix=[f"{EVENT_PREFIX}.", BATCH_EVENT]),
-        occurred=EventOccurredFilter(since=since or datetime.now(UTC)),
-    )
-    # Reconnects (a Prefect server restart) without end; events seen twice are dropped by id.
-    async with get_events_subscriber(filter=wanted, reconnection_attempts=sys.maxsize) as events:
-        if on_connected is not None:
-            on_connected()
-        async for event in events:
-            observe(metrics, event)
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number, or out of range
+        valid = False
+    if not valid or any(char.isspace() or not char.isprintable() for char in url):
+        raise RuntimeError(f"PREFECT_API_URL is not an http(s) URL: {shown(url)!r} ({example})")
+    return url
+
+
+async def export(metrics: FleetMetrics, *, on_connected: Callable[[], None] | None = None) -> None:
+    """Feed `metrics` from the Prefect API's event stream until cancelled.
+
+    Prefect's subscriber takes in the minute before it connects, then what comes; older events
+    are not replayed, so a restarted exporter counts anew, as any Prometheus counter does
+    after a restart. A Prefect API that is down (at start or later) is waited for, retried
+    with a growing pause; an event seen twice (a reconnect's backfill) counts once; an event
+    the metrics cannot read is logged and skipped."""
+    url = check_api_url(PREFECT_API_URL.value())
+    wanted = EventFilter(event=EventNameFilter(prefix=[f"{EVENT_PREFIX}.", BATCH_EVENT]))
+    seen: OrderedDict[UUID, None] = OrderedDict()
+    pause = 1.0
+    while True:
+        try:
+            async with get_events_subscriber(filter=wanted, reconnection_attempts=3) as events:
+                logger.info("Reading llama.cpp events from %s", shown(url))
+                if on_connected is not None:
+                    on_connected()
+                    on_connected = None
+                async for event in events:
+                    pause = 1.0  # reading again: the next fault is waited for briefly
+                    if event.id in seen:
+                        continue
+                    seen[event.id] = None
+                    if len(seen) > SEEN_EVENTS:
+                        seen.popitem(last=False)
+                    _observe_logged(metrics, event)
+        except Exception as exc:  # a down or restarting API: wait, never die
+            # Also an event Prefect's client cannot parse (a number beyond a double): each
+            # reconnect replays the last minute, so it is waited out as the pause grows.
+            logger.warning(
+                "The Prefect event stream at %s failed (%s: %s); trying again in %.0f s",
+                shown(url),
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                pause,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, MAX_PAUSE_S)
+
+
+def _observe_logged(metrics: FleetMetrics, event: Event) -> None:
+    try:
+        observe(metrics, event)
+    except Exception as exc:
+        logger.warning(
+            "Event %s (%s) skipped: %s: %s", event.id, event.event, type(exc).__name__, exc
+        )
 
 
 class ExporterCommand(BaseModel):
@@ -98,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError) as exc:
         print(f"llamacpp-exporter: {cli_problem(exc)}", file=sys.stderr)
         return 2
+    try:
+        check_api_url(PREFECT_API_URL.value())
+    except RuntimeError as exc:
+        print(f"llamacpp-exporter: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     metrics = FleetMetrics(forget_after=command.forget_after)
     try:
@@ -115,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(export(metrics, on_connected=connected))
-    except RuntimeError as exc:
-        print(f"llamacpp-exporter: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
     return 0

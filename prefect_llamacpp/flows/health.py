@@ -21,11 +21,12 @@ from typing import Annotated, Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.events import emit_event
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import CliApp, CliPositionalArg
 
 from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.canary import CanaryOptions
+from prefect_llamacpp.config import check_pushgateway_url
 from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, ServerNotReadyError
 from prefect_llamacpp.flows.capacity import canary_slot
 from prefect_llamacpp.flows.fleet import server_names
@@ -393,6 +394,12 @@ class HealthCommand(BaseModel):
         description="Push each server's figures to this Prometheus Pushgateway "
         "(http://host:9091); default: LLAMACPP_PUSHGATEWAY_URL, if set.",
     )
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _valid_gateway(cls, value: str | None) -> str | None:
+        # Refused here, before a flow run stores it as a parameter (a password included).
+        return None if value is None else check_pushgateway_url(value)
 
     def flow_parameters(self) -> dict[str, Any]:
         names = self.server

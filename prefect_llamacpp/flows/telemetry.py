@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 
 from prefect import get_run_logger
 from prefect.events import emit_event
+from pydantic import ValidationError
 
 from prefect_llamacpp.config import MetricsSettings, check_pushgateway_url
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.flows.batch_progress import update_gap
 from prefect_llamacpp.metrics import BatchFigures, FleetMetrics, ServerCheck
 
@@ -23,10 +25,18 @@ BATCH_JOB = "llamacpp_batch"
 
 
 def pushgateway(given: str | None) -> str | None:
-    """The Pushgateway to push to: `given` ("" for none), else `LLAMACPP_PUSHGATEWAY_URL`."""
-    if given is not None:
-        return check_pushgateway_url(given) or None
-    return MetricsSettings().pushgateway_url or None
+    """The Pushgateway to push to: `given` ("" for none), else `LLAMACPP_PUSHGATEWAY_URL`.
+    `ConfigurationError` (one line, naming where the bad address came from) if it is not one."""
+    try:
+        if given is not None:
+            return check_pushgateway_url(given) or None
+    except ValueError as exc:
+        raise ConfigurationError(f"pushgateway: {exc}") from None
+    try:
+        return MetricsSettings().pushgateway_url or None
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(f"LLAMACPP_PUSHGATEWAY_URL: {problem}") from None
 
 
 async def push(gateway: str, metrics: FleetMetrics, job: str, grouping: dict[str, str]) -> bool:
@@ -71,7 +81,22 @@ class BatchTelemetry:
         self.gateway = gateway
         self._started = self._last = time.monotonic()
         self._pushing: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
         self._failed_push = False
+
+    def start(self) -> None:
+        """Send the figures on time while no result arrives, too (long generations, a server
+        down): a quiet run is not taken for a stalled one (LlamaCppBatchStalled)."""
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_on_time())
+
+    async def _tick_on_time(self) -> None:
+        while True:
+            await asyncio.sleep(update_gap(time.monotonic() - self._started))
+            try:
+                self.tick()
+            except Exception as exc:  # figures are never worth the run
+                get_run_logger().warning("Batch figures not sent on time: %s", exc)
+                return
 
     def tick(self) -> None:
         """Results arrived: send the figures if it is time."""
@@ -90,9 +115,13 @@ class BatchTelemetry:
             await self._push(figures)
 
     async def close(self) -> None:
-        """Whatever happened: no push left running."""
-        if self._pushing is not None and not self._pushing.done():
-            self._pushing.cancel()
+        """Whatever happened: nothing left running. A push in flight is waited for (its
+        timeout bounds the wait), not cancelled: its thread cannot be stopped, and it must not
+        land after the final figures."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        if self._pushing is not None:
             await asyncio.gather(self._pushing, return_exceptions=True)
 
     def _send(self, figures: BatchFigures, push_now: bool = True) -> None:

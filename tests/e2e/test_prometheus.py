@@ -15,11 +15,14 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
+from uuid import uuid4
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.browser import CHROMIUM_ARGS, INSTALL_HINT, find_chromium
 from harness.prefect_server import prefect_server as start_prefect_server
@@ -257,3 +260,76 @@ def screenshot(prometheus_url: str, folder: Path) -> list[tuple[Path, str]]:
             shots.append((path, legend.inner_text()))
         browser.close()
     return shots
+
+
+def event(name: str, server: str, payload: dict, occurred: datetime | None = None) -> dict:
+    return {
+        "id": str(uuid4()),
+        "occurred": (occurred or datetime.now(UTC)).isoformat(),
+        "event": name,
+        "resource": {"prefect.resource.id": f"llamacpp.server.{server}"},
+        "payload": payload,
+    }
+
+
+def test_the_exporter_waits_for_the_prefect_api_and_survives_poison_events(tmp_path):
+    """Started before its Prefect server, the exporter serves, says it waits, and connects
+    when the server comes; events that are malformed, hostile or dated in the future are read
+    as nothing (or as now) and it goes on serving the good ones."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "exporter.log"
+    exporter_port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "prefect_llamacpp.flows.exporter", "--port", str(exporter_port)],
+        cwd=REPO,
+        env=env_for(api),
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
+    metrics_url = f"http://127.0.0.1:{exporter_port}/metrics"
+    try:
+        eventually(
+            "the exporter says it waits for the API",
+            lambda: "trying again" in log.read_text(),
+            True,
+        )
+        assert exporter.poll() is None and "Traceback" not in log.read_text()
+        with start_prefect_server(tmp_path / "late-prefect", port=port):
+            assert "serving" in exporter.stdout.readline()
+            future = datetime(2100, 1, 1, tzinfo=UTC)
+            poison = [
+                event("llamacpp.server.ready", "p1", {"model_id": 5, "total_slots": -4}),
+                event("llamacpp.server.busy", "p2", {"latency": {"ttfb_s": 1e308}}),
+                event("llamacpp.server.ready", "p3", {"latency": "fast", "model_id": "x" * 500}),
+                event("llamacpp.batch.progress", "b", {"failed": ["x"], "lines": "many"}),
+                event("llamacpp.server.wedged", "p4", {}, occurred=future),
+            ]
+            response = httpx.post(f"{api}/events", json=poison, timeout=10)
+            assert response.status_code < 300, response.text
+            eventually("p1 read", lambda: 'server="p1"' in httpx.get(metrics_url).text, True)
+            # The next check, a moment later: it must not be masked by the one dated 2100.
+            good = event("llamacpp.server.ready", "p4", {"model_id": "qwen", "total_slots": 4})
+            response = httpx.post(f"{api}/events", json=[good], timeout=10)
+            assert response.status_code < 300, response.text
+
+            def state_of_p4() -> str | None:
+                text = httpx.get(metrics_url, timeout=5).text
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        labels = sample.labels
+                        if sample.name == "llamacpp_server_state" and sample.value == 1:
+                            if labels["server"] == "p4":
+                                return labels["state"]
+                return None
+
+            # The wedged report dated 2100 is taken as now; the ready one after it wins.
+            eventually("p4's state", state_of_p4, "ready")
+            text = httpx.get(metrics_url, timeout=5).text
+            assert 'server="p1"' in text and 'server="p3"' in text
+            assert "x" * 121 not in text
+            assert exporter.poll() is None and "Traceback" not in log.read_text()
+    finally:
+        exporter.terminate()
+        exporter.wait(10)

@@ -41,6 +41,9 @@ NOT_DEFAULT = {
     "priority": 3,
     "shards": 2,
     "shard_deployment": "llamacpp-batch/elsewhere",
+    "metrics_name": "nightly-eval",
+    # Nobody listens there: the push fails with a warning and the run goes on.
+    "pushgateway": "http://127.0.0.1:9",
 }
 # What a run that reaches the runner is given: a sharded one is a parent and runs no lines.
 RUNNER_VALUES = NOT_DEFAULT | {"shards": 1}

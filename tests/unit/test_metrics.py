@@ -3,15 +3,22 @@ prometheus_client's own exposition and parser, as Prometheus would read them."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from prefect_llamacpp.batch.records import ERROR_KINDS
 from prefect_llamacpp.config import MetricsSettings, check_pushgateway_url
+from prefect_llamacpp.exceptions import ConfigurationError
+from prefect_llamacpp.flows.telemetry import pushgateway
 from prefect_llamacpp.metrics import (
     CANARY_BUCKETS,
+    LABEL_CHARS,
+    MAX_MEASURE,
+    MAX_SERIES,
     STATES,
     BatchFigures,
     FleetMetrics,
@@ -182,6 +189,14 @@ def test_names_follow_the_conventions():
         ("ftp://gw:9091", "looks like http://host:9091"),
         ("http://user:s3cret@gw:9091", "holds credentials"),
         ("http://gw:9091/?x=1", "no ?query"),
+        ("http://gw:9091?", "no ?query"),
+        ("http://gw:9091#", "no ?query"),
+        ("http://gw:99999", "looks like http://host:9091"),
+        ("http://gw:port", "looks like http://host:9091"),
+        ("http://gw:0", "looks like http://host:9091"),
+        ("http://g w:9091", "no spaces"),
+        ("http://gw:9091/\x1b[2J", "no spaces or control"),
+        ("http://gw:9091/metrics", "without /metrics"),
     ],
 )
 def test_a_bad_pushgateway_address_names_the_fix_and_never_its_password(monkeypatch, given, says):
@@ -199,3 +214,86 @@ def test_the_pushgateway_setting(monkeypatch):
     assert MetricsSettings().pushgateway_url == ""
     monkeypatch.setenv("LLAMACPP_PUSHGATEWAY_URL", " http://gw:9091/ ")
     assert MetricsSettings().pushgateway_url == "http://gw:9091"
+
+
+def test_a_bad_pushgateway_setting_is_one_line_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("LLAMACPP_PUSHGATEWAY_URL", "http://user:s3cret@gw:9091")
+    with pytest.raises(ConfigurationError) as refused:
+        pushgateway(None)
+    message = str(refused.value)
+    assert message.startswith("LLAMACPP_PUSHGATEWAY_URL: ") and "\n" not in message
+    assert "s3cret" not in message
+    # Given, it wins over the setting (and "" means no push at all).
+    assert pushgateway("http://gw:9091/") == "http://gw:9091"
+    assert pushgateway("") is None
+
+
+# What a hostile or broken event may carry: none of it may break /metrics or the exporter.
+POISON_REPORTS = [
+    {"model_id": 5},
+    {"model_id": ["a"]},
+    {"model_id": "x" * 10_000},
+    {"model_id": "evil\n# HELP fake"},
+    {"total_slots": 10**400},
+    {"total_slots": -4, "busy_slots": "2"},
+    {"latency": {"ttfb_s": 1e308, "total_s": 10**400}},
+    {"latency": {"ttfb_s": -3.0, "total_s": float("nan")}},
+    {"latency": "fast"},
+    {"latency": ["0.1"]},
+    {"state": ["ready"]},
+]
+
+
+@pytest.mark.parametrize("poison", POISON_REPORTS)
+def test_a_poison_check_report_reads_as_nothing_and_metrics_still_render(poison):
+    metrics = FleetMetrics()
+    now = time.time()
+    for _ in range(3):  # summed, a huge value would overflow; it is never taken in
+        metrics.observe_check(ServerCheck.from_report("gpu-1", {**report("ready"), **poison}, now))
+    found = samples(metrics)
+    (model,) = {dict(key[1])["model"] for key in found if key[0] == "llamacpp_server_state"}
+    assert len(model) <= LABEL_CHARS and "\n" not in model
+    for (name, _), number in found.items():
+        assert math.isfinite(number) and number >= 0, name
+    histogram_sum = [v for (name, _), v in found.items() if name.endswith("_seconds_sum")]
+    assert all(total <= 3 * MAX_MEASURE for total in histogram_sum)
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        {"failed": ["timeout"]},
+        {"failed": {"timeout": "3"}},
+        {"failed": {"timeout": -5, "http_500": 10**400}},
+        {"failed": {("tuple",): 1}},
+        {"lines": "12", "succeeded": -1, "in_flight": 10**400},
+        {"completion_tokens_per_s": float("inf"), "completion_tokens": 2.5},
+        {"batch": {"x": 1}, "shard": 7},
+        {"batch": "b" * 10_000},
+        {"finished": "no"},
+    ],
+)
+def test_a_poison_batch_payload_reads_as_nothing_and_metrics_still_render(poison):
+    good = BatchFigures(batch="nightly", lines=10, succeeded=4, failed={"timeout": 1}).payload()
+    figures = BatchFigures.from_payload({**good, **poison}, time.time())
+    assert figures.finished in (False, True) and "no" != figures.finished
+    metrics = FleetMetrics()
+    metrics.observe_batch(figures)
+    found = samples(metrics)
+    for (name, labels), number in found.items():
+        assert math.isfinite(number) and number >= 0, name
+        assert all(len(label) <= LABEL_CHARS for _, label in labels)
+    assert set(figures.failed) <= {*ERROR_KINDS, "other"}
+
+
+def test_series_are_capped_and_the_cap_is_said_once(caplog):
+    metrics = FleetMetrics()
+    now = time.time()
+    for index in range(MAX_SERIES + 5):
+        metrics.observe_check(ServerCheck(server=f"s{index}", state="ready", at=now))
+    assert not metrics.observe_check(ServerCheck(server="one-more", state="ready", at=now))
+    assert metrics.observe_check(ServerCheck(server="s0", state="busy", at=now))  # known: kept
+    states = {k for k in samples(metrics) if k[0] == "llamacpp_server_slots" or "state" in k[0]}
+    servers = {dict(labels)["server"] for _, labels in states}
+    assert len(servers) == MAX_SERIES and "one-more" not in servers
+    assert sum("held already" in record.message for record in caplog.records) == 1

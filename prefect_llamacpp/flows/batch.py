@@ -59,7 +59,7 @@ from prefect_llamacpp.flows.fleet import FleetMember, gate_fleet, resolve_server
 from prefect_llamacpp.flows.launched import launched_member
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.output_lease import output_lease
-from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.flows.report import markdown_table, sparkline
 from prefect_llamacpp.flows.storage_block import storage_from_block
 from prefect_llamacpp.flows.telemetry import BatchTelemetry, pushgateway
 from prefect_llamacpp.launch import LaunchSpec
@@ -139,6 +139,7 @@ class BatchSummary(BaseModel):
     servers: list[ServerShare] = Field(default_factory=list)
     shards: list[ShardShare] = Field(default_factory=list)  # a sharded batch's, one per shard
     abort_reason: str | None = None
+    throughput: list[float] = Field(default_factory=list)  # lines/s over the run (its chart)
 
 
 @task(
@@ -549,6 +550,7 @@ async def _run(
             await broker.aclose()
         await runner.aclose()
         await checkpoints.close(join=ended)
+        summary.throughput = telemetry.throughput()  # before the summary counts failures
         _fill_summary(summary, runner, time.monotonic() - started)
         if ledger.errors_path is not None and ledger.errors_path.exists():
             summary.errors_path = published.errors_url if published else str(ledger.errors_path)
@@ -565,6 +567,13 @@ async def _run(
             description=f"llama.cpp batch: {summary.succeeded} succeeded, {summary.failed} failed",
         ),
     )
+
+
+def _throughput_row(throughput: list[float]) -> list[tuple[str, str]]:
+    if len(throughput) < 2:
+        return []  # a run of a few seconds: nothing to draw
+    chart = f"`{sparkline(throughput)}` (peak {max(throughput):g}, low {min(throughput):g})"
+    return [("Lines answered per second over the run", chart)]
 
 
 def _file_name(output: str | Path) -> str:
@@ -878,6 +887,7 @@ def render_summary(summary: BatchSummary) -> str:
         ("Already done (skipped)", summary.skipped_done),
         ("Prompt / completion tokens", f"{summary.prompt_tokens} / {summary.completion_tokens}"),
         ("Completion tokens/s", summary.completion_tokens_per_s),
+        *_throughput_row(summary.throughput),
         ("Wall time (s)", summary.wall_time_s),
         ("Concurrency (max seen in flight)", f"{summary.concurrency} ({summary.max_in_flight})"),
         ("Chunks (task runs)", summary.chunks),

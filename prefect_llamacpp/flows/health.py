@@ -16,11 +16,20 @@ import asyncio
 import re
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.events import emit_event
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventOrder,
+    EventResourceFilter,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import CliApp, CliPositionalArg
 
@@ -31,7 +40,7 @@ from prefect_llamacpp.exceptions import ConfigurationError, LlamaCppError, Serve
 from prefect_llamacpp.flows.capacity import canary_slot
 from prefect_llamacpp.flows.fleet import server_names
 from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
-from prefect_llamacpp.flows.report import markdown_table
+from prefect_llamacpp.flows.report import markdown_table, sparkline
 from prefect_llamacpp.flows.telemetry import push_health
 from prefect_llamacpp.flows.telemetry import pushgateway as pushgateway_for
 from prefect_llamacpp.metrics import ServerCheck
@@ -45,6 +54,7 @@ from prefect_llamacpp.tasks import (
 )
 
 EVENT_PREFIX = "llamacpp.server"
+HISTORY_CHECKS = 24  # checks in the artifacts' first-byte chart (this one included)
 # The /metrics samples worth a line in the report.
 REPORTED_METRICS = (
     "requests_processing",
@@ -136,9 +146,17 @@ async def llamacpp_health_flow(
     names = server_names(server)
     members = [await load_server_or_env(name) for name in names]
     options = canary if canary.send else None
+    started = datetime.now(UTC)
     checks = await asyncio.gather(
         *(_check_server(block, label, options, read_slots) for block, label in members)
     )
+    history = await earlier_first_bytes([label for label, _, _ in checks], before=started)
+    charts = {
+        label: first_byte_chart(
+            [*history.get(label, []), (status.latency or CanaryLatency()).ttfb_s]
+        )
+        for label, status, _ in checks
+    }
     report = HealthReport(
         servers=[
             ServerHealth(server=label, status=status, busy_slots=load.get("busy_slots"))
@@ -157,11 +175,11 @@ async def llamacpp_health_flow(
             ],
         )
     if isinstance(server, list):
-        await _fleet_outcome(checks, min_ready, fail_when_not_ready, fail_when_busy)
+        await _fleet_outcome(checks, charts, min_ready, fail_when_not_ready, fail_when_busy)
         return report
     ((label, status, load),) = checks
     await acreate_markdown_artifact(
-        markdown=render_report(label, status, load),
+        markdown=render_report(label, status, load, charts.get(label, "")),
         key=artifact_key(label),
         description=f"llama.cpp server health: {status.state}",
     )
@@ -243,6 +261,7 @@ def emit_health_event(
 
 async def _fleet_outcome(
     checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]],
+    charts: dict[str, str],
     min_ready: int | None,
     fail_when_not_ready: bool,
     fail_when_busy: bool,
@@ -252,7 +271,7 @@ async def _fleet_outcome(
     busy = [label for label, status, _ in checks if status.state == ServerState.BUSY]
     not_ready = {label: status for label, status, _ in checks if not status.is_ready}
     await acreate_markdown_artifact(
-        markdown=render_fleet_report(checks),
+        markdown=render_fleet_report(checks, charts),
         key="llamacpp-health-fleet",
         description=f"llama.cpp fleet health: {len(ready)} of {len(checks)} ready",
     )
@@ -270,9 +289,16 @@ async def _fleet_outcome(
         )
 
 
-def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]]) -> str:
-    header = "| Server | State | Model | Slots busy / total | Canary first byte | Problem |"
-    lines = ["# llama.cpp fleet", "", header, "|---|---|---|---|---|---|"]
+def render_fleet_report(
+    checks: list[tuple[str, ProviderHealthStatus, dict[str, Any]]],
+    charts: dict[str, str] | None = None,
+) -> str:
+    charts = charts or {}
+    header = (
+        "| Server | State | Model | Slots busy / total | Canary first byte | "
+        f"First byte, last {HISTORY_CHECKS} checks | Problem |"
+    )
+    lines = ["# llama.cpp fleet", "", header, "|---|---|---|---|---|---|---|"]
     total_slots = busy_slots = 0
     for label, status, load in checks:
         slots = status.total_slots
@@ -284,11 +310,11 @@ def render_fleet_report(checks: list[tuple[str, ProviderHealthStatus, dict[str, 
         lines.append(
             f"| {label} | **{status.state}** | {status.model_id or '-'} | "
             f"{busy if busy is not None else '?'} / {slots or '?'} | "
-            f"{_seconds(latency.ttfb_s)} | {problem} |"
+            f"{_seconds(latency.ttfb_s)} | {charts.get(label) or '-'} | {problem} |"
         )
     ready = sum(1 for _, status, _ in checks if status.is_ready)
     lines.append(
-        f"| **fleet** | **{ready} of {len(checks)} ready** | | {busy_slots} / {total_slots} | | |"
+        f"| **fleet** | **{ready} of {len(checks)} ready** | | {busy_slots} / {total_slots} | | | |"
     )
     return "\n".join(lines) + "\n"
 
@@ -316,7 +342,9 @@ async def _slot_load(
     return load
 
 
-def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]) -> str:
+def render_report(
+    label: str, status: ProviderHealthStatus, load: dict[str, Any], chart: str = ""
+) -> str:
     total = status.total_slots
     busy = load.get("busy_slots")
     rows = [
@@ -337,6 +365,7 @@ def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]
         rows += [
             ("Canary", canary_note(status, True)),
             ("Canary time to first byte", _seconds(latency.ttfb_s)),
+            *([(f"First byte, last {HISTORY_CHECKS} checks", chart)] if chart else []),
             ("Canary total", _seconds(latency.total_s)),
             ("Prompt tokens/s (server average)", _rate(latency.prompt_tokens_per_s)),
             ("Generation tokens/s (server average)", _rate(latency.predicted_tokens_per_s)),
@@ -348,6 +377,44 @@ def render_report(label: str, status: ProviderHealthStatus, load: dict[str, Any]
     for name, value in (load.get("metrics") or {}).items():
         rows.append((f"metrics: {name}", f"{value:g}"))
     return markdown_table(f"llama.cpp server `{label}`", rows)
+
+
+async def earlier_first_bytes(labels: list[str], before: datetime) -> dict[str, list[float | None]]:
+    """Each server's canary first byte in its last checks before this run (oldest first), read
+    from its `llamacpp.server.<state>` events: the history lives where the events do, on the
+    Prefect API, whichever worker ran the check. Nothing (no chart) if they cannot be read."""
+
+    async def one(client, label: str) -> tuple[str, list[float | None]]:
+        page = await client.read_events(
+            filter=EventFilter(
+                event=EventNameFilter(prefix=[f"{EVENT_PREFIX}."]),
+                resource=EventResourceFilter(id=[f"{EVENT_PREFIX}.{label}"]),
+                occurred=EventOccurredFilter(since=before - timedelta(days=7), until=before),
+                order=EventOrder.DESC,
+            ),
+            limit=HISTORY_CHECKS - 1,
+        )
+        values = []
+        for event in reversed(page.events):
+            latency = event.payload.get("latency")
+            ttfb = latency.get("ttfb_s") if isinstance(latency, dict) else None
+            values.append(ttfb if isinstance(ttfb, int | float) and ttfb >= 0 else None)
+        return label, values
+
+    try:
+        async with get_client() as client:
+            return dict(await asyncio.gather(*(one(client, label) for label in labels)))
+    except Exception as exc:
+        get_run_logger().debug("No first-byte history (events not read: %s)", exc)
+        return {}
+
+
+def first_byte_chart(values: list[float | None]) -> str:
+    """`▁▂█▃` 12-840 ms: the first byte over the checks, oldest first; "" with nothing to draw."""
+    known = [value for value in values if value is not None]
+    if len(values) < 2 or not known:
+        return ""
+    return f"`{sparkline(values)}` {_seconds(min(known))} to {_seconds(max(known))}"
 
 
 def canary_note(status: ProviderHealthStatus, canary: bool) -> str:

@@ -7,6 +7,8 @@ A push that fails (no gateway there, a timeout) costs a warning, never the run."
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Iterable
 
@@ -80,6 +82,8 @@ class BatchTelemetry:
         self._figures = figures
         self.gateway = gateway
         self._started = self._last = time.monotonic()
+        # (seconds into the run, lines answered): the throughput chart's points
+        self._answered: list[tuple[float, int]] = [(0.0, 0)]
         self._pushing: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self._failed_push = False
@@ -124,7 +128,23 @@ class BatchTelemetry:
         if self._pushing is not None:
             await asyncio.gather(self._pushing, return_exceptions=True)
 
+    def throughput(self, points: int = 40) -> list[float]:
+        """Lines answered per second over the run, in `points` equal spans (fewer for a short
+        run: one per 2 s at most), from the figures taken so far and now."""
+        figures = self._figures(False)
+        self._sample(figures)
+        elapsed = self._answered[-1][0]
+        count = max(1, min(points, int(elapsed // 2)))
+        width = max(elapsed, 1e-3) / count
+        cumulative = [_answered_at(self._answered, width * index) for index in range(count + 1)]
+        return [round((b - a) / width, 2) for a, b in itertools.pairwise(cumulative)]
+
+    def _sample(self, figures: BatchFigures) -> None:
+        answered = figures.succeeded + sum(figures.failed.values())
+        self._answered.append((time.monotonic() - self._started, answered))
+
     def _send(self, figures: BatchFigures, push_now: bool = True) -> None:
+        self._sample(figures)
         emit_event(event=BATCH_EVENT, resource=batch_resource(figures), payload=figures.payload())
         busy = self._pushing is not None and not self._pushing.done()
         # One push at a time; a gateway that failed once is not asked again until the end.
@@ -137,3 +157,14 @@ class BatchTelemetry:
         grouping = {"batch": figures.batch, **({"shard": figures.shard} if figures.shard else {})}
         if not await push(self.gateway, metrics, BATCH_JOB, grouping):
             self._failed_push = True
+
+
+def _answered_at(samples: list[tuple[float, int]], at: float) -> float:
+    """Lines answered `at` seconds into the run, read off the samples in a straight line."""
+    index = bisect.bisect_left(samples, at, key=lambda sample: sample[0])
+    if index == 0:
+        return samples[0][1]
+    if index == len(samples):
+        return samples[-1][1]
+    (t0, n0), (t1, n1) = samples[index - 1], samples[index]
+    return n0 + (n1 - n0) * ((at - t0) / (t1 - t0) if t1 > t0 else 1.0)

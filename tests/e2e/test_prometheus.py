@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from uuid import uuid4
 
 import httpx
 import pytest
+from prefect.artifacts import Artifact
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness.browser import CHROMIUM_ARGS, INSTALL_HINT, find_chromium
@@ -139,6 +141,16 @@ async def test_prometheus_sees_each_servers_state_the_canaries_and_the_batch(
                     await asyncio.sleep(
                         2
                     )  # checks a few scrapes apart, as a schedule would space them
+
+                # The fleet artifact charts each server's first byte over its checks, read
+                # back from the events of the runs before (a gap where there was no answer).
+                with talking_to(prefect_api):
+                    fleet = await Artifact.aget("llamacpp-health-fleet")
+                rows = {row.split("|")[1].strip(): row for row in fleet.data.splitlines()[4:]}
+                chart = re.search(r"`([▁▂▃▄▅▆▇█·]+)` \d+ ms to \d+ ms", rows["e2e-ready"])
+                assert chart and len(chart.group(1)) == CHECKS, fleet.data
+                assert "·" not in chart.group(1), fleet.data  # each check had its first byte
+                assert "| - |" in rows["e2e-wedged"], fleet.data  # never a first byte: no chart
 
                 inputs = tmp_path / "in.jsonl"
                 inputs.write_text(

@@ -46,6 +46,7 @@ _EXPORTS = {
     "detect_llamacpp_model": "provider",
     "llamacpp_health_check": "provider",
     "llamacpp_model_settings": "provider",
+    "server_model_profile": "provider",
     "CanaryOptions": "canary",
     "LaunchSpec": "launch",
     "RestartPolicy": "launch",
@@ -57,6 +58,7 @@ _EXPORTS = {
     "ProviderHealthStatus": "status",
     "ServerState": "status",
     "CanaryLatency": "status",
+    "ServerCapabilities": "status",
     # errors (the tree is drawn in prefect_llamacpp/exceptions.py)
     "LlamaCppError": "exceptions",
     "ConfigurationError": "exceptions",
@@ -148,8 +150,14 @@ if TYPE_CHECKING:
         detect_llamacpp_model,
         llamacpp_health_check,
         llamacpp_model_settings,
+        server_model_profile,
     )
-    from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
+    from prefect_llamacpp.status import (
+        CanaryLatency,
+        ProviderHealthStatus,
+        ServerCapabilities,
+        ServerState,
+    )
     from prefect_llamacpp.tasks import (
         check_server,
         check_server_with_canary,

@@ -14,7 +14,11 @@ from pydantic_ai.models.openai import OpenAIChatModel
 from prefect_llamacpp.client import LlamaCppClient
 from prefect_llamacpp.config import LlamaCppConnection, LlamaCppSettings
 from prefect_llamacpp.launch import LaunchSpec
-from prefect_llamacpp.provider import create_llamacpp_model, create_llamacpp_model_async
+from prefect_llamacpp.provider import (
+    LlamaCppModel,
+    create_llamacpp_model,
+    create_llamacpp_model_async,
+)
 
 DEFAULT_BLOCK_NAME = "llamacpp"
 
@@ -74,8 +78,9 @@ print(agent.run_sync("Say hello in five words.").output)
         """A pydantic-ai model for this server, built without contacting it."""
         return create_llamacpp_model(model_name, self.settings())
 
-    async def create_model_async(self, model_name: str | None = None, **kwargs) -> OpenAIChatModel:
-        """A pydantic-ai model after checking the server is ready; raises `ServerNotReadyError` if not."""
+    async def create_model_async(self, model_name: str | None = None, **kwargs) -> LlamaCppModel:
+        """A pydantic-ai model after checking the server is ready, its profile read from the
+        server (tools, thinking, images); raises `ServerNotReadyError` if it is not ready."""
         return await create_llamacpp_model_async(model_name, self.settings(), **kwargs)
 
 

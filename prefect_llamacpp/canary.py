@@ -51,6 +51,12 @@ class CanaryOptions(BaseModel):
         gt=0,
         description="Seconds between the two progress reads that tell busy from wedged.",
     )
+    structured_output: bool = Field(
+        default=False,
+        description="Also send a tiny JSON-schema request and check that the answer obeys the "
+        "schema: a server that answers without applying the grammar is reported (error), not "
+        "trusted.",
+    )
 
 
 @dataclass
@@ -124,6 +130,8 @@ async def run_canary(
         if metrics:
             for name, value in (await _throughput(client, progress_model)).items():
                 setattr(latency, name, value)
+        if options.structured_output:
+            return await _check_enforcement(client, model, options.total_timeout, latency)
         return CanaryOutcome(ServerState.READY, latency)
 
     progress = await observe_progress(
@@ -156,6 +164,47 @@ async def run_canary(
         error=f"{fault}; /health says ok but nothing progresses ({progress.evidence})",
         detail=detail,
     )
+
+
+# A schema whose one valid answer no free answer to the prompt gives: with the grammar applied
+# the server can only write "grammar-ok"; without it, the model answers the prompt.
+ENFORCEMENT_SCHEMA = {"type": "string", "enum": ["grammar-ok"]}
+ENFORCEMENT_PROMPT = "Say hello."
+
+
+async def _check_enforcement(
+    client: LlamaCppClient, model: str | None, timeout: float, latency: CanaryLatency
+) -> CanaryOutcome:
+    """Send the JSON-schema canary: READY if the answer obeys the schema, ERROR if the server
+    answered without applying it (llama.cpp #19051: a 200 with no grammar)."""
+    # Imported here: request.py reads the provider's profile, which imports this module.
+    from prefect_llamacpp.request import build_chat_request, read_chat_answer, structured_output
+
+    request = build_chat_request(
+        [{"role": "user", "content": ENFORCEMENT_PROMPT}],
+        model=model or "",
+        output_schema=ENFORCEMENT_SCHEMA,
+        max_tokens=48,
+        temperature=0,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            answer = read_chat_answer(await client.chat_completion(request.body))
+        structured_output(answer, request.output_schema or "")
+    except TimeoutError:
+        detail = {"structured_output": f"not checked: no answer within {timeout:g} s"}
+        return CanaryOutcome(ServerState.READY, latency, detail=detail)
+    except (TransportError, ServerLoadingError, UnauthorizedError):
+        raise
+    except LlamaCppError as exc:  # refused, or the answer broke the schema
+        return CanaryOutcome(
+            ServerState.ERROR,
+            latency,
+            error=f"the server does not enforce a JSON schema ({exc}); structured output from "
+            "it cannot be trusted: check its build, template and response_format support",
+            detail={"structured_output": "not enforced"},
+        )
+    return CanaryOutcome(ServerState.READY, latency, detail={"structured_output": "enforced"})
 
 
 async def observe_progress(

@@ -2,7 +2,8 @@
 
 status = await llamacpp_health_check()          # never raises for a server fault
 model = await create_llamacpp_model_async()     # raises ServerNotReadyError unless ready
-agent = Agent(model)                            # model is pydantic-ai's own OpenAIChatModel
+agent = Agent(model)                            # a LlamaCppModel: pydantic-ai's OpenAIChatModel,
+                                                # its profile read from the server's /props
 agent.run_sync("Hi", model_settings=llamacpp_model_settings(
     chat_template_kwargs={"enable_thinking": False}))
 embedder = Embedder(create_llamacpp_embedding_model())  # server started with --embeddings
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, cast
 
@@ -52,7 +54,13 @@ from prefect_llamacpp.exceptions import (
 )
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.server_url import parse_server_url
-from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
+from prefect_llamacpp.status import (
+    THINKING_SWITCH,
+    CanaryLatency,
+    ProviderHealthStatus,
+    ServerCapabilities,
+    ServerState,
+)
 
 if TYPE_CHECKING:
     from pydantic_ai.embeddings import EmbeddingSettings
@@ -103,10 +111,37 @@ def llamacpp_model_profile(model_name: str) -> ModelProfile:
     )
 
 
+def server_model_profile(
+    capabilities: ServerCapabilities, name_profile: ModelProfile | None
+) -> ModelProfile:
+    """`name_profile` (what the model's name suggests) corrected by what the server said.
+
+    - Tools only where the template renders tool calls; structured output then goes through an
+      output tool (a JSON-schema grammar would block the tool calls, pydantic-ai #6552), and
+      through the server's grammar (native) where it cannot.
+    - pydantic-ai's `thinking` setting where the template takes `enable_thinking` (the model
+      sends it as `chat_template_kwargs`), nowhere else.
+    - Images and audio as the server's `modalities` say; the context window from `n_ctx`.
+    """
+    if not capabilities.from_template:
+        return name_profile or OpenAIModelProfile()
+    return merge_profile(
+        name_profile,
+        OpenAIModelProfile(
+            supports_tools=capabilities.tool_calls,
+            default_structured_output_mode="tool" if capabilities.tool_calls else "native",
+            supports_thinking=capabilities.thinking_switch,
+            supports_image_input=capabilities.vision,
+            supports_audio_input=capabilities.audio,
+            **({"context_window": capabilities.n_ctx} if capabilities.n_ctx else {}),
+        ),
+    )
+
+
 class LlamaCppModelSettings(OpenAIChatModelSettings, total=False):
     """Model settings for `LlamaCppModel`; every field is `llamacpp_`-prefixed, so they merge
-    with pydantic-ai's own settings. The `OpenAIChatModel` that `create_llamacpp_model` returns
-    does not read them: give it `llamacpp_model_settings(...)`."""
+    with pydantic-ai's own settings. A plain `OpenAIChatModel` (`create_llamacpp_model` without
+    capabilities) does not read them: give it `llamacpp_model_settings(...)`."""
 
     llamacpp_chat_template_kwargs: dict[str, Any]
     """Variables for the model's chat template, sent as llama-server's `chat_template_kwargs`:
@@ -148,9 +183,29 @@ def checked_chat_template_kwargs(value: Any) -> dict[str, Any]:
 
 
 class LlamaCppModel(OpenAIChatModel):
-    """`OpenAIChatModel` that also sends `LlamaCppModelSettings` fields to llama-server, so
-    `llamacpp_chat_template_kwargs` survives a run's own `extra_body`. Build it yourself:
-    `LlamaCppModel(name, provider=LlamaCppProvider(...))`."""
+    """pydantic-ai's `OpenAIChatModel` for llama-server, fitted to what the server said it can do.
+
+    With `capabilities` (what `create_llamacpp_model_async` reads from `/props`), the profile
+    comes from the server (`server_model_profile`): tools only where the chat template renders
+    tool calls, pydantic-ai's `thinking` setting sent as `chat_template_kwargs.enable_thinking`
+    where the template reads it. A request the server would get wrong is refused before it is
+    sent (`UserError` saying why and what to do). `LlamaCppModelSettings` fields are sent too,
+    so `llamacpp_chat_template_kwargs` survives a run's own `extra_body`."""
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        provider: LlamaCppProvider | OpenAICompatibleProvider,
+        capabilities: ServerCapabilities | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.capabilities = capabilities
+        if capabilities is not None and "profile" not in kwargs:
+            kwargs["profile"] = server_model_profile(
+                capabilities, provider.model_profile(model_name)
+            )
+        super().__init__(model_name, provider=provider, **kwargs)
 
     def prepare_request(
         self,
@@ -158,13 +213,38 @@ class LlamaCppModel(OpenAIChatModel):
         model_request_parameters: ModelRequestParameters,
     ) -> tuple[ModelSettings | None, ModelRequestParameters]:
         merged, parameters = super().prepare_request(model_settings, model_request_parameters)
-        if not merged or "llamacpp_chat_template_kwargs" not in merged:
-            return merged, parameters
+        self._refuse_what_the_server_gets_wrong(parameters)
         # A copy: the merged settings may be the model's own dict, reused by the next request.
-        settings = cast(dict[str, Any], dict(merged))
-        kwargs = settings.pop("llamacpp_chat_template_kwargs")
-        settings["extra_body"] = _with_template_kwargs(settings.get("extra_body"), kwargs)
-        return cast(ModelSettings, settings), parameters
+        settings = cast(dict[str, Any], dict(merged or {}))
+        kwargs = dict(
+            checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs", {}))
+        )
+        if parameters.thinking is not None:
+            # The template reads enable_thinking (else pydantic-ai would not have passed
+            # `thinking` on): send it there, never as an OpenAI reasoning_effort llama-server
+            # does not read. The caller's own kwargs win.
+            kwargs.setdefault(THINKING_SWITCH, parameters.thinking is not False)
+            parameters = replace(parameters, thinking=None)
+        if kwargs:
+            settings["extra_body"] = _with_template_kwargs(settings.get("extra_body"), kwargs)
+        return (cast(ModelSettings, settings) if settings else merged), parameters
+
+    def _refuse_what_the_server_gets_wrong(self, parameters: ModelRequestParameters) -> None:
+        if not parameters.function_tools:
+            return
+        if self.capabilities is not None and not self.capabilities.tool_calls:
+            raise UserError(
+                "this llama-server's chat template cannot render tool calls "
+                "(/props chat_template_caps.supports_tool_calls is false), so the model would "
+                "never call the agent's tools: serve a model whose template supports tools, or "
+                "give llama-server one with --chat-template-file"
+            )
+        if parameters.output_mode == "native":
+            raise UserError(
+                "NativeOutput with tools: llama-server turns the JSON schema into a grammar for "
+                "the whole answer, which leaves the model no way to call a tool (pydantic-ai "
+                "#6552). Use ToolOutput (the default on this server) or PromptedOutput"
+            )
 
 
 class LlamaCppProvider(OpenAICompatibleProvider):
@@ -219,18 +299,25 @@ def create_llamacpp_model(
     settings: LlamaCppSettings | None = None,
     *,
     http_client: Any | None = None,
+    capabilities: ServerCapabilities | None = None,
 ) -> OpenAIChatModel:
-    """pydantic-ai's own `OpenAIChatModel` for the server in `settings` (default: env), with
-    `LlamaCppProvider` and its profile.
+    """pydantic-ai's `OpenAIChatModel` for the server in `settings` (default: env), with
+    `LlamaCppProvider`, its profile from the model's name; with `capabilities` (see
+    `create_llamacpp_model_async`, which reads them from the server) a `LlamaCppModel` whose
+    profile comes from the server instead.
 
     Needs no server to build. A reasoning model's `reasoning_content` comes back as
     `ThinkingPart`s; chat template variables go in model settings built with
-    `llamacpp_model_settings(chat_template_kwargs=...)`. Raises `ConfigurationError` when the base URL
-    is invalid.
+    `llamacpp_model_settings(chat_template_kwargs=...)`.
+    Raises `ConfigurationError` when the base URL is invalid.
     """
     settings = settings or get_settings().llamacpp
     name = model_name or settings.model_name or DEFAULT_MODEL_NAME
-    return OpenAIChatModel(name, provider=_provider_for(settings, http_client))
+    provider = _provider_for(settings, http_client)
+    if capabilities is None:
+        # pydantic-ai's own class, as the seed's programs expect (`type(m).__name__`).
+        return OpenAIChatModel(name, provider=provider)
+    return LlamaCppModel(name, provider=provider, capabilities=capabilities)
 
 
 def create_llamacpp_embedding_model(
@@ -273,8 +360,10 @@ async def create_llamacpp_model_async(
     test_connection: bool = True,
     *,
     http_client: Any | None = None,
-) -> OpenAIChatModel:
-    """Like `create_llamacpp_model`, but checks the server first and names the model it serves.
+) -> LlamaCppModel:
+    """Like `create_llamacpp_model`, but checks the server first, names the model it serves and
+    fits the model's profile to what the server's `/props` says (`server_model_profile`: tools,
+    thinking, images, context), read once here.
 
     Raises `ServerNotReadyError` saying the server's state (loading, unauthorized, unreachable, ...) when
     `test_connection` is set and the server is not ready. A sleeping server counts as ready.
@@ -292,10 +381,15 @@ async def create_llamacpp_model_async(
             )
         if auto_detect and not name:
             name = status.model_id
-    elif auto_detect and not name:
-        name = await detect_llamacpp_model(settings.base_url, settings.timeout, settings.api_key)
+        capabilities = status.capabilities
+    else:
+        capabilities = None
+        if auto_detect and not name:
+            name = await detect_llamacpp_model(
+                settings.base_url, settings.timeout, settings.api_key
+            )
     logger.info("Created llama.cpp model", model_id=name, server=settings.server_url.root)
-    return create_llamacpp_model(name, settings, http_client=http_client)
+    return create_llamacpp_model(name, settings, http_client=http_client, capabilities=capabilities)
 
 
 async def detect_llamacpp_model(
@@ -458,6 +552,7 @@ def summarize_props(props: dict[str, Any]) -> dict[str, Any]:
         "role": props.get("role"),
         "endpoint_slots": props.get("endpoint_slots"),
         "endpoint_metrics": props.get("endpoint_metrics"),
+        "capabilities": ServerCapabilities.from_props(props),
     }
     return {key: value for key, value in summary.items() if value is not None}
 
@@ -560,8 +655,11 @@ def _canary_summary(state: ServerState, detail: dict[str, Any]) -> str:
         return detail["skipped"]
     if "deadline_missed" in detail:
         return f"missed its {detail['deadline_missed'].replace('_', '-')} deadline"
+    schema = detail.get("structured_output")
     if state == ServerState.READY:
-        return "answered"
+        return "answered" + (f"; JSON schema {schema}" if schema else "")
+    if schema == "not enforced":
+        return "answered, but ignored the JSON schema"
     return "failed"
 
 

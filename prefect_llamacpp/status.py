@@ -28,6 +28,66 @@ class CanaryLatency(BaseModel):
     predicted_tokens_per_s: float | None = None  # server-lifetime average, from /metrics
 
 
+# The chat_template_kwargs key that llama-server also reads itself to switch reasoning on/off.
+THINKING_SWITCH = "enable_thinking"
+
+
+class ServerCapabilities(BaseModel):
+    """What the served model's chat template and the server support (from `/props`)."""
+
+    tool_calls: bool = Field(
+        False,
+        description="The template renders tool calls (chat_template_caps.supports_tool_calls)",
+    )
+    thinking_switch: bool = Field(
+        False, description="The template reads enable_thinking: thinking can be turned on and off"
+    )
+    reasoning: bool = Field(
+        False, description="The template has a reasoning section (<think>...</think>)"
+    )
+    vision: bool = False
+    audio: bool = False
+    n_ctx: int | None = Field(None, description="Context per slot")
+    from_template: bool = Field(
+        True, description="False when /props said nothing about the template (an old server)"
+    )
+
+    @classmethod
+    def from_props(cls, props: dict[str, Any]) -> ServerCapabilities:
+        caps = props.get("chat_template_caps")
+        template = props.get("chat_template")
+        template = template if isinstance(template, str) else ""
+        modalities = props.get("modalities")
+        modalities = modalities if isinstance(modalities, dict) else {}
+        generation = props.get("default_generation_settings")
+        n_ctx = generation.get("n_ctx") if isinstance(generation, dict) else None
+        return cls(
+            tool_calls=isinstance(caps, dict) and caps.get("supports_tool_calls") is True,
+            thinking_switch=THINKING_SWITCH in template,
+            reasoning="<think>" in template or THINKING_SWITCH in template,
+            vision=modalities.get("vision") is True,
+            audio=modalities.get("audio") is True,
+            n_ctx=n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) else None,
+            from_template=isinstance(caps, dict),
+        )
+
+    def summary(self) -> str:
+        """One line for a report: `tools, thinking switch, vision; n_ctx 4096`."""
+        found = [
+            name
+            for name, present in (
+                ("tools", self.tool_calls),
+                ("thinking switch", self.thinking_switch),
+                ("reasoning", self.reasoning and not self.thinking_switch),
+                ("vision", self.vision),
+                ("audio", self.audio),
+            )
+            if present
+        ]
+        text = ", ".join(found) or "text only"
+        return f"{text}; n_ctx {self.n_ctx}" if self.n_ctx else text
+
+
 class ProviderHealthStatus(BaseModel):
     """The result of a health check. `connected` means the server answered HTTP at all.
 
@@ -67,11 +127,17 @@ class ProviderHealthStatus(BaseModel):
         None, description="The configured model name, when the server does not list it"
     )
     # The canary (None unless one was asked for)
+    capabilities: ServerCapabilities | None = Field(
+        None, description="What the chat template and the server support (from /props)"
+    )
     latency: CanaryLatency | None = None
     canary: str | None = Field(None, description="What happened to the canary, in a few words")
     canary_error: str | None = None
     deadline_missed: str | None = Field(None, description="first_byte or total")
     progress: str | None = Field(None, description="The evidence that told busy from wedged")
+    structured_output: str | None = Field(
+        None, description="The JSON-schema canary: enforced, not enforced, not checked: why"
+    )
 
     @property
     def is_ready(self) -> bool:

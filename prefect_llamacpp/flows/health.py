@@ -355,6 +355,7 @@ def render_report(
         ("Slots busy / total", f"{busy if busy is not None else '?'} / {total or '?'}"),
         ("Context per slot (n_ctx)", status.n_ctx or "-"),
         ("Server /health status", status.server_status or "-"),
+        ("Chat template can", status.capabilities.summary() if status.capabilities else "-"),
     ]
     if status.role == "router":
         rows.append(
@@ -372,6 +373,8 @@ def render_report(
         ]
         if status.progress:
             rows.append(("Progress while the canary waited", status.progress))
+        if status.structured_output:
+            rows.append(("JSON schema canary", status.structured_output))
     if status.error:
         rows.append(("Problem", status.error))
     for name, value in (load.get("metrics") or {}).items():
@@ -437,7 +440,8 @@ def artifact_key(label: str) -> str:
     return f"llamacpp-health-{slug}"
 
 
-CANARY_TIMES = ("first_byte_timeout", "total_timeout", "progress_interval")
+# The canary options the command line names without their group (--first-byte-timeout).
+CANARY_FLAGS = ("first_byte_timeout", "total_timeout", "progress_interval", "structured_output")
 
 
 class HealthCommand(BaseModel):
@@ -445,7 +449,7 @@ class HealthCommand(BaseModel):
     name checks one server, several a fleet; none: the block 'llamacpp', else the LLAMACPP_*
     settings."""
 
-    model_config = cli_config("llamacpp-health", {f"canary.{name}": name for name in CANARY_TIMES})
+    model_config = cli_config("llamacpp-health", {f"canary.{name}": name for name in CANARY_FLAGS})
 
     server: CliPositionalArg[list[str]] = Field(
         default_factory=list, description="llama.cpp Server block names"

@@ -25,6 +25,44 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# ChatML that also renders tools, tool calls and tool results (Hermes-style <tool_call> tags),
+# and a reasoning section that `enable_thinking` switches: what a current tool-calling,
+# reasoning model's template does, written for the tests. llama-server's template analysis
+# finds the tool-call and reasoning markers in it.
+TOOLS_THINKING_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+{% endif %}You may call functions. Their signatures are in <tools></tools>:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+For each call write <tool_call>{"name": <name>, "arguments": <object>}</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}
+{%- elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant
+{% if message.content %}{{ message.content }}{% endif %}
+{%- if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% endif %}<|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% else %}<think>
+{% endif %}{% endif %}"""
+TEMPLATES = {"chatml": CHAT_TEMPLATE, "tools-thinking": TOOLS_THINKING_TEMPLATE}
 
 
 @dataclass(frozen=True)
@@ -38,14 +76,31 @@ class ModelSpec:
     n_ctx_train: int = 4096
     f16: bool = True
     seed: int = 0
+    template: str = "chatml"  # a key of TEMPLATES
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if self.template == "chatml":  # the first models' digests, so their caches stay valid
+            del fields["template"]
+        else:
+            fields["template"] = TEMPLATES[self.template]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 SPECS = {
     # ~0.6 MB, loads instantly: most tests.
     "tiny": ModelSpec("tiny", n_embd=64, n_layer=2, n_ff=128, n_head=4, n_vocab=256, f16=False),
+    # The same, with a template that renders tool calls and switches thinking (agent profiles).
+    "tiny-tools": ModelSpec(
+        "tiny-tools",
+        n_embd=64,
+        n_layer=2,
+        n_ff=128,
+        n_head=4,
+        n_vocab=256,
+        f16=False,
+        template="tools-thinking",
+    ),
     # ~290 MB: tokens cost what a small real model's do on this CPU (benchmarks).
     "bench": ModelSpec("bench", n_embd=1024, n_layer=8, n_ff=2816, n_head=16, n_vocab=32000),
     # ~1.1 GB: loading (with --no-mmap) takes long enough to watch the 503 "Loading model" state.
@@ -101,7 +156,7 @@ def write_model(spec: ModelSpec, path: Path, alias: str | None = None) -> None:
     writer.add_add_eos_token(False)
     # No "▁" before text after a special token: the grammar sampler replays the generation prompt.
     writer.add_add_space_prefix(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(TEMPLATES[spec.template])
 
     n_vocab = len(tokens)
     weight_type = np.float16 if spec.f16 else np.float32

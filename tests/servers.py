@@ -47,6 +47,15 @@ def server(llama_server_bin, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tools_server(llama_server_bin, tmp_path_factory):
+    """The tiny model with a template that renders tool calls and switches thinking."""
+    args = ["-np", "2", "-c", "4096", "--alias", "tiny-tools", "--metrics"]
+    model = ensure_model("tiny-tools")
+    with _server(llama_server_bin, model, args, tmp_path_factory) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
 def key_server(llama_server_bin, tiny_model, tmp_path_factory):
     """Started with --api-key; no --metrics."""
     args = ["-np", "2", "--alias", "tiny-secure", "--api-key", SECRET_KEY]

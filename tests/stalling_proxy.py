@@ -6,7 +6,9 @@ the wedge tests put this in front of one: every request is forwarded to the real
 answers with llama-server's 500 "Compute error" (`mode="error"`), or drops without an answer
 (`mode="drop"`, with `on_completion` to kill the real server first: a server dying mid-check), or
 forwards the first `hold_after` and holds the rest until `release()` (`mode="hold"`: a run that
-is certainly still going while the test does something else). `/health`, `/props`,
+is certainly still going while the test does something else), forwards them without their
+`response_format` (`mode="no_grammar"`: a server that answers 200 without applying the schema,
+llama.cpp #19051), or forwards them as they are (`mode="pass"`: counted). `/health`, `/props`,
 `/v1/models`, `/metrics` and `/slots` are the real server's answers.
 
     with StallingProxy(server.url) as proxy:
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 
 import httpx
@@ -31,7 +34,7 @@ class StallingProxy:
     def __init__(
         self, upstream: str, mode: str = "stall", on_completion=None, hold_after: int = 0
     ) -> None:
-        assert mode in ("stall", "error", "drop", "hold")
+        assert mode in ("stall", "error", "drop", "hold", "no_grammar", "pass")
         self.upstream = upstream.rstrip("/")
         self.mode = mode
         self.on_completion = on_completion
@@ -101,6 +104,11 @@ class StallingProxy:
                     if self.mode == "error":
                         await self._reply(writer, 500, "Internal Server Error", COMPUTE_ERROR)
                         continue
+                    if self.mode == "no_grammar":
+                        request = json.loads(body)
+                        for field in ("response_format", "json_schema", "grammar"):
+                            request.pop(field, None)
+                        body = json.dumps(request).encode()
                 upstream = await self._http.request(
                     method,
                     target,

@@ -47,6 +47,9 @@ _EXPORTS = {
     "llamacpp_health_check": "provider",
     "llamacpp_model_settings": "provider",
     "server_model_profile": "provider",
+    "is_transient_model_error": "provider",
+    "llamacpp_durability": "durable",
+    "llamacpp_task_config": "durable",
     "CanaryOptions": "canary",
     "LaunchSpec": "launch",
     "RestartPolicy": "launch",
@@ -108,6 +111,7 @@ if TYPE_CHECKING:
     from prefect_llamacpp.canary import CanaryOptions
     from prefect_llamacpp.client import LlamaCppClient
     from prefect_llamacpp.config import LlamaCppSettings
+    from prefect_llamacpp.durable import llamacpp_durability, llamacpp_task_config
     from prefect_llamacpp.exceptions import (
         AnswerError,
         BatchAbortedError,
@@ -148,6 +152,7 @@ if TYPE_CHECKING:
         create_llamacpp_model,
         create_llamacpp_model_async,
         detect_llamacpp_model,
+        is_transient_model_error,
         llamacpp_health_check,
         llamacpp_model_settings,
         server_model_profile,

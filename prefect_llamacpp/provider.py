@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from openai import AsyncOpenAI
 from pydantic import SecretStr, TypeAdapter, ValidationError
-from pydantic_ai.exceptions import UserError
+from pydantic_ai.exceptions import (
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelUnavailableError,
+    UserError,
+)
 from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIChatModelSettings
 from pydantic_ai.profiles import ModelProfile, merge_profile
@@ -41,6 +46,7 @@ from prefect_llamacpp.config import (
     get_settings,
 )
 from prefect_llamacpp.exceptions import (
+    TRANSIENT_STATUS,
     ConfigurationError,
     LlamaCppError,
     ModelError,
@@ -292,6 +298,20 @@ class LlamaCppProvider(OpenAICompatibleProvider):
 
     def __repr__(self) -> str:
         return f"LlamaCppProvider(base_url={self.base_url!r})"
+
+
+def is_transient_model_error(exc: BaseException) -> bool:
+    """Whether a failed model call (pydantic-ai's error, or ours) is worth sending again: the
+    server was unreachable, timed out, was loading or overloaded (408, 429, 502, 503, 504). A
+    refused request or a failure of the answer itself (500, a bad schema) is not."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, LlamaCppError):
+            return bool(error.transient)
+        if isinstance(error, ModelHTTPError):
+            return error.status_code in TRANSIENT_STATUS
+        if isinstance(error, ModelConnectionError | ModelUnavailableError):
+            return True
+    return False
 
 
 def create_llamacpp_model(

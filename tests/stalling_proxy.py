@@ -39,6 +39,7 @@ class StallingProxy:
         self.mode = mode
         self.on_completion = on_completion
         self.completions_seen = 0  # chat completions that reached the proxy
+        self.completions_forwarded = 0  # and went on to the real server
         self.hold_after = hold_after
         self.held = 0  # completions waiting for release() (mode="hold")
         self._released = threading.Event()
@@ -67,7 +68,11 @@ class StallingProxy:
         self._thread.join(10)
 
     async def _start(self) -> None:
-        self._http = httpx.AsyncClient(base_url=self.upstream, timeout=30)
+        # A fresh upstream connection per request: llama-server may close an idle kept-alive
+        # one just as the proxy reuses it, which would look like a fault of the server under test.
+        self._http = httpx.AsyncClient(
+            base_url=self.upstream, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -109,6 +114,8 @@ class StallingProxy:
                         for field in ("response_format", "json_schema", "grammar"):
                             request.pop(field, None)
                         body = json.dumps(request).encode()
+                if method == "POST" and target.split("?")[0].endswith("/chat/completions"):
+                    self.completions_forwarded += 1
                 upstream = await self._http.request(
                     method,
                     target,

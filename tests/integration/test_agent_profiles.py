@@ -173,6 +173,7 @@ async def test_the_schema_canary_fails_where_the_server_ignores_the_schema(serve
             LlamaCppSettings(base_url=ignoring.url),
             canary=CanaryOptions(structured_output=True),
         )
-    assert status.state == "error" and status.structured_output == "not enforced"
+    assert status.state == "error", status.error
+    assert status.structured_output == "not enforced"
     assert "does not enforce a JSON schema" in status.error
     assert status.canary == "answered, but ignored the JSON schema"

@@ -31,9 +31,12 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, Vari
 PATH = Path(__file__).parent / "grafana" / "llamacpp-fleet.json"
 UID = "llamacpp-fleet"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
-SERVERS = 'server=~"$server"'
-# The same figure may be scraped twice (the exporter and a Pushgateway, each its own job and
-# instance): every panel takes one series per server (or batch shard) before adding up.
+# One source at a time: the exporter and a Pushgateway may both be scraped, and the same
+# figure from both (one lagging) must never be added up or mixed. A source is a `job`: the
+# exporter's scrape job, or the job a flow pushed as (llamacpp_health, llamacpp_batch).
+SERVERS = 'server=~"$server",job="$fleet_source"'
+BATCH = '{job="$batch_source"}'
+# One series per server (or batch shard) before adding up: replicas of one exporter agree.
 ONE = "max by "
 
 # (title, [(expr, legend)], unit, kind): the panels, row by row.
@@ -130,7 +133,7 @@ BATCHES = [
         "Batch lines by outcome",
         [
             (
-                f"sum by (batch, outcome) ({ONE}(batch, shard, outcome) (llamacpp_batch_lines))",
+                f"sum by (batch, outcome) ({ONE}(batch, shard, outcome) (llamacpp_batch_lines{BATCH}))",
                 "{{batch}} {{outcome}}",
             )
         ],
@@ -141,7 +144,7 @@ BATCHES = [
         "Failed lines by kind",
         [
             (
-                f"sum by (batch, kind) ({ONE}(batch, shard, kind) (llamacpp_batch_failed_lines))",
+                f"sum by (batch, kind) ({ONE}(batch, shard, kind) (llamacpp_batch_failed_lines{BATCH}))",
                 "{{batch}} {{kind}}",
             )
         ],
@@ -152,15 +155,15 @@ BATCHES = [
         "Requests in flight, servers in and out of rotation",
         [
             (
-                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_requests_in_flight))",
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_requests_in_flight{BATCH}))",
                 "{{batch}} in flight",
             ),
             (
-                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_in_rotation))",
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_in_rotation{BATCH}))",
                 "{{batch}} servers in",
             ),
             (
-                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_out_of_rotation))",
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_servers_out_of_rotation{BATCH}))",
                 "{{batch}} servers out",
             ),
         ],
@@ -171,7 +174,7 @@ BATCHES = [
         "Batch completion tokens/s",
         [
             (
-                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_completion_tokens_per_second))",
+                f"sum by (batch) ({ONE}(batch, shard) (llamacpp_batch_completion_tokens_per_second{BATCH}))",
                 "{{batch}}",
             )
         ],
@@ -204,6 +207,20 @@ def _panel(title: str, queries: list[tuple[str, str]], unit: str, kind: str, pos
     return panel
 
 
+def _source(name: str, label: str, metric: str) -> QueryVariable:
+    """A single-choice variable of the scrape jobs that have `metric`: the exporter's job, or
+    the job a flow pushed as."""
+    return (
+        QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(f"label_values({metric}, job)")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(False)
+        .include_all(False)
+    )
+
+
 def build() -> dict:
     dashboard = (
         Dashboard("llama.cpp fleet")
@@ -217,6 +234,8 @@ def build() -> dict:
         .time("now-6h", "now")
         .timezone("browser")
         .with_variable(DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+        .with_variable(_source("fleet_source", "Fleet source", "llamacpp_server_state"))
+        .with_variable(_source("batch_source", "Batch source", "llamacpp_batch_lines"))
         .with_variable(
             QueryVariable("server")
             .label("Server")

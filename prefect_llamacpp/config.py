@@ -126,16 +126,17 @@ def check_pushgateway_url(value: str) -> str:
     example = "a Pushgateway address looks like http://host:9091"
     if any(char.isspace() or not char.isprintable() for char in value):
         raise ValueError(f"{example}: no spaces or control characters")
-    parts = urlsplit(value)
-    if parts.username is not None or parts.password is not None:
+    # Before any parsing: a parser's own error would quote the address, password included.
+    if "@" in value.split("://", 1)[-1].split("/", 1)[0]:
         raise ValueError(
             "the Pushgateway address holds credentials; give it without them (a gateway that "
             "needs a password goes behind a proxy that adds it)"
         )
     try:
+        parts = urlsplit(value)
         port = parts.port
-    except ValueError:  # not a number, or above 65535
-        port = 0
+    except ValueError:  # a port that is not a number or above 65535, a broken [IPv6]
+        raise ValueError(example) from None
     if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
         raise ValueError(example)
     if "?" in value or "#" in value:

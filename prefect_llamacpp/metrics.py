@@ -14,6 +14,8 @@ block name, a model id, a state, an error kind, a batch's name; never a URL, a k
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import threading
@@ -78,10 +80,10 @@ class ServerCheck:
             at=at,
             total_slots=_count(report.get("total_slots")),
             busy_slots=_count(report.get("busy_slots")),
-            ttfb_s=_measure(latency.get("ttfb_s")),
-            total_s=_measure(latency.get("total_s")),
-            prompt_tokens_per_s=_measure(latency.get("prompt_tokens_per_s")),
-            predicted_tokens_per_s=_measure(latency.get("predicted_tokens_per_s")),
+            ttfb_s=measure(latency.get("ttfb_s")),
+            total_s=measure(latency.get("total_s")),
+            prompt_tokens_per_s=measure(latency.get("prompt_tokens_per_s")),
+            predicted_tokens_per_s=measure(latency.get("predicted_tokens_per_s")),
         )
 
 
@@ -140,7 +142,7 @@ class BatchFigures:
             servers_in=count("servers_in"),
             servers_out=count("servers_out"),
             completion_tokens=count("completion_tokens"),
-            completion_tokens_per_s=_measure(payload.get("completion_tokens_per_s")) or 0.0,
+            completion_tokens_per_s=measure(payload.get("completion_tokens_per_s")) or 0.0,
             finished=payload.get("finished") is True,
             at=at,
         )
@@ -200,7 +202,15 @@ class FleetMetrics:
                 return self._full("servers")
             if latest is None or latest.at <= check.at:  # a late, older one counts, no more
                 self._servers[check.server] = check
+                if check.model != NO_MODEL:
+                    # A new model on the server ends its old models' series (one model per
+                    # server at a time, so model churn cannot grow /metrics); a check that
+                    # could not see the model (unreachable, loading) changes nothing.
+                    self._drop_series(check.server, keep_model=check.model)
             self._checks[(check.server, check.state)] += 1
+            current = self._servers[check.server].model
+            if current not in (NO_MODEL, check.model):
+                return True  # a late check of a model the server no longer serves: state only
             labels = (check.server, check.model)
             if check.ttfb_s is not None:
                 self._ttfb.setdefault(labels, _Histogram()).observe(check.ttfb_s)
@@ -229,6 +239,12 @@ class FleetMetrics:
                 what,
             )
         return False
+
+    def _drop_series(self, server: str, keep_model: str) -> None:
+        for series in (self._ttfb, self._total):
+            for labels in [labels for labels in series if labels[0] == server]:
+                if labels[1] != keep_model:
+                    del series[labels]
 
     def _forget(self, before: float) -> None:
         gone = {name for name, check in self._servers.items() if check.at < before}
@@ -283,10 +299,40 @@ class FleetMetrics:
         return server.server_address[1]
 
     def push(self, gateway: str, job: str, grouping_key: Mapping[str, str]) -> None:
-        """Replace this group's figures at a Pushgateway (`http://host:9091`)."""
+        """Replace this group's figures at a Pushgateway (`http://host:9091`). Blocks; the
+        timeout bounds each socket operation, not the whole push (see `push_within`)."""
         push_to_gateway(
             gateway, job=job, registry=self.registry(), grouping_key=dict(grouping_key), timeout=10
         )
+
+    async def push_within(
+        self, seconds: float, gateway: str, job: str, grouping_key: Mapping[str, str]
+    ) -> None:
+        """`push` given at most `seconds` in all: a gateway that trickles or never answers costs
+        a `TimeoutError`, never a hung run. The push runs on a daemon thread, which a process
+        may exit without waiting for (the default executor's threads would hold it)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            try:
+                self.push(gateway, job, grouping_key)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(settle, exc)
+            else:
+                loop.call_soon_threadsafe(settle, None)
+
+        threading.Thread(target=run, name="llamacpp-push", daemon=True).start()
+        async with asyncio.timeout(seconds):
+            await done
 
 
 def _server_families(servers: Iterable[ServerCheck]) -> Iterator[Metric]:
@@ -397,14 +443,19 @@ def _histogram(
 
 
 def label(value: Any) -> str:
-    """A label value from what an event said: a string, printable, at most LABEL_CHARS long."""
+    """A label value from what an event said: a string, printable, at most LABEL_CHARS long.
+    One that had to be changed ends in a short hash of the original, so two names never become
+    one series."""
     if not isinstance(value, str):
         return ""
     printable = "".join(char if char.isprintable() else "?" for char in value)
-    return printable[:LABEL_CHARS]
+    if printable == value and len(value) <= LABEL_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{printable[: LABEL_CHARS - 9]}~{digest}"
 
 
-def _measure(value: Any) -> float | None:
+def measure(value: Any) -> float | None:
     """A duration or a rate: a finite number from 0 to MAX_MEASURE, else nothing."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None

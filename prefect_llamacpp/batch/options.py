@@ -95,7 +95,10 @@ class RequestOptions(BaseModel):
 class RunOptions(BaseModel):
     """How to run: how much in flight, how long to wait, how often to try."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # hide_input_in_errors: a refused pushgateway address may hold a password.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True
+    )
 
     concurrency: int | None = Field(
         None,

@@ -37,14 +37,17 @@ logger = logging.getLogger("prefect_llamacpp.exporter")
 DEFAULT_PORT = 9464
 FORGET_AFTER_S = 24 * 3600
 SEEN_EVENTS = 10_000  # ids remembered to drop a reconnect's repeated events
+CLOCK_SKEW_S = 300.0  # an event dated further ahead than this is dropped, not clamped
 MAX_PAUSE_S = 30.0
 
 
 def observe(metrics: FleetMetrics, event: Event) -> bool:
     """Take one event into `metrics`; False when it is not one the metrics read (or there is
     no room left for a new series). A payload's odd values read as nothing (see metrics.py)."""
-    # A clock ahead (or a forged time) must not pin a server's state: never later than now.
-    at = min(event.occurred.timestamp(), time.time())
+    occurred, now = event.occurred.timestamp(), time.time()
+    if occurred > now + CLOCK_SKEW_S:
+        return False  # dated ahead of any clock skew: forged or broken, never a check to trust
+    at = min(occurred, now)  # a clock a little ahead must not pin a server's state
     if event.event == BATCH_EVENT:
         return metrics.observe_batch(BatchFigures.from_payload(event.payload, at))
     prefix, _, state = event.event.rpartition(".")
@@ -76,25 +79,30 @@ def check_api_url(url: str | None) -> str:
 async def export(metrics: FleetMetrics, *, on_connected: Callable[[], None] | None = None) -> None:
     """Feed `metrics` from the Prefect API's event stream until cancelled.
 
-    Prefect's subscriber takes in the minute before it connects, then what comes; older events
-    are not replayed, so a restarted exporter counts anew, as any Prometheus counter does
-    after a restart. A Prefect API that is down (at start or later) is waited for, retried
+    Events from before the process started are not taken in (the exporter before it counted
+    them), so a restarted exporter counts anew, as any Prometheus counter does after a
+    restart; a reconnect's replay of the minute before it fills the gap, each event once. A Prefect API that is down (at start or later) is waited for, retried
     with a growing pause; an event seen twice (a reconnect's backfill) counts once; an event
     the metrics cannot read is logged and skipped."""
     url = check_api_url(PREFECT_API_URL.value())
     wanted = EventFilter(event=EventNameFilter(prefix=[f"{EVENT_PREFIX}.", BATCH_EVENT]))
     seen: OrderedDict[UUID, None] = OrderedDict()
+    # The subscriber replays the minute before it connects: what happened before this
+    # process started was counted by the one before it, if by anyone.
+    started = time.time()
     pause = 1.0
     while True:
         try:
-            async with get_events_subscriber(filter=wanted, reconnection_attempts=3) as events:
+            # No reconnecting inside Prefect's subscriber (it would resume from the latest
+            # event's time, which a forged date can put in the future): a new one each time.
+            async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:
                 logger.info("Reading llama.cpp events from %s", shown(url))
                 if on_connected is not None:
                     on_connected()
                     on_connected = None
                 async for event in events:
                     pause = 1.0  # reading again: the next fault is waited for briefly
-                    if event.id in seen:
+                    if event.id in seen or event.occurred.timestamp() < started:
                         continue
                     seen[event.id] = None
                     if len(seen) > SEEN_EVENTS:
@@ -110,6 +118,8 @@ async def export(metrics: FleetMetrics, *, on_connected: Callable[[], None] | No
                 str(exc).splitlines()[0] if str(exc) else "",
                 pause,
             )
+        else:
+            logger.warning("The Prefect event stream at %s ended; reconnecting", shown(url))
         await asyncio.sleep(pause)
         pause = min(pause * 2, MAX_PAUSE_S)
 

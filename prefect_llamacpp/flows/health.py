@@ -43,7 +43,7 @@ from prefect_llamacpp.flows.local_api import cli_config, cli_problem, run_cli
 from prefect_llamacpp.flows.report import markdown_table, sparkline
 from prefect_llamacpp.flows.telemetry import push_health
 from prefect_llamacpp.flows.telemetry import pushgateway as pushgateway_for
-from prefect_llamacpp.metrics import ServerCheck
+from prefect_llamacpp.metrics import ServerCheck, measure
 from prefect_llamacpp.status import CanaryLatency, ProviderHealthStatus, ServerState
 from prefect_llamacpp.tasks import (
     check_server,
@@ -400,8 +400,8 @@ async def earlier_first_bytes(labels: list[str], before: datetime) -> dict[str, 
         values = []
         for event in reversed(page.events):
             latency = event.payload.get("latency")
-            ttfb = latency.get("ttfb_s") if isinstance(latency, dict) else None
-            values.append(ttfb if isinstance(ttfb, int | float) and ttfb >= 0 else None)
+            # Whatever an event says (anyone can post one): a bounded number or a gap.
+            values.append(measure(latency.get("ttfb_s")) if isinstance(latency, dict) else None)
         return label, values
 
     try:
@@ -413,7 +413,9 @@ async def earlier_first_bytes(labels: list[str], before: datetime) -> dict[str, 
 
 
 def first_byte_chart(values: list[float | None]) -> str:
-    """`▁▂█▃` 12-840 ms: the first byte over the checks, oldest first; "" with nothing to draw."""
+    """`▁▂█▃` 12-840 ms: the first byte over the checks, oldest first; "" with nothing to draw
+    (or nothing drawable: a chart never fails a check)."""
+    values = [measure(value) for value in values]
     known = [value for value in values if value is not None]
     if len(values) < 2 or not known:
         return ""

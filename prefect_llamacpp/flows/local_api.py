@@ -91,6 +91,7 @@ def cli_config(prog: str, shortcuts: dict[str, str]) -> SettingsConfigDict:
         cli_hide_none_type=True,
         cli_parse_none_str="null",
         cli_exit_on_error=False,  # a bad flag is one line and exit 2, as a bad value is
+        hide_input_in_errors=True,  # a refused value may hold a key or a password
         cli_shortcuts={
             path.replace("_", "-"): short.replace("_", "-") for path, short in shortcuts.items()
         },

@@ -20,10 +20,12 @@ from prefect_llamacpp.config import MetricsSettings, check_pushgateway_url
 from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.flows.batch_progress import update_gap
 from prefect_llamacpp.metrics import BatchFigures, FleetMetrics, ServerCheck
+from prefect_llamacpp.storage import shown
 
 BATCH_EVENT = "llamacpp.batch.progress"
 HEALTH_JOB = "llamacpp_health"
 BATCH_JOB = "llamacpp_batch"
+PUSH_DEADLINE_S = 15.0  # a whole push, however slowly the gateway answers
 
 
 def pushgateway(given: str | None) -> str | None:
@@ -44,13 +46,13 @@ def pushgateway(given: str | None) -> str | None:
 async def push(gateway: str, metrics: FleetMetrics, job: str, grouping: dict[str, str]) -> bool:
     """Replace one group at the gateway; False (and a warning) when it could not be done."""
     try:
-        await asyncio.to_thread(metrics.push, gateway, job, grouping)
+        await metrics.push_within(PUSH_DEADLINE_S, gateway, job, grouping)
     except Exception as exc:
         get_run_logger().warning(
             "Could not push metrics to the Pushgateway at %s (%s: %s); the run goes on",
-            gateway,
+            shown(gateway),
             type(exc).__name__,
-            exc,
+            exc if not isinstance(exc, TimeoutError) else f"no answer within {PUSH_DEADLINE_S:g} s",
         )
         return False
     return True
@@ -119,9 +121,9 @@ class BatchTelemetry:
             await self._push(figures)
 
     async def close(self) -> None:
-        """Whatever happened: nothing left running. A push in flight is waited for (its
-        timeout bounds the wait), not cancelled: its thread cannot be stopped, and it must not
-        land after the final figures."""
+        """Whatever happened: nothing left running. A push in flight is waited for (at most
+        PUSH_DEADLINE_S), not cancelled: its thread cannot be stopped, and it should not land
+        after the final figures (one that outlives its deadline may)."""
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)

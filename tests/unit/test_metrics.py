@@ -23,6 +23,7 @@ from prefect_llamacpp.metrics import (
     BatchFigures,
     FleetMetrics,
     ServerCheck,
+    label,
 )
 
 
@@ -297,3 +298,52 @@ def test_series_are_capped_and_the_cap_is_said_once(caplog):
     servers = {dict(labels)["server"] for _, labels in states}
     assert len(servers) == MAX_SERIES and "one-more" not in servers
     assert sum("held already" in record.message for record in caplog.records) == 1
+
+
+def test_a_server_changing_models_keeps_one_models_histograms():
+    metrics = FleetMetrics()
+    now = time.time()
+    for index in range(50):
+        metrics.observe_check(
+            ServerCheck("gpu-1", "ready", model=f"m{index}", at=now + index, ttfb_s=0.1)
+        )
+    # an outage (no model seen) does not end the current model's histograms
+    metrics.observe_check(ServerCheck("gpu-1", "unreachable", at=now + 60))
+    found = samples(metrics)
+    models = {
+        dict(k[1])["model"] for k in found if k[0] == "llamacpp_canary_first_byte_seconds_count"
+    }
+    assert models == {"m49"}
+
+
+def test_changed_label_values_stay_apart():
+    long_a, long_b = "x" * 200 + "a", "x" * 200 + "b"
+    labels = {label(value) for value in (long_a, long_b, "gpu\t1", "gpu\n1", "gpu-1")}
+    assert len(labels) == 5 and all(len(value) <= LABEL_CHARS for value in labels)
+    assert label("gpu-1") == "gpu-1"  # an ordinary name is left as it is
+
+
+async def test_a_gateway_that_never_answers_costs_a_bounded_wait():
+    """It accepts the connection and says nothing (a trickle would do the same to each
+    socket read): the push gives up at its deadline, not at the socket's."""
+    import asyncio
+
+    async def silent(reader, writer):
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await FleetMetrics().push_within(0.5, f"http://127.0.0.1:{port}", "job", {"a": "b"})
+    assert time.monotonic() - started < 3
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "given", ["http://admin:[S3CRET]@gw:9091", "http://[S3CRET@gw:9091", "http://[::1"]
+)
+def test_a_broken_gateway_address_is_refused_without_quoting_it(given):
+    with pytest.raises(ValueError) as refused:
+        check_pushgateway_url(given)
+    assert "S3CRET" not in str(refused.value) and "Pushgateway address" in str(refused.value)

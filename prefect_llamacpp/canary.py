@@ -26,6 +26,7 @@ from prefect_llamacpp.exceptions import (
     LlamaCppError,
     ServerHTTPError,
     ServerLoadingError,
+    ServerTimeoutError,
     TransportError,
     UnauthorizedError,
 )
@@ -131,7 +132,9 @@ async def run_canary(
             for name, value in (await _throughput(client, progress_model)).items():
                 setattr(latency, name, value)
         if options.structured_output:
-            return await _check_enforcement(client, model, options.total_timeout, latency)
+            return await _check_enforcement(
+                client, model, options.total_timeout, latency, router=router
+            )
         return CanaryOutcome(ServerState.READY, latency)
 
     progress = await observe_progress(
@@ -173,10 +176,17 @@ ENFORCEMENT_PROMPT = "Say hello."
 
 
 async def _check_enforcement(
-    client: LlamaCppClient, model: str | None, timeout: float, latency: CanaryLatency
+    client: LlamaCppClient,
+    model: str | None,
+    timeout: float,
+    latency: CanaryLatency,
+    *,
+    router: bool = False,
 ) -> CanaryOutcome:
     """Send the JSON-schema canary: READY if the answer obeys the schema, ERROR if the server
-    answered without applying it (llama.cpp #19051: a 200 with no grammar)."""
+    answered without applying it (llama.cpp #19051: a 200 with no grammar) or refused the
+    schema. A late answer or a passing fault (busy, loading, a gateway's 503) proves nothing:
+    "not checked", and the state stays READY."""
     # Imported here: request.py reads the provider's profile, which imports this module.
     from prefect_llamacpp.request import build_chat_request, read_chat_answer, structured_output
 
@@ -187,24 +197,41 @@ async def _check_enforcement(
         max_tokens=48,
         temperature=0,
     )
+
+    def not_checked(why: str) -> CanaryOutcome:
+        return CanaryOutcome(
+            ServerState.READY, latency, detail={"structured_output": f"not checked: {why}"}
+        )
+
     try:
         async with asyncio.timeout(timeout):
-            answer = read_chat_answer(await client.chat_completion(request.body))
-        structured_output(answer, request.output_schema or "")
-    except TimeoutError:
-        detail = {"structured_output": f"not checked: no answer within {timeout:g} s"}
-        return CanaryOutcome(ServerState.READY, latency, detail=detail)
-    except (TransportError, ServerLoadingError, UnauthorizedError):
+            body = await client.chat_completion(request.body, autoload=not router)
+        structured_output(read_chat_answer(body), request.output_schema or "")
+    except (TimeoutError, ServerTimeoutError):
+        return not_checked(f"no answer within {timeout:g} s")
+    except (ServerLoadingError, UnauthorizedError):
         raise
-    except LlamaCppError as exc:  # refused, or the answer broke the schema
-        return CanaryOutcome(
-            ServerState.ERROR,
-            latency,
-            error=f"the server does not enforce a JSON schema ({exc}); structured output from "
-            "it cannot be trusted: check its build, template and response_format support",
-            detail={"structured_output": "not enforced"},
-        )
-    return CanaryOutcome(ServerState.READY, latency, detail={"structured_output": "enforced"})
+    except TransportError:
+        await _still_alive(client)  # gone: the caller reports it unreachable
+        return not_checked("the connection was lost")
+    except ServerHTTPError as exc:
+        if exc.transient or exc.status_code >= 500:
+            return not_checked(f"{exc}")
+        if router and "not loaded" in (exc.server_message or ""):
+            return not_checked("the model was unloaded meanwhile")
+        fault: LlamaCppError = exc
+    except LlamaCppError as exc:  # the answer broke the schema
+        fault = exc
+    else:
+        return CanaryOutcome(ServerState.READY, latency, detail={"structured_output": "enforced"})
+    # Refused the schema, or answered without the grammar.
+    return CanaryOutcome(
+        ServerState.ERROR,
+        latency,
+        error=f"the server does not enforce a JSON schema ({fault}); structured output "
+        "from it cannot be trusted: check its build, template and response_format support",
+        detail={"structured_output": "not enforced"},
+    )
 
 
 async def observe_progress(

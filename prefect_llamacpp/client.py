@@ -296,17 +296,19 @@ class LlamaCppClient:
                 )
             await asyncio.sleep(min(poll_interval, remaining))
 
-    async def chat_completion(self, body: bytes) -> dict[str, Any]:
+    async def chat_completion(self, body: bytes, *, autoload: bool = True) -> dict[str, Any]:
         """`POST /v1/chat/completions` with a JSON `body` already encoded; the parsed answer.
 
         The batch hot path builds and encodes its requests once (`build_chat_request` in
-        `prefect_llamacpp/request.py`).
+        `prefect_llamacpp/request.py`). `autoload=False` keeps a router from loading the model.
         Raises `ServerTimeoutError` / `ServerDisconnectedError` when the request was sent but not
         answered, `ServerUnreachableError` when it was never sent, `ServerHTTPError` for a status.
         """
         response = await self._request(
             "POST",
             "/v1/chat/completions",
+            # A monitor's request must never load a router model (the body names it).
+            params=None if autoload else {"autoload": "false"},
             content=body,
             headers={"Content-Type": "application/json"},
         )

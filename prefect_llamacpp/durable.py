@@ -5,7 +5,8 @@ Prefect task run whose result is persisted and keyed by its inputs and the flow 
 flow run after a crash (`prefect flow-run retry`) and the calls that finished are replayed from
 their results, not sent to the server again. `llamacpp_durability()` adds what llama-server
 needs: a model call that failed for a passing reason (unreachable, loading, overloaded, timed
-out) is retried; one the server refused, or whose answer was wrong, is not.
+out) is retried; one the server refused, or whose answer was wrong, is not; and two identical
+calls in one run stay two calls, never one answer replayed for both (`AgentRunKey`).
 
     @flow
     async def triage(tickets: list[str]) -> list[str]:
@@ -19,11 +20,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic_ai.durable_exec.prefect import PrefectDurability, TaskConfig
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from pydantic_ai import RunContext
+from pydantic_ai.durable_exec.prefect import (
+    DEFAULT_PYDANTIC_AI_CACHE_POLICY,
+    PrefectDurability,
+    TaskConfig,
+)
+from pydantic_ai.messages import ModelRequest, ModelResponse
 
 from prefect_llamacpp.provider import is_transient_model_error
 
 RETRY_DELAYS_S = (2.0, 10.0, 30.0)
+
+
+class AgentRunKey(CachePolicy):
+    """The agent run a model call belongs to, in the key of its cached result.
+
+    pydantic-ai keys a model call by its inputs and the flow run, leaving out the agent run's
+    id, so two identical agent runs in one flow run (the same question twice, a sampled answer
+    asked for again) would get one answer, the second replayed from the first. The agent run's
+    id under Prefect is the flow run's id and the run's place among the flow's agent runs,
+    rebuilt in the same order when the flow run is retried: with it in the key each agent run
+    has its own answers, and a retried run still finds those its calls got before the crash."""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: Any, **kwargs: Any
+    ) -> str | None:
+        run_id = _agent_run_id(inputs)
+        return None if run_id is None else f"agent-run-{run_id}"
+
+
+def _agent_run_id(value: Any, depth: int = 0) -> str | None:
+    """The `run_id` of the first `RunContext` (or message) among a task's inputs."""
+    if isinstance(value, RunContext | ModelRequest | ModelResponse):
+        return value.run_id
+    if depth < 3 and isinstance(value, dict | list | tuple):
+        for item in value.values() if isinstance(value, dict) else value:
+            if (found := _agent_run_id(item, depth + 1)) is not None:
+                return found
+    return None
 
 
 def llamacpp_task_config(
@@ -32,6 +69,7 @@ def llamacpp_task_config(
     """A pydantic-ai `TaskConfig` for model calls to llama-server: `retries` on transient
     faults only, `retry_delay_seconds` apart (one per retry; the last repeats). `config`: any
     other `TaskConfig` field (`timeout_seconds`, `result_storage`, ...)."""
+    config.setdefault("cache_policy", DEFAULT_PYDANTIC_AI_CACHE_POLICY + AgentRunKey())
     return TaskConfig(
         retries=retries,
         retry_delay_seconds=list(retry_delay_seconds),

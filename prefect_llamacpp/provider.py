@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +25,14 @@ from pydantic_ai.exceptions import (
     ModelHTTPError,
     ModelUnavailableError,
     UserError,
+)
+from pydantic_ai.messages import (
+    BinaryContent,
+    ModelMessage,
+    ModelResponse,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
 )
 from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIChatModelSettings
@@ -137,6 +146,10 @@ def server_model_profile(
             supports_tools=capabilities.tool_calls,
             default_structured_output_mode="tool" if capabilities.tool_calls else "native",
             supports_thinking=capabilities.thinking_switch,
+            # Only the template decides, not the model's name: without the switch nothing is
+            # sent for `thinking`.
+            thinking_always_enabled=False,
+            thinking_enabled_by_default=False,
             supports_image_input=capabilities.vision,
             supports_audio_input=capabilities.audio,
             **({"context_window": capabilities.n_ctx} if capabilities.n_ctx else {}),
@@ -218,13 +231,26 @@ class LlamaCppModel(OpenAIChatModel):
         model_settings: ModelSettings | None,
         model_request_parameters: ModelRequestParameters,
     ) -> tuple[ModelSettings | None, ModelRequestParameters]:
-        merged, parameters = super().prepare_request(model_settings, model_request_parameters)
+        try:
+            merged, parameters = super().prepare_request(model_settings, model_request_parameters)
+        except UserError as exc:
+            if "Tool output is not supported" in str(exc) and self._no_tool_calls():
+                raise UserError(
+                    "ToolOutput needs tool calls, and this llama-server's chat template cannot "
+                    "render them: use NativeOutput (the grammar; the default here) or "
+                    "PromptedOutput"
+                ) from None
+            raise
         self._refuse_what_the_server_gets_wrong(parameters)
         # A copy: the merged settings may be the model's own dict, reused by the next request.
         settings = cast(dict[str, Any], dict(merged or {}))
-        kwargs = dict(
-            checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs", {}))
-        )
+        extra_body = settings.get("extra_body")
+        given = extra_body.get("chat_template_kwargs") if isinstance(extra_body, dict) else None
+        # What the caller set anywhere is kept: extra_body's kwargs, then LlamaCppModelSettings'.
+        kwargs = {
+            **(checked_chat_template_kwargs(given) if given is not None else {}),
+            **checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs", {})),
+        }
         if parameters.thinking is not None:
             # The template reads enable_thinking (else pydantic-ai would not have passed
             # `thinking` on): send it there, never as an OpenAI reasoning_effort llama-server
@@ -235,10 +261,60 @@ class LlamaCppModel(OpenAIChatModel):
             settings["extra_body"] = _with_template_kwargs(settings.get("extra_body"), kwargs)
         return (cast(ModelSettings, settings) if settings else merged), parameters
 
+    def _no_tool_calls(self) -> bool:
+        """The server said its template cannot render tool calls (not merely: said nothing)."""
+        known = self.capabilities is not None and self.capabilities.from_template
+        return known and not self.capabilities.tool_calls
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        self._refuse_what_the_template_cannot_render(messages)
+        return await super().request(messages, model_settings, model_request_parameters)
+
+    @asynccontextmanager
+    async def request_stream(self, messages: list[ModelMessage], *args: Any, **kwargs: Any):
+        self._refuse_what_the_template_cannot_render(messages)
+        async with super().request_stream(messages, *args, **kwargs) as stream:
+            yield stream
+
+    def _refuse_what_the_template_cannot_render(self, messages: list[ModelMessage]) -> None:
+        """Images or audio the server cannot read, tool calls its template cannot render (it
+        would drop them without a word, or fail each retry alike)."""
+        if self.capabilities is None or not self.capabilities.from_template:
+            return
+        for message in messages:
+            for part in message.parts:
+                if isinstance(part, ToolCallPart | ToolReturnPart) and self._no_tool_calls():
+                    raise UserError(
+                        "the message history holds tool calls, and this llama-server's chat "
+                        "template cannot render them (it would drop them): continue the "
+                        "conversation on a server whose template supports tools"
+                    )
+                contents = part.content if isinstance(part, UserPromptPart) else None
+                for item in contents if isinstance(contents, list) else []:
+                    for kind, allowed in (
+                        ("image", self.capabilities.vision),
+                        ("audio", self.capabilities.audio),
+                    ):
+                        if getattr(item, "kind", None) == f"{kind}-url" or (
+                            isinstance(item, BinaryContent) and getattr(item, f"is_{kind}")
+                        ):
+                            if not allowed:
+                                raise UserError(
+                                    f"this llama-server cannot read {kind} input (/props "
+                                    f"modalities.{'vision' if kind == 'image' else 'audio'} is "
+                                    "false): start it with a multimodal projector (--mmproj) "
+                                    "for a model that has one"
+                                )
+
     def _refuse_what_the_server_gets_wrong(self, parameters: ModelRequestParameters) -> None:
         if not parameters.function_tools:
             return
-        if self.capabilities is not None and not self.capabilities.tool_calls:
+        if self._no_tool_calls():
             raise UserError(
                 "this llama-server's chat template cannot render tool calls "
                 "(/props chat_template_caps.supports_tool_calls is false), so the model would "
@@ -401,9 +477,10 @@ async def create_llamacpp_model_async(
             )
         if auto_detect and not name:
             name = status.model_id
-        capabilities = status.capabilities
+        # /props unread (a proxy that does not forward it): the name's profile, our checks.
+        capabilities = status.capabilities or ServerCapabilities(from_template=False)
     else:
-        capabilities = None
+        capabilities = ServerCapabilities(from_template=False)
         if auto_detect and not name:
             name = await detect_llamacpp_model(
                 settings.base_url, settings.timeout, settings.api_key
@@ -548,6 +625,12 @@ async def _read_server_status(
         if chosen is None:
             status.skip_canary("no model is loaded, and a check never loads one")
             return status.build(ServerState.READY)
+        try:  # the router's /props says nothing of a model's template; the model's own does
+            status.fields["capabilities"] = ServerCapabilities.from_props(
+                await client.get_props(chosen)  # autoload=false: never loads it
+            )
+        except LlamaCppError as exc:
+            logger.warning("No /props for the router's model", model=chosen, error=str(exc))
         return await status.ready(client, chosen, canary, router=True)
 
     if not ids:

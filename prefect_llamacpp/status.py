@@ -53,7 +53,10 @@ class ServerCapabilities(BaseModel):
     )
 
     @classmethod
-    def from_props(cls, props: dict[str, Any]) -> ServerCapabilities:
+    def from_props(cls, props: Any) -> ServerCapabilities:
+        """From a `/props` answer; anything but an object says nothing (`from_template` False)."""
+        if not isinstance(props, dict):
+            return cls(from_template=False)
         caps = props.get("chat_template_caps")
         template = props.get("chat_template")
         template = template if isinstance(template, str) else ""

@@ -90,3 +90,17 @@ async def test_a_refused_model_call_is_not_retried(prefect_harness):
 
     state = await ask(return_state=True)
     assert state.is_failed() and len(sent) == 1
+
+
+async def test_the_same_question_twice_in_one_run_is_asked_twice(prefect_harness):
+    """pydantic-ai keys a call by its inputs and the flow run: without the call's order in the
+    key, the second identical question would be answered from the first call's result."""
+    sent: list[int] = []
+    agent = agent_answering([], sent)
+
+    @flow
+    async def ask_twice() -> list[str]:
+        return [(await agent.run("Pick a word.")).output for _ in range(2)]
+
+    assert await ask_twice() == ["hi", "hi"]
+    assert len(sent) == 2

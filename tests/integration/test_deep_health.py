@@ -183,6 +183,13 @@ async def test_router_check_loads_no_model_and_probes_only_a_loaded_one(router_s
             assert status.model_id == "beta"
             assert status.latency.ttfb_s > 0
             assert (await _router_statuses(client))["alpha"] == "unloaded"
+            # The loaded model's own /props (the router's says nothing of templates), and the
+            # schema canary, which loads nothing either.
+            schema = QUICK.model_copy(update={"structured_output": True})
+            status = await llamacpp_health_check(settings, canary=schema)
+            assert status.capabilities is not None and status.capabilities.from_template
+            assert status.structured_output == "enforced", status.error
+            assert (await _router_statuses(client))["alpha"] == "unloaded"
 
             # The configured model is not loaded: the canary goes to the loaded one, or nowhere.
             status = await llamacpp_health_check(

@@ -13,8 +13,22 @@ import pytest
 from pydantic import BaseModel
 from pydantic_ai import Agent, NativeOutput, PromptedOutput, ToolOutput
 from pydantic_ai.exceptions import UserError
+from pydantic_ai.messages import (
+    BinaryContent,
+    ImageUrl,
+    ModelRequest,
+    ModelResponse,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
 
-from prefect_llamacpp import LlamaCppModel, ServerCapabilities, create_llamacpp_model
+from prefect_llamacpp import (
+    LlamaCppModel,
+    ServerCapabilities,
+    create_llamacpp_model,
+    llamacpp_model_settings,
+)
 from prefect_llamacpp.config import LlamaCppSettings
 
 TOOLS_AND_SWITCH = {
@@ -200,3 +214,78 @@ async def test_thinking_is_not_sent_to_a_template_without_the_switch():
     agent = Agent(model_over(PLAIN, [answer("hi")], sent))
     await agent.run("Hi", model_settings={"thinking": False})
     assert "chat_template_kwargs" not in sent[0] and "reasoning_effort" not in sent[0]
+
+
+async def test_thinking_keeps_the_callers_kwargs_from_extra_body_and_from_the_helper():
+    sent: list[dict] = []
+    agent = Agent(model_over(TOOLS_AND_SWITCH, [answer("hi"), answer("hi")], sent))
+    await agent.run(
+        "Hi", model_settings={"thinking": True, "extra_body": {"chat_template_kwargs": {"foo": 1}}}
+    )
+    assert sent[0]["chat_template_kwargs"] == {"foo": 1, "enable_thinking": True}
+    settings = {**llamacpp_model_settings(chat_template_kwargs={"enable_thinking": False})}
+    await agent.run("Hi", model_settings={**settings, "thinking": True})
+    assert sent[1]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+async def test_a_reasoning_name_does_not_beat_a_template_without_the_switch():
+    sent: list[dict] = []
+    model = create_llamacpp_model(
+        "deepseek-r1-distill",
+        LlamaCppSettings(base_url="http://llama:8080/v1"),
+        http_client=httpx2.AsyncClient(
+            transport=httpx2.MockTransport(
+                lambda request: (
+                    sent.append(json.loads(request.content))
+                    or httpx2.Response(200, json=answer("hi"))
+                )
+            )
+        ),
+        capabilities=ServerCapabilities.from_props(PLAIN),
+    )
+    await Agent(model).run("Hi", model_settings={"thinking": False})
+    assert "chat_template_kwargs" not in sent[0] and "reasoning_effort" not in sent[0]
+
+
+async def test_props_that_cannot_be_read_keep_our_checks_and_the_names_profile():
+    unknown = ServerCapabilities(from_template=False)
+    sent: list[dict] = []
+    model = model_over({}, [answer("hi")], sent)
+    assert model.capabilities == unknown
+    agent = Agent(model, output_type=NativeOutput(City))
+    agent.tool_plain(lambda city: city, name="echo")
+    with pytest.raises(UserError, match="NativeOutput with tools"):
+        await agent.run("A city?")
+    tools_agent = Agent(
+        model_over({}, [answer("", [call("final_result", {"name": "Oslo"})])], sent),
+        output_type=City,
+    )
+    tools_agent.tool_plain(lambda city: city, name="echo")
+    assert (await tools_agent.run("A city?")).output == City(name="Oslo")  # not refused
+
+
+async def test_images_and_tool_history_the_server_cannot_take_are_refused_before_sending():
+    sent: list[dict] = []
+    agent = Agent(model_over(PLAIN, [], sent))
+    with pytest.raises(UserError, match="cannot read image input.*--mmproj"):
+        await agent.run(["What is this?", BinaryContent(b"\x89PNG", media_type="image/png")])
+    with pytest.raises(UserError, match="cannot read image input"):
+        await agent.run(["What is this?", ImageUrl("http://example.com/a.png")])
+    history = [
+        ModelRequest(parts=[UserPromptPart("Weather?")]),
+        ModelResponse(parts=[ToolCallPart("weather", {"city": "Oslo"}, tool_call_id="c1")]),
+        ModelRequest(parts=[ToolReturnPart("weather", "rain", tool_call_id="c1")]),
+    ]
+    with pytest.raises(UserError, match="history holds tool calls"):
+        await agent.run("And tomorrow?", message_history=history)
+    assert sent == []
+    # where the server can, the same image goes out
+    vision = Agent(model_over(TOOLS_AND_SWITCH, [answer("a cat")], sent))
+    await vision.run(["What is this?", BinaryContent(b"\x89PNG", media_type="image/png")])
+    assert len(sent) == 1
+
+
+async def test_tool_output_on_a_template_without_tools_names_the_modes_that_work():
+    agent = Agent(model_over(PLAIN, [], []), output_type=ToolOutput(City))
+    with pytest.raises(UserError, match="ToolOutput needs tool calls.*NativeOutput"):
+        await agent.run("A city?")

@@ -246,11 +246,11 @@ class LlamaCppModel(OpenAIChatModel):
         settings = cast(dict[str, Any], dict(merged or {}))
         extra_body = settings.get("extra_body")
         given = extra_body.get("chat_template_kwargs") if isinstance(extra_body, dict) else None
-        # What the caller set anywhere is kept: extra_body's kwargs, then LlamaCppModelSettings'.
-        kwargs = {
-            **(checked_chat_template_kwargs(given) if given is not None else {}),
-            **checked_chat_template_kwargs(settings.pop("llamacpp_chat_template_kwargs", {})),
-        }
+        # The caller's own kwargs: LlamaCppModelSettings' replace those in extra_body (as on the
+        # batch path); `thinking` below only adds to them.
+        own = settings.pop("llamacpp_chat_template_kwargs", None)
+        chosen = own if own is not None else given
+        kwargs = dict(checked_chat_template_kwargs(chosen)) if chosen is not None else {}
         if parameters.thinking is not None:
             # The template reads enable_thinking (else pydantic-ai would not have passed
             # `thinking` on): send it there, never as an OpenAI reasoning_effort llama-server

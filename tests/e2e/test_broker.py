@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -30,10 +31,13 @@ from prefect_llamacpp.blocks import LlamaCppServer
 from prefect_llamacpp.flows.capacity import limit_names
 from tests.flows.test_batch_flow import write_input
 
-pytestmark = pytest.mark.integration
+# Two pairs of runs; on a loaded two-core machine each pair can take a couple of minutes.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 SLOTS, QUEUE_DEPTH = 4, 1
-PROMPTS = 1500  # each run lasts several seconds: the two overlap whatever their start-up takes
+# Each run lasts several seconds. Long answers: a client starved of CPU (the runs, the server and
+# the Prefect API share two cores) still keeps its requests in flight between them.
+PROMPTS, MAX_TOKENS = 300, 256
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,10 @@ class InFlight(threading.Thread):
     def run(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self._done.is_set():
-                text = client.get(f"{self.root}/metrics").text
+                try:
+                    text = client.get(f"{self.root}/metrics").text
+                except httpx.HTTPError:  # slow to answer on a loaded machine: read again
+                    continue
                 figures = {
                     name: float(value)
                     for name, value in re.findall(
@@ -69,7 +76,7 @@ class InFlight(threading.Thread):
                 }
                 self.most = max(self.most, int(sum(figures.values())))
                 self.reads += 1
-                time.sleep(0.01)
+                time.sleep(0.02)
 
     def stop(self) -> int:
         self._done.set()
@@ -89,27 +96,56 @@ def batch(api: str, home: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def connected(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP connection established to 127.0.0.1:`port` (the kernel
+    completes it while the server is stopped: its request waits in the socket)."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                sockets.add(target[8:-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, state, inode = fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) == port and inode in sockets:
+            return True
+    return False
+
+
 def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[int, list[dict]]:
+    """Both runs started with the server stopped (SIGSTOP) and resumed once both wait on it, so
+    they run side by side whatever their start-ups take (a run lasts about as long as a start-up
+    on a fast machine, and two start-ups can differ by more under load)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     source = write_input(tmp_path / "in.jsonl", PROMPTS)
+    os.kill(llama.process.pid, signal.SIGSTOP)
+    try:
+        runs = [
+            batch(
+                api,
+                tmp_path / name,
+                str(source),
+                "out.jsonl",
+                "--server",
+                "four-slots",
+                "--max-tokens",
+                str(MAX_TOKENS),
+                "--queue-depth",
+                str(QUEUE_DEPTH),
+                *extra,
+            )
+            for name in ("a", "b")
+        ]
+        deadline = time.monotonic() + 120
+        while not all(connected(run.pid, llama.port) for run in runs):
+            assert time.monotonic() < deadline, "the runs never reached the server"
+            assert all(run.poll() is None for run in runs), runs[0].communicate()[1].decode()
+            time.sleep(0.1)
+    finally:
+        os.kill(llama.process.pid, signal.SIGCONT)
     watch = InFlight(llama.url)
     watch.start()
-    runs = [
-        batch(
-            api,
-            tmp_path / name,
-            str(source),
-            "out.jsonl",
-            "--server",
-            "four-slots",
-            "--max-tokens",
-            "48",
-            "--queue-depth",
-            str(QUEUE_DEPTH),
-            *extra,
-        )
-        for name in ("a", "b")
-    ]
     summaries = []
     for run in runs:
         out, err = run.communicate(timeout=300)
@@ -117,10 +153,13 @@ def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[i
         summaries.append(json.loads(out))
     most = watch.stop()
     assert watch.reads > 20, "the server's metrics were hardly read"
-    # They ran at the same time for a while (else any bound would hold by itself).
+    # Both were waiting on the server from its resumption, so any bound was measured under
+    # contention; and each was answered while the other was (with the broker, the later one gets
+    # its share within a few periods: the first run shrinks as its requests finish).
     spans = [answered_between(tmp_path / name / "out.jsonl") for name in ("a", "b")]
     together = min(end for _, end in spans) - max(start for start, _ in spans)
-    assert together > 2, spans
+    assert together > 0, spans
+    print(f"side by side for {together:.1f} s")
     return most, summaries
 
 

@@ -26,7 +26,8 @@ from harness.prefect_server import prefect_server as start_prefect_server
 from harness.prefect_server import talking_to
 from tests.stalling_proxy import StallingProxy
 
-pytestmark = pytest.mark.integration
+# Its own waits add up past the default 300 s on a loaded machine (set-up included).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,8 @@ from harness.models import ensure_model
 from harness.prefect_server import prefect_server
 from harness.server import LlamaServer
 
-pytestmark = pytest.mark.integration
+# Its own waits add up past the default 300 s on a loaded machine (set-up included).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLIC_API = (

@@ -36,7 +36,8 @@ from prefect_llamacpp.blocks import LlamaCppServer
 from tests.servers import long_generation
 from tests.stalling_proxy import StallingProxy
 
-pytestmark = pytest.mark.integration
+# Its own waits add up past the default 300 s on a loaded machine (set-up included).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "monitoring" / "prometheus" / "llamacpp-alerts.yml"

@@ -32,7 +32,8 @@ from prefect_llamacpp.flows.shards import batch_tag
 from tests.flows.test_batch_flow import write_input
 from tests.object_storage import upload
 
-pytestmark = pytest.mark.integration
+# Its own waits add up past the default 300 s on a loaded machine (set-up included).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 LEASE_SECONDS = 60  # Prefect's shortest lease
 POOL = "shards-pool"

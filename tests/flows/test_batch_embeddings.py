@@ -214,7 +214,7 @@ async def test_in_a_fleet_embedding_lines_go_only_to_servers_that_serve_them(
 async def test_an_embeddings_run_waits_for_an_embedding_server_that_is_still_starting(
     server, llama_server_bin, tiny_model, registered_block_type, tmp_path
 ):
-    # The chat server is ready, the only embedding server comes up 3 s into the run: the run
+    # The chat server is ready, the only embedding server comes up after the run began: the run
     # does not stop for want of embeddings, and every line is embedded once it joins.
     late = LlamaServer(
         tiny_model,
@@ -229,7 +229,16 @@ async def test_an_embeddings_run_waits_for_an_embedding_server_that_is_still_sta
     )
 
     async def start_late():
-        await asyncio.sleep(3)
+        # Down when the run first looks (its port hangs up on every connection), started once
+        # it has looked: not after a fixed pause the run's own start-up could outlast.
+        looked = asyncio.Event()
+
+        def hang_up(reader, writer) -> None:
+            looked.set()
+            writer.close()
+
+        async with await asyncio.start_server(hang_up, "127.0.0.1", late.port):
+            await asyncio.wait_for(looked.wait(), 120)
         await asyncio.to_thread(late.start)
 
     starting = asyncio.create_task(start_late())

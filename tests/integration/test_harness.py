@@ -9,6 +9,7 @@ import pytest
 
 from harness import binary
 from harness.server import LlamaServer, LlamaServerStartError
+from tests.integration.test_managed_server import gone_within
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +64,6 @@ def test_server_dies_with_a_killed_parent(llama_server_bin, tiny_model, tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
     code = (
         "import sys, time\n"
@@ -82,11 +82,7 @@ def test_server_dies_with_a_killed_parent(llama_server_bin, tiny_model, tmp_path
     server_pid = int(parent.stdout.readline())
     parent.send_signal(signal.SIGKILL)  # no atexit, no finally: only the kernel can clean up
     parent.wait()
-    for _ in range(100):
-        try:
-            os.kill(server_pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
+    if gone_within(server_pid, 30):
+        return
     os.kill(server_pid, signal.SIGKILL)
     pytest.fail("llama-server outlived the process that started it")

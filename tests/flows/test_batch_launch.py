@@ -176,7 +176,7 @@ async def test_a_wedged_server_is_restarted_and_the_batch_answers_every_line_onc
     launch = LaunchSpec(
         binary=str(llama_server_bin),
         model=str(own_model),
-        restart={"check_interval": 1, "failed_checks": 2, "first_byte_timeout": 1},
+        restart={"check_interval": 1, "failed_checks": 2, "first_byte_timeout": 2},
     )
     run = asyncio.create_task(
         llamacpp_batch_flow(
@@ -184,7 +184,8 @@ async def test_a_wedged_server_is_restarted_and_the_batch_answers_every_line_onc
             str(target),
             launch=launch,
             request={"max_tokens": 24},
-            run={"request_timeout": 3, "ready_timeout": 120},
+            # Beyond a slow answer on a loaded machine; a stopped server is killed sooner.
+            run={"request_timeout": 10, "ready_timeout": 120},
         )
     )
     await wait_for_lines(target, 60, run)

@@ -32,12 +32,13 @@ from prefect_llamacpp.flows.capacity import limit_names
 from tests.flows.test_batch_flow import write_input
 
 # Two pairs of runs; on a loaded two-core machine each pair can take a couple of minutes.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 SLOTS, QUEUE_DEPTH = 4, 1
-# Each run lasts several seconds. Long answers: a client starved of CPU (the runs, the server and
-# the Prefect API share two cores) still keeps its requests in flight between them.
-PROMPTS, MAX_TOKENS = 300, 256
+# Each run lasts well beyond the few broker periods a second run waits for its share (several
+# seconds). Long answers: a client starved of CPU (the runs, the server and the Prefect API share
+# two cores) still keeps its requests in flight between them.
+PROMPTS, MAX_TOKENS = 1000, 256
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,7 @@ class InFlight(threading.Thread):
                 try:
                     text = client.get(f"{self.root}/metrics").text
                 except httpx.HTTPError:  # slow to answer on a loaded machine: read again
+                    time.sleep(0.02)
                     continue
                 figures = {
                     name: float(value)
@@ -80,32 +82,40 @@ class InFlight(threading.Thread):
 
     def stop(self) -> int:
         self._done.set()
-        self.join(10)
+        if self.is_alive():
+            self.join(10)
         return self.most
 
 
 def batch(api: str, home: Path, *args: str) -> subprocess.Popen:
+    """The batch command in its own directory; its log goes to `home/stderr.log` (a pipe left
+    unread while the test waits on the other run would stall it)."""
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "prefect_llamacpp.flows.batch", *args],
-        cwd=home,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    with (home / "stderr.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect_llamacpp.flows.batch", *args],
+            cwd=home,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
 
 
 def connected(pid: int, port: int) -> bool:
     """Whether process `pid` has a TCP connection established to 127.0.0.1:`port` (the kernel
     completes it while the server is stopped: its request waits in the socket)."""
     sockets = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                sockets.add(target[8:-1])
-    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    sockets.add(target[8:-1])
+        table = Path(f"/proc/{pid}/net/tcp").read_text()
+    except OSError:  # it has exited: the caller says why
+        return False
+    for line in table.splitlines()[1:]:
         fields = line.split()
         remote, state, inode = fields[2], fields[3], fields[9]
         if state == "01" and int(remote.split(":")[1], 16) == port and inode in sockets:
@@ -119,47 +129,44 @@ def two_batches_at_once(api: str, llama, tmp_path: Path, *extra: str) -> tuple[i
     on a fast machine, and two start-ups can differ by more under load)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     source = write_input(tmp_path / "in.jsonl", PROMPTS)
-    os.kill(llama.process.pid, signal.SIGSTOP)
+    homes = [tmp_path / name for name in ("a", "b")]
+    args = ["--server", "four-slots", "--max-tokens", str(MAX_TOKENS)]
+    args += ["--queue-depth", str(QUEUE_DEPTH), *extra]
+    runs, watch = [], InFlight(llama.url)
     try:
-        runs = [
-            batch(
-                api,
-                tmp_path / name,
-                str(source),
-                "out.jsonl",
-                "--server",
-                "four-slots",
-                "--max-tokens",
-                str(MAX_TOKENS),
-                "--queue-depth",
-                str(QUEUE_DEPTH),
-                *extra,
-            )
-            for name in ("a", "b")
-        ]
-        deadline = time.monotonic() + 120
-        while not all(connected(run.pid, llama.port) for run in runs):
-            assert time.monotonic() < deadline, "the runs never reached the server"
-            assert all(run.poll() is None for run in runs), runs[0].communicate()[1].decode()
-            time.sleep(0.1)
+        os.kill(llama.process.pid, signal.SIGSTOP)
+        try:
+            runs = [batch(api, home, str(source), "out.jsonl", *args) for home in homes]
+            deadline = time.monotonic() + 120
+            while not all(connected(run.pid, llama.port) for run in runs):
+                for run, home in zip(runs, homes, strict=True):
+                    assert run.poll() is None, (home / "stderr.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the runs never reached the server"
+                time.sleep(0.1)
+        finally:
+            os.kill(llama.process.pid, signal.SIGCONT)
+        watch.start()
+        summaries = []
+        for run, home in zip(runs, homes, strict=True):
+            out, _ = run.communicate(timeout=400)
+            assert run.returncode == 0, (home / "stderr.log").read_text()[-3000:]
+            summaries.append(json.loads(out))
+        most = watch.stop()
     finally:
-        os.kill(llama.process.pid, signal.SIGCONT)
-    watch = InFlight(llama.url)
-    watch.start()
-    summaries = []
-    for run in runs:
-        out, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err.decode()[-3000:]
-        summaries.append(json.loads(out))
-    most = watch.stop()
+        watch.stop()
+        for run in runs:  # a failed pair must not load the server for what follows
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
     assert watch.reads > 20, "the server's metrics were hardly read"
-    # Both were waiting on the server from its resumption, so any bound was measured under
-    # contention; and each was answered while the other was (with the broker, the later one gets
-    # its share within a few periods: the first run shrinks as its requests finish).
-    spans = [answered_between(tmp_path / name / "out.jsonl") for name in ("a", "b")]
+    # Both waited on the server from its resumption, so any bound was measured under contention;
+    # and they were answered side by side for a good part of the shorter run (with the broker
+    # the later one gets its share within a few periods, as the first one's requests finish).
+    spans = [answered_between(home / "out.jsonl") for home in homes]
     together = min(end for _, end in spans) - max(start for start, _ in spans)
-    assert together > 0, spans
-    print(f"side by side for {together:.1f} s")
+    shorter = min(end - start for start, end in spans)
+    assert together >= 0.25 * shorter, spans
+    print(f"side by side for {together:.1f} s of {shorter:.1f} s")
     return most, summaries
 
 

@@ -55,7 +55,9 @@ def node(tmp_path: Path, name: str) -> Path:
 def held(api: str, output: str) -> int:
     """Slots of `output`'s lease taken, as the Prefect API says."""
     name = lease_name(canonical_url(output))
-    return httpx.get(f"{api}/v2/concurrency_limits/{name}", timeout=10).json()["active_slots"]
+    limit = httpx.get(f"{api}/v2/concurrency_limits/{name}", timeout=10)
+    limit.raise_for_status()
+    return limit.json()["active_slots"]
 
 
 def batch(api: str, home: Path, *args: str) -> subprocess.Popen:

@@ -251,8 +251,12 @@ async def test_an_embeddings_run_waits_for_an_embedding_server_that_is_still_sta
             run={"ready_timeout": 60},
         )
     finally:
-        await starting
+        if not starting.done():  # the run ended before it looked: its own error is the news
+            starting.cancel()
+        (started,) = await asyncio.gather(starting, return_exceptions=True)
         late.stop()
+        if isinstance(started, Exception):  # the late server did not start: that is the news
+            raise started
     assert (summary.succeeded, summary.failed) == (20, 0)
     assert {r["server"] for r in read_output(tmp_path / "out.jsonl")} == {embed}
     assert {share.server: share.joined_late for share in summary.servers}[embed]

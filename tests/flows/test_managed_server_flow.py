@@ -20,7 +20,7 @@ from prefect_llamacpp.launch import LaunchSpec
 from tests.flows.test_batch_launch import none_left, servers_of
 from tests.flows.test_health_flow import events_named
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 async def until(condition, seconds: float):

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from harness.binary import ensure_llama_server
+from prefect_llamacpp.server_url import server_url_at
 
 _RUNNING: set[LlamaServer] = set()
 
@@ -61,11 +62,11 @@ class LlamaServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return server_url_at("127.0.0.1", self.port).root
 
     @property
     def openai_base(self) -> str:
-        return f"{self.url}/v1"
+        return server_url_at("127.0.0.1", self.port).openai_base
 
     def command(self) -> list[str]:
         cmd = [*_DIE_WITH_PARENT, str(self.binary), "--host", "127.0.0.1", "--port", str(self.port)]

@@ -42,6 +42,7 @@ from prefect_llamacpp.launch import LaunchSpec, find_llama_server, server_comman
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.model_cache import fetch_model
 from prefect_llamacpp.provider import llamacpp_health_check
+from prefect_llamacpp.server_url import ServerURL, server_url_at
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 
 _KEEPER = Path(__file__).with_name("_keeper.py")
@@ -80,16 +81,18 @@ class ManagedServer:
     @property
     def root(self) -> str:
         """The server's root URL, as this machine reaches it."""
-        host = self.spec.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return self._url.root
 
     @property
     def base_url(self) -> str:
-        return f"{self.root}/v1"
+        return self._url.openai_base
+
+    @property
+    def _url(self) -> ServerURL:
+        host = self.spec.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"  # listening everywhere: reached here on loopback
+        return server_url_at(host, self.port)
 
     @property
     def label(self) -> str:

@@ -76,6 +76,14 @@ def parse_server_url(url: str | None) -> ServerURL:
     return ServerURL(root=urlunsplit((parts.scheme.lower(), parts.netloc, path, "", "")))
 
 
+def server_url_at(host: str, port: int) -> ServerURL:
+    """The URL of a server listening on `host`:`port` (plain HTTP; an IPv6 address gets its
+    brackets here, given with or without them). A bad host is refused as `parse_server_url` does."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return parse_server_url(f"http://{host}:{port}")
+
+
 def _valid_host(netloc: str, host: str) -> bool:
     if "[" in netloc or "]" in netloc:
         if not _BRACKETED.match(netloc):

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from prefect_llamacpp.flows.launched import LaunchRef, launched_member, resolve_launch
+from prefect_llamacpp.server_url import server_url_at
 
 
 @flow(
@@ -51,7 +52,8 @@ async def llamacpp_managed_server_flow(
     spec, name = await resolve_launch(launch)
     async with launched_member(spec, name=name) as member:
         block = member.block
-        reached = f"http://{advertise_host or _advertised(spec.host)}:{member.managed.port}/v1"
+        host = advertise_host or _advertised(spec.host)
+        reached = server_url_at(host, member.managed.port).openai_base
         block.base_url = reached
         await block.save(server_block, overwrite=True)
         logger.info("Saved block %r -> %s; serving until cancelled", server_block, reached)
@@ -61,6 +63,4 @@ async def llamacpp_managed_server_flow(
 
 def _advertised(host: str) -> str:
     """The host in the saved URL: loopback stays loopback, any address is this machine."""
-    if host in ("0.0.0.0", "::", ""):
-        return socket.gethostname()
-    return f"[{host}]" if ":" in host else host
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host

@@ -2,7 +2,7 @@ import pytest
 
 from prefect_llamacpp.config import LlamaCppSettings
 from prefect_llamacpp.exceptions import ConfigurationError
-from prefect_llamacpp.server_url import parse_server_url
+from prefect_llamacpp.server_url import parse_server_url, server_url_at
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,23 @@ def test_a_key_with_breaks_inside_is_refused_without_echo(key):
     with pytest.raises(ValueError) as info:
         LlamaCppSettings(api_key=key)
     assert "paste it again" in str(info.value) and "sk" not in str(info.value).split("api_key")[-1]
+
+
+@pytest.mark.parametrize(
+    ("host", "root"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("gpu-1.example.com", "http://gpu-1.example.com:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("[::1]", "http://[::1]:8080"),
+        ("fd00::2", "http://[fd00::2]:8080"),
+    ],
+)
+def test_a_listening_address_becomes_one_url(host, root):
+    url = server_url_at(host, 8080)
+    assert (url.root, url.openai_base) == (root, root + "/v1")
+
+
+def test_a_bad_listening_host_is_refused():
+    with pytest.raises(ConfigurationError, match="not a valid host"):
+        server_url_at("bad_host!", 8080)

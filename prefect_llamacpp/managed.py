@@ -42,7 +42,7 @@ from prefect_llamacpp.launch import LaunchSpec, find_llama_server, server_comman
 from prefect_llamacpp.log import get_logger_with_context
 from prefect_llamacpp.model_cache import fetch_model
 from prefect_llamacpp.provider import llamacpp_health_check
-from prefect_llamacpp.server_url import ServerURL, server_url_at
+from prefect_llamacpp.server_url import ServerURL, listens_everywhere, server_url_at
 from prefect_llamacpp.status import ProviderHealthStatus, ServerState
 
 _KEEPER = Path(__file__).with_name("_keeper.py")
@@ -89,10 +89,8 @@ class ManagedServer:
 
     @property
     def _url(self) -> ServerURL:
-        host = self.spec.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"  # listening everywhere: reached here on loopback
-        return server_url_at(host, self.port)
+        host = "127.0.0.1" if listens_everywhere(self.spec.host) else self.spec.host
+        return server_url_at(host, self.port)  # listening everywhere: reached here on loopback
 
     @property
     def label(self) -> str:
@@ -358,7 +356,7 @@ async def llamacpp_server(
 
 def _listening(host: str, port: int) -> bool:
     """Whether something accepts connections at host:port (as this machine reaches it)."""
-    if host in ("0.0.0.0", "::", ""):
+    if listens_everywhere(host):
         host = "127.0.0.1"
     try:
         with socket.create_connection((host, port), timeout=1):

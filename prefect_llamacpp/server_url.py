@@ -10,6 +10,7 @@ never repeats credentials or a query string (where keys hide).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -77,11 +78,40 @@ def parse_server_url(url: str | None) -> ServerURL:
 
 
 def server_url_at(host: str, port: int) -> ServerURL:
-    """The URL of a server listening on `host`:`port` (plain HTTP; an IPv6 address gets its
-    brackets here, given with or without them). A bad host is refused as `parse_server_url` does."""
-    if ":" in host and not host.startswith("["):
+    """The URL of a server listening on `host`:`port` (plain HTTP); an IPv6 address gets its
+    brackets here, given with or without them. Built, not checked: the port may not be chosen
+    yet (0), and a host a user gives is checked where it is given (`check_host`)."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if ":" in host:
         host = f"[{host}]"
-    return parse_server_url(f"http://{host}:{port}")
+    return ServerURL(root=f"http://{host}:{port}")
+
+
+def listens_everywhere(host: str) -> bool:
+    """Whether a listening address is a wildcard (`0.0.0.0`, `::`, `[::]`, empty): every
+    interface, reached by another name."""
+    bare = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        return not bare or ipaddress.ip_address(bare).is_unspecified
+    return False
+
+
+def check_host(host: str, what: str) -> str:
+    """`host` if it is a bare host name or IP address (IPv6 with or without brackets), else a
+    `ConfigurationError` naming `what` and the form it takes. The value is not repeated: a
+    mistyped one may hold anything."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = host[1:-1] if bracketed else host
+    if ":" in bare:
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.IPv6Address(bare))
+    elif bare and not bracketed and _valid_host(bare, bare):
+        return bare
+    raise ConfigurationError(
+        f"{what} must be a bare host name or IP address, like gpu-1.example.com, 10.0.0.5 or "
+        "fd00::5: no scheme, port, path or user name."
+    )
 
 
 def _valid_host(netloc: str, host: str) -> bool:

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from prefect_llamacpp.flows.launched import LaunchRef, launched_member, resolve_launch
-from prefect_llamacpp.server_url import server_url_at
+from prefect_llamacpp.server_url import check_host, listens_everywhere, server_url_at
 
 
 @flow(
@@ -48,6 +48,8 @@ async def llamacpp_managed_server_flow(
         advertise_host: The host name others reach the server by; left out: 127.0.0.1 for a
             server on loopback, else this machine's host name.
     """
+    if advertise_host:  # refused before anything starts
+        advertise_host = check_host(advertise_host, "advertise_host")
     logger = get_run_logger()
     spec, name = await resolve_launch(launch)
     async with launched_member(spec, name=name) as member:
@@ -63,4 +65,4 @@ async def llamacpp_managed_server_flow(
 
 def _advertised(host: str) -> str:
     """The host in the saved URL: loopback stays loopback, any address is this machine."""
-    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    return socket.gethostname() if listens_everywhere(host) else host

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from prefect_llamacpp.blocks import LlamaCppServer
+from prefect_llamacpp.exceptions import ConfigurationError
 from prefect_llamacpp.flows.health import llamacpp_health_flow
 from prefect_llamacpp.flows.managed_server import llamacpp_managed_server_flow
 from prefect_llamacpp.launch import LaunchSpec
@@ -85,3 +86,10 @@ async def test_a_wedged_managed_server_is_reported_restarted_and_stopped_at_the_
     asserting_events_worker.drain()
     kinds = [event.event for event in events_named(asserting_events_worker)]
     assert "llamacpp.server.restarted" in kinds and "llamacpp.server.stopped" in kinds
+
+
+async def test_an_advertised_host_with_a_port_is_refused_before_anything_starts(tmp_path):
+    # A start would fail otherwise (no such binary): the refusal comes first, naming the form.
+    launch = LaunchSpec(binary=str(tmp_path / "no-llama-server"), model=str(tmp_path / "m.gguf"))
+    with pytest.raises(ConfigurationError, match="advertise_host must be a bare host name"):
+        await llamacpp_managed_server_flow(launch, "managed-it", advertise_host="gpu-1:8080")

@@ -2,7 +2,14 @@ import pytest
 
 from prefect_llamacpp.config import LlamaCppSettings
 from prefect_llamacpp.exceptions import ConfigurationError
-from prefect_llamacpp.server_url import parse_server_url, server_url_at
+from prefect_llamacpp.launch import LaunchSpec
+from prefect_llamacpp.managed import ManagedServer
+from prefect_llamacpp.server_url import (
+    check_host,
+    listens_everywhere,
+    parse_server_url,
+    server_url_at,
+)
 
 
 @pytest.mark.parametrize(
@@ -186,6 +193,37 @@ def test_a_listening_address_becomes_one_url(host, root):
     assert (url.root, url.openai_base) == (root, root + "/v1")
 
 
-def test_a_bad_listening_host_is_refused():
-    with pytest.raises(ConfigurationError, match="not a valid host"):
-        server_url_at("bad_host!", 8080)
+def test_a_server_whose_port_is_not_chosen_yet_still_has_a_url():
+    # Events of a start that failed before its port was picked name it.
+    assert server_url_at("127.0.0.1", 0).openai_base == "http://127.0.0.1:0/v1"
+    unstarted = ManagedServer(LaunchSpec(model="/models/m.gguf", host="::"))
+    assert unstarted.base_url == "http://127.0.0.1:0/v1"
+
+
+@pytest.mark.parametrize(
+    ("host", "everywhere"),
+    [("0.0.0.0", True), ("::", True), ("[::]", True), ("::0", True), ("", True)]
+    + [("127.0.0.1", False), ("::1", False), ("gpu-1", False), ("[::1]", False)],
+)
+def test_wildcard_listening_addresses(host, everywhere):
+    assert listens_everywhere(host) is everywhere
+
+
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [("gpu-1", "gpu-1"), ("gpu-1.example.com.", "gpu-1.example.com."), ("10.0.0.5", "10.0.0.5")]
+    + [("fd00::5", "fd00::5"), ("[fd00::5]", "fd00::5"), ("FD00:0::5", "fd00::5")],
+)
+def test_a_bare_host_is_taken(given, host):
+    assert check_host(given, "advertise_host") == host
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "gpu-1:8080", "http://gpu-1", "gpu-1/llama", "me@gpu-1", "[::1]:8080", "gpu 1"]
+    + ["gpu-1:sk-live-SECRET", "10.0.0.300", "[gpu-1]"],
+)
+def test_a_host_with_more_than_a_host_is_refused_unrepeated(bad):
+    with pytest.raises(ConfigurationError, match="advertise_host must be a bare host") as info:
+        check_host(bad, "advertise_host")
+    assert "SECRET" not in str(info.value) and "llama" not in str(info.value)

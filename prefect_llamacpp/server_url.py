@@ -81,8 +81,7 @@ def server_url_at(host: str, port: int) -> ServerURL:
     """The URL of a server listening on `host`:`port` (plain HTTP); an IPv6 address gets its
     brackets here, given with or without them. Built, not checked: the port may not be chosen
     yet (0), and a host a user gives is checked where it is given (`check_host`)."""
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    host, _ = _unbracketed(host)
     if ":" in host:
         host = f"[{host}]"
     return ServerURL(root=f"http://{host}:{port}")
@@ -91,7 +90,7 @@ def server_url_at(host: str, port: int) -> ServerURL:
 def listens_everywhere(host: str) -> bool:
     """Whether a listening address is a wildcard (`0.0.0.0`, `::`, `[::]`, empty): every
     interface, reached by another name."""
-    bare = host.strip("[]")
+    bare, _ = _unbracketed(host)
     with contextlib.suppress(ValueError):
         return not bare or ipaddress.ip_address(bare).is_unspecified
     return False
@@ -101,8 +100,7 @@ def check_host(host: str, what: str) -> str:
     """`host` if it is a bare host name or IP address (IPv6 with or without brackets), else a
     `ConfigurationError` naming `what` and the form it takes. The value is not repeated: a
     mistyped one may hold anything."""
-    bracketed = host.startswith("[") and host.endswith("]")
-    bare = host[1:-1] if bracketed else host
+    bare, bracketed = _unbracketed(host)
     if ":" in bare:
         with contextlib.suppress(ValueError):
             return str(ipaddress.IPv6Address(bare))
@@ -112,6 +110,12 @@ def check_host(host: str, what: str) -> str:
         f"{what} must be a bare host name or IP address, like gpu-1.example.com, 10.0.0.5 or "
         "fd00::5: no scheme, port, path or user name."
     )
+
+
+def _unbracketed(host: str) -> tuple[str, bool]:
+    """`host` without the brackets an IPv6 address may come in, and whether it had them."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    return (host[1:-1] if bracketed else host), bracketed
 
 
 def _valid_host(netloc: str, host: str) -> bool:

@@ -143,3 +143,55 @@ def test_one_run_per_output_across_nodes_and_a_killed_one_resumed_elsewhere(
     s3fs.S3FileSystem().invalidate_cache()
     final = s3fs.S3FileSystem().cat_file(output)
     assert success_ids(final) == Counter({f"q{i}": 1 for i in range(200)})
+
+
+def test_a_holder_frozen_past_its_lease_cannot_undo_the_run_that_went_on(
+    prefect_api, server, s3_bucket, tmp_path
+):
+    """The lease lapses while its holder still lives (SIGSTOP: a VM paused, a long GC). A run on
+    another node takes the output over and finishes; the holder wakes with answers in hand and
+    must stop without touching the output the other run joined."""
+    source = upload(write_input(tmp_path / "in.jsonl", 200), f"s3://{s3_bucket}/z-in.jsonl")
+    output = f"s3://{s3_bucket}/results/zombie.jsonl"
+    with StallingProxy(server.url, mode="hold", hold_after=30) as proxy:
+        with talking_to(prefect_api):
+            LlamaCppServer.register_type_and_schema()
+            LlamaCppServer(base_url=proxy.url + "/v1", timeout=5).save("zombie", overwrite=True)
+        args = [source, output, "--server", "zombie", "--max-tokens", "8", "--chunk-size", "10"]
+        args += ["--lease-seconds", str(LEASE_SECONDS), "--checkpoint-seconds", "1"]
+
+        frozen = batch(prefect_api, node(tmp_path, "node-a"), *args)
+        try:
+            deadline = time.monotonic() + 120
+            while proxy.held == 0 or not objects(output):
+                assert frozen.poll() is None, frozen.communicate()[1].decode()[-2000:]
+                assert time.monotonic() < deadline, "the first run never got going"
+                time.sleep(0.2)
+            os.killpg(frozen.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            while held(prefect_api, output):
+                assert time.monotonic() - frozen_at < LEASE_SECONDS + 60, "the lease never lapsed"
+                time.sleep(1)
+            # Its held requests are answered now, into the sockets of a process that sleeps.
+            proxy.release()
+            other = batch(prefect_api, node(tmp_path, "node-b"), *args)
+            out, err = other.communicate(timeout=300)
+            assert other.returncode == 0, err.decode()[-2000:]
+            import s3fs
+
+            fs = s3fs.S3FileSystem()
+            fs.invalidate_cache()
+            joined = fs.cat_file(output)
+            assert success_ids(joined) == Counter({f"q{i}": 1 for i in range(200)})
+
+            os.killpg(frozen.pid, signal.SIGCONT)
+            _, err = frozen.communicate(timeout=300)
+        finally:
+            if frozen.poll() is None:
+                os.killpg(frozen.pid, signal.SIGKILL)
+                frozen.wait(10)
+    assert frozen.returncode != 0, "the woken run went on as if it still held the output"
+    print("the woken run said:", err.decode().strip().splitlines()[-1][:300])
+    fs.invalidate_cache()
+    assert fs.cat_file(output) == joined, "the woken run changed the joined output"
+    assert json.loads(out)["skipped_done"] > 0  # the other run resumed from the frozen one's parts
